@@ -1,0 +1,224 @@
+//! `POST /v1/events`: thin handler over `ingest::Ingest`.
+
+use std::time::Instant;
+
+use poem_openapi::{param::Query, payload::Json, ApiResponse, OpenApi};
+
+use super::{
+    body::{EventsBody, ReadError, JSON, NDJSON},
+    types::{ErrorBody, FieldErrorBody, IngestResult, RejectedEvent},
+    ApiTags,
+};
+use crate::ingest::{AppendError, BodyError, Ingest, IngestError, Outcome};
+
+/// Seconds a client should wait before retrying when the service cannot take events now.
+const RETRY_AFTER_SECS: u32 = 5;
+
+#[derive(ApiResponse)]
+pub enum IngestResponse {
+    /// Every accepted event is committed in ClickHouse (only with `wait=true`).
+    #[oai(status = 200)]
+    Committed(Json<IngestResult>),
+    /// Accepted events are durable on the service's disk (write-ahead log, fsynced) and reach
+    /// ClickHouse within about a second. `rejected` lists the events that were not accepted;
+    /// the others went in. With `wait=true`, 202 means the wait timed out: the events are safe
+    /// but not yet confirmed in ClickHouse.
+    #[oai(status = 202)]
+    Accepted(Json<IngestResult>),
+    /// The body cannot be read as events: malformed JSON (`line`/`column` say where), not an
+    /// object or array, empty, not UTF-8, or broken gzip.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// Body (after decompression) or event count over the limit (`limit`).
+    #[oai(status = 413)]
+    TooLarge(Json<ErrorBody>),
+    /// `Content-Type` is not `application/json` or `application/x-ndjson`, or the
+    /// `Content-Encoding` is not `gzip`/`identity`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
+    /// No event of the request was valid; `rejected` says why for each one.
+    #[oai(status = 422)]
+    Invalid(Json<IngestResult>),
+    /// The service cannot make events durable now (write-ahead log over its disk budget while
+    /// ClickHouse is unreachable, or a disk error). Nothing from this request was accepted;
+    /// retry after `Retry-After` seconds.
+    #[oai(status = 503)]
+    Unavailable(
+        Json<ErrorBody>,
+        #[oai(header = "Retry-After")] u32,
+    ),
+}
+
+pub struct EventsApi {
+    pub ingest: Ingest,
+    pub tenant: String,
+}
+
+#[OpenApi]
+impl EventsApi {
+    /// Ingest events
+    ///
+    /// Accepts one event, a JSON array of events, or NDJSON. Valid events are accepted even
+    /// when others in the same request are not (partial success). Re-sending an event with
+    /// the same `event_id` is safe: it is never counted twice.
+    #[oai(path = "/v1/events", method = "post", tag = "ApiTags::Ingest")]
+    async fn post_events(
+        &self,
+        body: EventsBody,
+        /// Answer only after the events are committed in ClickHouse (200), instead of once
+        /// they are durable on the service's disk (202).
+        wait: Query<Option<bool>>,
+    ) -> IngestResponse {
+        let started = Instant::now();
+        let response = self.handle(body, wait.0.unwrap_or(false)).await;
+        self.ingest
+            .metrics
+            .ingest_request_seconds
+            .observe(started.elapsed());
+        response
+    }
+}
+
+impl EventsApi {
+    async fn handle(&self, body: EventsBody, wait: bool) -> IngestResponse {
+        let (text, format) = match body.0 {
+            Ok(body) => body,
+            Err(err) => return read_error(err),
+        };
+        match self.ingest.ingest(&self.tenant, &text, format, wait).await {
+            Ok(outcome) => outcome_response(outcome, wait),
+            Err(IngestError::Body(err)) => body_error(err),
+            Err(IngestError::Log(err)) => log_error(&self.ingest, err),
+        }
+    }
+}
+
+fn outcome_response(outcome: Outcome, wait: bool) -> IngestResponse {
+    let result = IngestResult {
+        accepted: outcome.accepted as u32,
+        rejected: outcome
+            .rejected
+            .into_iter()
+            .map(|r| RejectedEvent {
+                index: r.index as u32,
+                event_id: r.event_id,
+                errors: r
+                    .errors
+                    .into_iter()
+                    .map(|e| FieldErrorBody {
+                        field: e.field,
+                        message: e.message,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    if outcome.accepted == 0 {
+        IngestResponse::Invalid(Json(result))
+    } else if wait && outcome.committed {
+        IngestResponse::Committed(Json(result))
+    } else {
+        IngestResponse::Accepted(Json(result))
+    }
+}
+
+fn read_error(err: ReadError) -> IngestResponse {
+    match err {
+        ReadError::UnsupportedMediaType(ct) => {
+            let found = if ct.is_empty() {
+                "no Content-Type".to_string()
+            } else {
+                format!("Content-Type {ct:?}")
+            };
+            IngestResponse::UnsupportedMediaType(Json(ErrorBody::new(
+                "unsupported_media_type",
+                format!("{found}; send {JSON} (an event or an array of events) or {NDJSON}"),
+            )))
+        }
+        ReadError::UnsupportedEncoding(enc) => {
+            IngestResponse::UnsupportedMediaType(Json(ErrorBody::new(
+                "unsupported_content_encoding",
+                format!("Content-Encoding {enc:?} is not supported; use gzip or none"),
+            )))
+        }
+        ReadError::TooLarge { limit } => IngestResponse::TooLarge(Json(
+            ErrorBody::new(
+                "payload_too_large",
+                format!("the body is larger than {limit} bytes (after decompression)"),
+            )
+            .with_limit(limit),
+        )),
+        ReadError::BadGzip(e) => IngestResponse::BadRequest(Json(ErrorBody::new(
+            "bad_gzip",
+            format!("the body is not valid gzip: {e}"),
+        ))),
+        ReadError::NotUtf8 { offset } => IngestResponse::BadRequest(Json(ErrorBody::new(
+            "not_utf8",
+            format!("the body is not UTF-8 (invalid byte at offset {offset})"),
+        ))),
+        ReadError::Io(e) => IngestResponse::BadRequest(Json(ErrorBody::new(
+            "body_read_failed",
+            format!("the body could not be read: {e}"),
+        ))),
+    }
+}
+
+fn body_error(err: BodyError) -> IngestResponse {
+    match err {
+        BodyError::Malformed {
+            message,
+            line,
+            column,
+        } => {
+            let mut body = ErrorBody::new(
+                "malformed_json",
+                format!("malformed JSON at line {line}, column {column}: {message}"),
+            );
+            body.line = Some(line as u32);
+            body.column = Some(column as u32);
+            IngestResponse::BadRequest(Json(body))
+        }
+        BodyError::NotAnEventOrArray => IngestResponse::BadRequest(Json(ErrorBody::new(
+            "not_an_event_or_array",
+            "the body must be an event object or an array of event objects",
+        ))),
+        BodyError::Empty => IngestResponse::BadRequest(Json(ErrorBody::new(
+            "empty",
+            "the body contains no events",
+        ))),
+        BodyError::TooManyEvents { count, limit } => IngestResponse::TooLarge(Json(
+            ErrorBody::new(
+                "too_many_events",
+                format!("the request has {count} events; at most {limit} allowed"),
+            )
+            .with_limit(limit),
+        )),
+    }
+}
+
+fn log_error(ingest: &Ingest, err: AppendError) -> IngestResponse {
+    let body = match err {
+        AppendError::Full => {
+            ingest
+                .metrics
+                .requests_rejected_budget
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ErrorBody::new(
+                "backlog_full",
+                "ClickHouse is not keeping up and the local backlog is full; nothing from this request was accepted, retry later",
+            )
+        }
+        AppendError::Closed => ErrorBody::new(
+            "shutting_down",
+            "the service is shutting down; nothing from this request was accepted, retry",
+        ),
+        AppendError::Io(e) => {
+            tracing::error!(error = %e, "request refused: write-ahead log error");
+            ErrorBody::new(
+                "storage_unavailable",
+                "events could not be stored durably; nothing from this request was accepted, retry",
+            )
+        }
+    };
+    IngestResponse::Unavailable(Json(body), RETRY_AFTER_SECS)
+}

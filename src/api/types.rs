@@ -1,0 +1,171 @@
+//! Request and response shapes as they appear in the OpenAPI document.
+//!
+//! `EventDoc` documents the wire event; parsing uses `domain::WireEvent` (faster, borrows from
+//! the body). A unit test keeps the two field lists identical.
+
+use std::collections::HashMap;
+
+use poem_openapi::{Enum, Object, Union};
+
+#[derive(Debug, Clone, Copy, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum EventTypeDoc {
+    Impression,
+    Click,
+    Conversion,
+}
+
+#[derive(Debug, Clone, Copy, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum DeviceDoc {
+    Desktop,
+    Mobile,
+    Tablet,
+    Ctv,
+    Other,
+}
+
+/// An ad event. Unknown fields are rejected (put custom data in `attributes`).
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "Event", deny_unknown_fields)]
+pub struct EventDoc {
+    /// Unique id of the event, chosen by the client: the idempotency key. Re-sending an event
+    /// with the same id (and the same other fields) never counts it twice.
+    pub event_id: uuid::Uuid,
+    pub event_type: EventTypeDoc,
+    /// When the event happened, by the client's clock (RFC 3339 with a zone). At most 5
+    /// minutes in the future and not older than the retention (30 days by default), after
+    /// clock-skew correction.
+    pub timestamp: chrono::DateTime<chrono::Utc>,
+    /// When the client sent the request, by its own clock. If given, the event time is
+    /// corrected by the client's clock offset (server receive time − `sent_at`).
+    pub sent_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// 1–64 characters of `A-Z a-z 0-9 _ . : -`.
+    #[oai(validator(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_.:-]+$"))]
+    pub campaign_id: String,
+    /// 1–64 characters of `A-Z a-z 0-9 _ . : -`.
+    #[oai(validator(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_.:-]+$"))]
+    pub ad_id: String,
+    /// 1–64 characters of `A-Z a-z 0-9 _ . : -`.
+    #[oai(validator(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_.:-]+$"))]
+    pub publisher_id: String,
+    /// 1–64 characters of `A-Z a-z 0-9 _ . : -`.
+    #[oai(validator(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_.:-]+$"))]
+    pub advertiser_id: Option<String>,
+    /// The end user, as the client identifies them (1–128 characters).
+    #[oai(validator(min_length = 1, max_length = 128))]
+    pub user_id: Option<String>,
+    /// ISO 3166-1 alpha-2 country code, upper case.
+    #[oai(validator(pattern = "^[A-Z]{2}$"))]
+    pub country: Option<String>,
+    pub device: Option<DeviceDoc>,
+    #[oai(validator(max_length = 32))]
+    pub os: Option<String>,
+    #[oai(validator(max_length = 32))]
+    pub browser: Option<String>,
+    /// Cost in micro-units of currency (1 USD = 1,000,000).
+    pub cost_micros: Option<u64>,
+    /// Revenue in micro-units of currency.
+    pub revenue_micros: Option<u64>,
+    /// Free-form string pairs: at most 32 keys, keys 1–64 characters, values at most 256.
+    #[oai(validator(max_properties = 32))]
+    pub attributes: Option<HashMap<String, String>>,
+}
+
+/// One event, or an array of events.
+#[derive(Debug, Clone, Union)]
+#[oai(rename = "EventOrBatch")]
+pub enum EventOrBatchDoc {
+    One(EventDoc),
+    Many(Vec<EventDoc>),
+}
+
+/// What is wrong with one field.
+#[derive(Debug, Clone, Object)]
+pub struct FieldErrorBody {
+    /// The field's wire name (`attributes` for attribute problems); empty for the event as a
+    /// whole (not JSON, not an object, too large).
+    pub field: String,
+    pub message: String,
+}
+
+/// An event of the request that was not accepted.
+#[derive(Debug, Clone, Object)]
+pub struct RejectedEvent {
+    /// Position of the event in the request (0-based; for NDJSON, among non-blank lines).
+    pub index: u32,
+    /// The event's id, when it had a readable one.
+    pub event_id: Option<String>,
+    pub errors: Vec<FieldErrorBody>,
+}
+
+/// The result of an ingest request: how many events were accepted, and why the others were not.
+#[derive(Debug, Clone, Object)]
+pub struct IngestResult {
+    /// Events accepted. With 202 they are durable on the service's disk and reach ClickHouse
+    /// within about a second; with 200 (`wait=true`) they are committed in ClickHouse.
+    pub accepted: u32,
+    pub rejected: Vec<RejectedEvent>,
+}
+
+/// An error about the request as a whole.
+#[derive(Debug, Clone, Object)]
+pub struct ErrorBody {
+    /// Machine-readable code, e.g. `malformed_json`, `payload_too_large`.
+    pub error: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// For `malformed_json`: 1-based line of the problem.
+    pub line: Option<u32>,
+    /// For `malformed_json`: 1-based column of the problem.
+    pub column: Option<u32>,
+    /// For limits: the limit that was exceeded.
+    pub limit: Option<u64>,
+}
+
+impl ErrorBody {
+    pub fn new(error: &str, message: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            message: message.into(),
+            line: None,
+            column: None,
+            limit: None,
+        }
+    }
+
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = Some(limit as u64);
+        self
+    }
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct HealthBody {
+    /// `ok`, or `unavailable`.
+    pub status: String,
+    /// What is not ready, when something is not.
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use poem_openapi::types::Type;
+
+    #[test]
+    fn the_documented_event_has_the_parsed_fields() {
+        let mut registry = poem_openapi::registry::Registry::new();
+        EventDoc::register(&mut registry);
+        let schema = &registry.schemas["Event"];
+        let mut documented: Vec<&str> = schema.properties.iter().map(|(name, _)| *name).collect();
+        documented.sort_unstable();
+        let mut encoded: Vec<&str> = crate::clickhouse::rowbinary::COLUMNS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| !["tenant", "event_time", "received_at"].contains(name))
+            .collect();
+        encoded.sort_unstable();
+        assert_eq!(documented, encoded);
+    }
+}

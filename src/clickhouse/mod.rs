@@ -1,0 +1,72 @@
+//! Everything that talks to ClickHouse: the client, the schema, the row format, and how its
+//! errors are told apart (retry later, or the data itself is bad).
+
+pub mod rowbinary;
+pub mod schema;
+
+use crate::config::ClickHouseSettings;
+
+/// A client for the configured server and database.
+pub fn client(url: &str, settings: &ClickHouseSettings) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(url)
+        .with_user(&settings.user)
+        .with_password(&settings.password)
+        .with_database(&settings.database)
+}
+
+/// The `Code: N` of a ClickHouse exception, if the error carries one.
+pub fn error_code(err: &clickhouse::error::Error) -> Option<u32> {
+    let clickhouse::error::Error::BadResponse(text) = err else {
+        return None;
+    };
+    let from = text.find("Code: ")? + "Code: ".len();
+    let digits: String = text[from..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// Error codes meaning "these rows can never be inserted as they are": retrying would fail
+/// forever, so such a batch is split to find the bad rows, which go to the dead-letter file.
+/// Everything else (network, timeouts, memory, too many parts, missing table while someone
+/// fixes the schema) is retried with backoff.
+const DATA_ERROR_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA
+    36,  // BAD_ARGUMENTS
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    691, // UNKNOWN_ELEMENT_OF_ENUM
+];
+
+pub fn is_data_error(err: &clickhouse::error::Error) -> bool {
+    error_code(err).is_some_and(|code| DATA_ERROR_CODES.contains(&code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickhouse::error::Error;
+
+    #[test]
+    fn codes_are_read_from_the_exception_text() {
+        let err = Error::BadResponse("Code: 27. DB::Exception: Cannot parse input".into());
+        assert_eq!(error_code(&err), Some(27));
+        assert!(is_data_error(&err));
+        let err = Error::BadResponse("Code: 252. DB::Exception: Too many parts".into());
+        assert!(!is_data_error(&err));
+        assert!(!is_data_error(&Error::Network("connection refused".into())));
+    }
+}

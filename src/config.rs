@@ -1,0 +1,290 @@
+//! Settings, read once at start-up from `ADTRACK_*` environment variables (and `LOG_LEVEL`).
+//!
+//! Every variable has a default that runs the service on a developer's machine; each one is
+//! listed in the README. A value that does not parse stops the service with a message that
+//! names the variable, rather than silently falling back to the default.
+
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use anyhow::{bail, Context};
+
+/// Where the service finds ClickHouse.
+#[derive(Debug, Clone)]
+pub enum ClickHouseTarget {
+    /// A server at this URL (a real `clickhouse-server`, or a local engine started elsewhere).
+    Url(String),
+    /// Start the project's local engine (`scripts/local-clickhouse`) as a child process.
+    Embedded {
+        command: PathBuf,
+        data_dir: PathBuf,
+        port: u16,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ClickHouseSettings {
+    pub target: ClickHouseTarget,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    /// Apply the SQL in `clickhouse-init/` at start (idempotent `IF NOT EXISTS`).
+    pub apply_schema: bool,
+}
+
+/// Request limits of `POST /v1/events`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_events: usize,
+    pub max_event_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct WalSettings {
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// Disk budget for events not yet committed to ClickHouse; past it ingestion answers 503.
+    pub max_pending_bytes: u64,
+    /// `fdatasync` before acknowledging. Only benchmarks of the bare pipeline turn this off.
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlushSettings {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub interval: Duration,
+    /// Longest pause between retries of a failed insert.
+    pub max_backoff: Duration,
+    pub dead_letter_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub clickhouse: ClickHouseSettings,
+    pub limits: Limits,
+    pub wal: WalSettings,
+    pub flush: FlushSettings,
+    /// Events whose time is older than this are rejected; also the table's TTL.
+    pub retention_days: u32,
+    /// Events more than this far in the future (after clock-skew correction) are rejected.
+    pub max_future_skew: Duration,
+    /// How long `?wait=true` waits for the ClickHouse commit before answering 202 instead.
+    pub wait_timeout: Duration,
+    /// How long a graceful shutdown may spend draining the log into ClickHouse.
+    pub shutdown_timeout: Duration,
+    /// Tenant written with every event until API keys bind requests to tenants.
+    pub default_tenant: String,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+impl Settings {
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds settings from any variable source; tests pass a map instead of the environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let var = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let parse = |name: &str, default: &str| -> anyhow::Result<String> {
+            Ok(var(name).unwrap_or_else(|| default.to_string()))
+        };
+        fn num<T: FromStr>(name: &str, raw: String) -> anyhow::Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            raw.trim()
+                .parse::<T>()
+                .map_err(|e| anyhow::anyhow!("{name}={raw:?} is not valid: {e}"))
+        }
+        let flag = |name: &str, default: bool| -> anyhow::Result<bool> {
+            match var(name).map(|v| v.trim().to_ascii_lowercase()) {
+                None => Ok(default),
+                Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
+                Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
+                Some(v) => bail!("{name}={v:?} is not a boolean (true/false)"),
+            }
+        };
+
+        let target = match var("ADTRACK_CLICKHOUSE_URL") {
+            Some(url) => ClickHouseTarget::Url(url),
+            None => ClickHouseTarget::Embedded {
+                command: parse("ADTRACK_LOCAL_CLICKHOUSE_CMD", "scripts/local-clickhouse")?.into(),
+                data_dir: parse("ADTRACK_LOCAL_CLICKHOUSE_DIR", "data/clickhouse")?.into(),
+                port: num(
+                    "ADTRACK_LOCAL_CLICKHOUSE_PORT",
+                    parse("ADTRACK_LOCAL_CLICKHOUSE_PORT", "8123")?,
+                )?,
+            },
+        };
+        let database = parse("ADTRACK_CLICKHOUSE_DATABASE", "adtrack")?;
+        if !is_identifier(&database) {
+            bail!("ADTRACK_CLICKHOUSE_DATABASE={database:?} must match [A-Za-z_][A-Za-z0-9_]*");
+        }
+
+        let settings = Settings {
+            listen: num("ADTRACK_LISTEN", parse("ADTRACK_LISTEN", "127.0.0.1:8080")?)?,
+            clickhouse: ClickHouseSettings {
+                target,
+                database,
+                user: parse("ADTRACK_CLICKHOUSE_USER", "default")?,
+                password: parse("ADTRACK_CLICKHOUSE_PASSWORD", "")?,
+                apply_schema: flag("ADTRACK_APPLY_SCHEMA", true)?,
+            },
+            limits: Limits {
+                max_body_bytes: num(
+                    "ADTRACK_MAX_BODY_BYTES",
+                    parse("ADTRACK_MAX_BODY_BYTES", "10485760")?,
+                )?,
+                max_events: num(
+                    "ADTRACK_MAX_EVENTS_PER_REQUEST",
+                    parse("ADTRACK_MAX_EVENTS_PER_REQUEST", "10000")?,
+                )?,
+                max_event_bytes: num(
+                    "ADTRACK_MAX_EVENT_BYTES",
+                    parse("ADTRACK_MAX_EVENT_BYTES", "16384")?,
+                )?,
+            },
+            wal: WalSettings {
+                dir: parse("ADTRACK_WAL_DIR", "data/wal")?.into(),
+                segment_bytes: num(
+                    "ADTRACK_WAL_SEGMENT_BYTES",
+                    parse("ADTRACK_WAL_SEGMENT_BYTES", "67108864")?,
+                )?,
+                max_pending_bytes: num(
+                    "ADTRACK_WAL_MAX_PENDING_BYTES",
+                    parse("ADTRACK_WAL_MAX_PENDING_BYTES", "1073741824")?,
+                )?,
+                fsync: flag("ADTRACK_WAL_FSYNC", true)?,
+            },
+            flush: FlushSettings {
+                max_rows: num(
+                    "ADTRACK_FLUSH_MAX_ROWS",
+                    parse("ADTRACK_FLUSH_MAX_ROWS", "100000")?,
+                )?,
+                max_bytes: num(
+                    "ADTRACK_FLUSH_MAX_BYTES",
+                    parse("ADTRACK_FLUSH_MAX_BYTES", "33554432")?,
+                )?,
+                interval: Duration::from_millis(num(
+                    "ADTRACK_FLUSH_INTERVAL_MS",
+                    parse("ADTRACK_FLUSH_INTERVAL_MS", "1000")?,
+                )?),
+                max_backoff: Duration::from_millis(num(
+                    "ADTRACK_RETRY_MAX_BACKOFF_MS",
+                    parse("ADTRACK_RETRY_MAX_BACKOFF_MS", "10000")?,
+                )?),
+                dead_letter_dir: parse("ADTRACK_DEAD_LETTER_DIR", "data/dead-letter")?.into(),
+            },
+            retention_days: num(
+                "ADTRACK_RETENTION_DAYS",
+                parse("ADTRACK_RETENTION_DAYS", "30")?,
+            )?,
+            max_future_skew: Duration::from_secs(num(
+                "ADTRACK_MAX_FUTURE_SKEW_SECS",
+                parse("ADTRACK_MAX_FUTURE_SKEW_SECS", "300")?,
+            )?),
+            wait_timeout: Duration::from_millis(num(
+                "ADTRACK_WAIT_TIMEOUT_MS",
+                parse("ADTRACK_WAIT_TIMEOUT_MS", "30000")?,
+            )?),
+            shutdown_timeout: Duration::from_secs(num(
+                "ADTRACK_SHUTDOWN_TIMEOUT_SECS",
+                parse("ADTRACK_SHUTDOWN_TIMEOUT_SECS", "30")?,
+            )?),
+            default_tenant: parse("ADTRACK_DEFAULT_TENANT", "default")?,
+            log_level: parse("LOG_LEVEL", "info")?,
+            log_json: match parse("ADTRACK_LOG_FORMAT", "text")?.as_str() {
+                "text" => false,
+                "json" => true,
+                other => bail!("ADTRACK_LOG_FORMAT={other:?} must be `text` or `json`"),
+            },
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        if l.max_body_bytes == 0 || l.max_events == 0 || l.max_event_bytes == 0 {
+            bail!("request limits must be greater than zero");
+        }
+        if self.retention_days == 0 {
+            bail!("ADTRACK_RETENTION_DAYS must be at least 1");
+        }
+        if self.flush.max_rows == 0 || self.flush.max_bytes == 0 {
+            bail!("ADTRACK_FLUSH_MAX_ROWS and ADTRACK_FLUSH_MAX_BYTES must be greater than zero");
+        }
+        if self.wal.segment_bytes < 4096 {
+            bail!("ADTRACK_WAL_SEGMENT_BYTES must be at least 4096");
+        }
+        if self.default_tenant.is_empty() || self.default_tenant.len() > 64 {
+            bail!("ADTRACK_DEFAULT_TENANT must be 1-64 characters");
+        }
+        Ok(())
+    }
+
+    /// The ClickHouse URL once an embedded engine (if any) is known to listen.
+    pub fn clickhouse_url(&self) -> String {
+        match &self.clickhouse.target {
+            ClickHouseTarget::Url(url) => url.clone(),
+            ClickHouseTarget::Embedded { port, .. } => format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// A plain ClickHouse identifier, safe to splice into DDL.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 128
+}
+
+/// Context helper so start-up errors name what failed.
+pub fn ensure_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_run_against_the_embedded_engine() {
+        let s = settings(&[]).unwrap();
+        assert!(matches!(
+            s.clickhouse.target,
+            ClickHouseTarget::Embedded { port: 8123, .. }
+        ));
+        assert_eq!(s.limits.max_events, 10_000);
+        assert_eq!(s.limits.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(s.limits.max_event_bytes, 16 * 1024);
+        assert_eq!(s.retention_days, 30);
+        assert!(s.wal.fsync);
+    }
+
+    #[test]
+    fn a_bad_number_names_the_variable() {
+        let err = settings(&[("ADTRACK_FLUSH_MAX_ROWS", "lots")]).unwrap_err();
+        assert!(err.to_string().contains("ADTRACK_FLUSH_MAX_ROWS"), "{err}");
+    }
+
+    #[test]
+    fn a_database_name_must_be_an_identifier() {
+        let err = settings(&[("ADTRACK_CLICKHOUSE_DATABASE", "x; DROP")]).unwrap_err();
+        assert!(err.to_string().contains("ADTRACK_CLICKHOUSE_DATABASE"));
+    }
+}

@@ -1,0 +1,435 @@
+//! The ad event as clients send it, and the rules that make it valid.
+//!
+//! Parsing is two-speed: the common case deserializes straight into [`WireEvent`] (borrowing
+//! strings from the request body), and only an event that fails is parsed a second time to
+//! say precisely which field is wrong and why. Field rules are `garde` attributes; time rules
+//! need the server clock and live in [`WireEvent::into_valid`].
+
+use std::{borrow::Cow, collections::BTreeMap};
+
+use chrono::{DateTime, Utc};
+use garde::Validate;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::country::is_country_code;
+
+/// One problem with one field of one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Wire name of the field (`attributes.<key>` for an attribute; empty for the event as a whole).
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    Impression = 1,
+    Click = 2,
+    Conversion = 3,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Impression => "impression",
+            EventType::Click => "click",
+            EventType::Conversion => "conversion",
+        }
+    }
+
+    pub fn from_code(code: i8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Impression),
+            2 => Some(Self::Click),
+            3 => Some(Self::Conversion),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Desktop,
+    Mobile,
+    Tablet,
+    Ctv,
+    Other,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Desktop => "desktop",
+            Device::Mobile => "mobile",
+            Device::Tablet => "tablet",
+            Device::Ctv => "ctv",
+            Device::Other => "other",
+        }
+    }
+}
+
+pub const MAX_ATTRIBUTES: usize = 32;
+pub const MAX_ATTRIBUTE_KEY: usize = 64;
+pub const MAX_ATTRIBUTE_VALUE: usize = 256;
+
+/// An event exactly as a client sends it. Unknown fields are an error: a misspelt optional
+/// field would otherwise be dropped without anyone noticing.
+#[derive(Debug, Deserialize, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct WireEvent<'a> {
+    #[garde(skip)]
+    pub event_id: Uuid,
+    #[garde(skip)]
+    pub event_type: EventType,
+    #[garde(skip)]
+    pub timestamp: DateTime<Utc>,
+    #[garde(skip)]
+    #[serde(default)]
+    pub sent_at: Option<DateTime<Utc>>,
+    #[garde(custom(id_chars))]
+    #[serde(borrow)]
+    pub campaign_id: Cow<'a, str>,
+    #[garde(custom(id_chars))]
+    #[serde(borrow)]
+    pub ad_id: Cow<'a, str>,
+    #[garde(custom(id_chars))]
+    #[serde(borrow)]
+    pub publisher_id: Cow<'a, str>,
+    #[garde(inner(custom(id_chars)))]
+    #[serde(borrow, default)]
+    pub advertiser_id: Option<Cow<'a, str>>,
+    #[garde(inner(length(chars, min = 1, max = 128)))]
+    #[serde(borrow, default)]
+    pub user_id: Option<Cow<'a, str>>,
+    #[garde(inner(custom(country_code)))]
+    #[serde(borrow, default)]
+    pub country: Option<Cow<'a, str>>,
+    #[garde(skip)]
+    #[serde(default)]
+    pub device: Option<Device>,
+    #[garde(inner(length(chars, max = 32)))]
+    #[serde(borrow, default)]
+    pub os: Option<Cow<'a, str>>,
+    #[garde(inner(length(chars, max = 32)))]
+    #[serde(borrow, default)]
+    pub browser: Option<Cow<'a, str>>,
+    #[garde(skip)]
+    #[serde(default)]
+    pub cost_micros: Option<u64>,
+    #[garde(skip)]
+    #[serde(default)]
+    pub revenue_micros: Option<u64>,
+    #[garde(inner(custom(attributes_fit)))]
+    #[serde(borrow, default)]
+    pub attributes: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+}
+
+fn id_chars(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
+    let ok_len = (1..=64).contains(&value.len());
+    let ok_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(garde::Error::new(
+            "must be 1-64 characters of A-Z a-z 0-9 _ . : -",
+        ))
+    }
+}
+
+fn country_code(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
+    if is_country_code(value) {
+        Ok(())
+    } else {
+        Err(garde::Error::new(
+            "must be an ISO 3166-1 alpha-2 code in upper case, e.g. US",
+        ))
+    }
+}
+
+fn attributes_fit(map: &BTreeMap<Cow<'_, str>, Cow<'_, str>>, _ctx: &()) -> garde::Result {
+    if map.len() > MAX_ATTRIBUTES {
+        return Err(garde::Error::new(format!(
+            "has {} keys; at most {MAX_ATTRIBUTES} allowed",
+            map.len()
+        )));
+    }
+    for (key, value) in map {
+        if key.is_empty() || key.chars().count() > MAX_ATTRIBUTE_KEY {
+            return Err(garde::Error::new(format!(
+                "key {key:?} must be 1-{MAX_ATTRIBUTE_KEY} characters"
+            )));
+        }
+        if value.chars().count() > MAX_ATTRIBUTE_VALUE {
+            return Err(garde::Error::new(format!(
+                "value of {key:?} is longer than {MAX_ATTRIBUTE_VALUE} characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The server-side facts every event of one request shares.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeRules {
+    /// Server time the request was received, in milliseconds since the epoch.
+    pub received_at_ms: i64,
+    pub max_future_ms: i64,
+    pub retention_ms: i64,
+}
+
+/// A validated event, with the times the table stores (milliseconds since the epoch).
+#[derive(Debug)]
+pub struct ValidEvent<'a> {
+    pub wire: WireEvent<'a>,
+    pub timestamp_ms: i64,
+    pub event_time_ms: i64,
+    pub sent_at_ms: Option<i64>,
+}
+
+impl<'a> WireEvent<'a> {
+    /// Checks field rules and time rules; every problem is reported, not just the first.
+    pub fn into_valid(self, rules: &TimeRules) -> Result<ValidEvent<'a>, Vec<FieldError>> {
+        let mut errors: Vec<FieldError> = match self.validate() {
+            Ok(()) => Vec::new(),
+            Err(report) => report
+                .iter()
+                .map(|(path, error)| FieldError::new(path.to_string(), error.message()))
+                .collect(),
+        };
+
+        let timestamp_ms = self.timestamp.timestamp_millis();
+        let sent_at_ms = self.sent_at.map(|t| t.timestamp_millis());
+        // The client's clock is off by (its send time - our receive time); undo that offset.
+        let offset_ms = sent_at_ms.map_or(0, |sent| rules.received_at_ms - sent);
+        let event_time_ms = timestamp_ms.saturating_add(offset_ms);
+
+        let newest = rules.received_at_ms + rules.max_future_ms;
+        let oldest = rules.received_at_ms - rules.retention_ms;
+        let retention_days = rules.retention_ms / 86_400_000;
+        if event_time_ms > newest {
+            let corrected = if sent_at_ms.is_some() {
+                " after clock-skew correction"
+            } else {
+                ""
+            };
+            errors.push(FieldError::new(
+                "timestamp",
+                format!(
+                    "is {} s in the future{corrected}; at most {} s allowed",
+                    (event_time_ms - rules.received_at_ms) / 1000,
+                    rules.max_future_ms / 1000
+                ),
+            ));
+        } else if event_time_ms < oldest || timestamp_ms < oldest {
+            // The raw timestamp matters too: the table's TTL runs on it, so an older one would
+            // be acknowledged and then dropped by ClickHouse.
+            errors.push(FieldError::new(
+                "timestamp",
+                format!("is older than the {retention_days}-day retention"),
+            ));
+        } else if timestamp_ms > rules.received_at_ms + rules.retention_ms {
+            errors.push(FieldError::new(
+                "timestamp",
+                format!("is more than {retention_days} days ahead of the server clock"),
+            ));
+        }
+        if let Some(sent) = sent_at_ms {
+            if (sent - rules.received_at_ms).abs() > rules.retention_ms {
+                errors.push(FieldError::new(
+                    "sent_at",
+                    format!("is more than {retention_days} days away from the server clock"),
+                ));
+            }
+        }
+
+        if errors.is_empty() {
+            Ok(ValidEvent {
+                wire: self,
+                timestamp_ms,
+                event_time_ms,
+                sent_at_ms,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Explains why a JSON value is not a valid event, naming the field. Used only on the slow
+/// path, after the fast typed parse failed.
+pub fn explain_parse_error(raw: &str) -> FieldError {
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let err = match serde_path_to_error::deserialize::<_, WireEvent<'_>>(&mut de) {
+        Ok(_) => return FieldError::new("", "is not a valid event"),
+        Err(err) => err,
+    };
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    let text = inner.to_string();
+    let text = text.split(" at line ").next().unwrap_or(&text).to_string();
+
+    if let Some(name) = between(&text, "missing field `", "`") {
+        return FieldError::new(name, "is required");
+    }
+    if let Some(name) = between(&text, "unknown field `", "`") {
+        return FieldError::new(
+            name,
+            "is not a known event field (put custom data in `attributes`)",
+        );
+    }
+    if inner.is_syntax() || inner.is_eof() || path == "." {
+        if text.starts_with("invalid type") {
+            return FieldError::new("", "must be a JSON object");
+        }
+        return FieldError::new("", format!("is not valid JSON: {text}"));
+    }
+    let field = path.split('.').next().unwrap_or(&path).to_string();
+    let message = match field.as_str() {
+        "event_id" => "must be a UUID, e.g. 0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d".to_string(),
+        "event_type" => "must be one of impression, click, conversion".to_string(),
+        "timestamp" | "sent_at" => {
+            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T12:00:00.000Z".to_string()
+        }
+        "device" => "must be one of desktop, mobile, tablet, ctv, other".to_string(),
+        "cost_micros" | "revenue_micros" => {
+            "must be a non-negative integer (micro-units of currency)".to_string()
+        }
+        "attributes" => "must be an object of string keys to string values".to_string(),
+        _ => format!("has the wrong type: {text}"),
+    };
+    FieldError::new(field, message)
+}
+
+fn between<'t>(text: &'t str, start: &str, end: &str) -> Option<&'t str> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(&text[from..from + len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_790_000_000_000;
+
+    fn rules() -> TimeRules {
+        TimeRules {
+            received_at_ms: NOW,
+            max_future_ms: 300_000,
+            retention_ms: 30 * 86_400_000,
+        }
+    }
+
+    fn iso(ms: i64) -> String {
+        DateTime::<Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339()
+    }
+
+    fn event_json(extra: &str) -> String {
+        format!(
+            r#"{{"event_id":"0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d","event_type":"click",
+            "timestamp":"{}","campaign_id":"c1","ad_id":"a1","publisher_id":"p1"{extra}}}"#,
+            iso(NOW - 1000)
+        )
+    }
+
+    fn check(json: &str) -> Result<ValidEvent<'_>, Vec<FieldError>> {
+        match serde_json::from_str::<WireEvent>(json) {
+            Ok(event) => event.into_valid(&rules()),
+            Err(_) => Err(vec![explain_parse_error(json)]),
+        }
+    }
+
+    fn fields(json: &str) -> Vec<String> {
+        check(json)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn a_minimal_event_is_valid() {
+        let json = event_json("");
+        let event = check(&json).unwrap();
+        assert_eq!(event.event_time_ms, NOW - 1000);
+        assert_eq!(event.wire.campaign_id, "c1");
+    }
+
+    #[test]
+    fn sent_at_corrects_the_client_clock() {
+        // The client's clock runs 1 hour behind: it says it sent at NOW - 1h.
+        let json = format!(
+            r#"{{"event_id":"0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d","event_type":"click",
+            "timestamp":"{}","sent_at":"{}","campaign_id":"c1","ad_id":"a1","publisher_id":"p1"}}"#,
+            iso(NOW - 3_600_000 - 5000),
+            iso(NOW - 3_600_000)
+        );
+        let event = check(&json).unwrap();
+        assert_eq!(event.event_time_ms, NOW - 5000);
+        assert_eq!(event.timestamp_ms, NOW - 3_600_000 - 5000);
+    }
+
+    #[test]
+    fn missing_and_unknown_fields_are_named() {
+        let json = r#"{"event_id":"0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d","event_type":"click"}"#;
+        let err = explain_parse_error(json);
+        assert_eq!(err.message, "is required");
+        assert!(["timestamp", "campaign_id", "ad_id", "publisher_id"].contains(&err.field.as_str()));
+        assert_eq!(fields(&event_json(r#","campain":"x""#)), vec!["campain"]);
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        assert_eq!(fields(&event_json(r#","cost_micros":-5"#)), vec!["cost_micros"]);
+        assert_eq!(fields(&event_json(r#","device":"fridge""#)), vec!["device"]);
+        let bad_uuid = event_json("").replace("0b8a1d2e-4f6c", "nope");
+        assert_eq!(fields(&bad_uuid), vec!["event_id"]);
+    }
+
+    #[test]
+    fn field_rules_report_every_problem() {
+        let json = event_json(r#","country":"usa","browser":"0123456789012345678901234567890123""#)
+            .replace(r#""campaign_id":"c1""#, r#""campaign_id":"c 1""#);
+        let mut got = fields(&json);
+        got.sort();
+        assert_eq!(got, vec!["browser", "campaign_id", "country"]);
+    }
+
+    #[test]
+    fn attributes_are_bounded() {
+        let many: Vec<String> = (0..33).map(|i| format!(r#""k{i}":"v""#)).collect();
+        let json = event_json(&format!(r#","attributes":{{{}}}"#, many.join(",")));
+        assert_eq!(fields(&json), vec!["attributes"]);
+        let long = "x".repeat(257);
+        let json = event_json(&format!(r#","attributes":{{"k":"{long}"}}"#));
+        assert_eq!(fields(&json), vec!["attributes"]);
+    }
+
+    #[test]
+    fn future_and_expired_events_are_rejected_with_a_reason() {
+        let future = event_json("").replace(&iso(NOW - 1000), &iso(NOW + 600_000));
+        let err = check(&future).unwrap_err();
+        assert_eq!(err[0].field, "timestamp");
+        assert!(err[0].message.contains("future"), "{}", err[0].message);
+
+        let old = event_json("").replace(&iso(NOW - 1000), &iso(NOW - 31 * 86_400_000));
+        let err = check(&old).unwrap_err();
+        assert!(err[0].message.contains("retention"), "{}", err[0].message);
+    }
+}

@@ -1,0 +1,109 @@
+//! The ingestion pipeline: request body → validated events → write-ahead log (durable, then
+//! acknowledged) → background batches into ClickHouse.
+//!
+//! ```text
+//!  POST /v1/events ─▶ parse + validate ─▶ RowBinary ─▶ wal::append (group fsync) ─▶ 202
+//!                                                          │
+//!                               shipper: WAL files ─▶ INSERT (≥ 100k rows or 1 s) ─▶ ClickHouse
+//! ```
+
+pub mod parse;
+pub mod shipper;
+pub mod wal;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::{
+    config::Limits,
+    domain::TimeRules,
+    metrics::Metrics,
+};
+pub use parse::{BodyError, BodyFormat, Rejection};
+pub use wal::AppendError;
+
+/// What one ingest request achieved.
+#[derive(Debug)]
+pub struct Outcome {
+    pub accepted: usize,
+    pub rejected: Vec<Rejection>,
+    /// True when the caller asked to wait and ClickHouse has committed the events.
+    pub committed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0:?}")]
+    Body(BodyError),
+    #[error(transparent)]
+    Log(#[from] AppendError),
+}
+
+/// Shared by all ingest handlers.
+#[derive(Clone)]
+pub struct Ingest {
+    pub wal: wal::WalHandle,
+    pub committed: watch::Receiver<u64>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub retention: Duration,
+    pub max_future_skew: Duration,
+    pub wait_timeout: Duration,
+}
+
+impl Ingest {
+    /// Validates the events of `body` for `tenant`, makes the valid ones durable, and (with
+    /// `wait`) waits until ClickHouse has them.
+    pub async fn ingest(
+        &self,
+        tenant: &str,
+        body: &str,
+        format: BodyFormat,
+        wait: bool,
+    ) -> Result<Outcome, IngestError> {
+        let rules = TimeRules {
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            max_future_ms: self.max_future_skew.as_millis() as i64,
+            retention_ms: self.retention.as_millis() as i64,
+        };
+        let sorted =
+            parse::sort_events(body, format, &self.limits, &rules).map_err(IngestError::Body)?;
+        for rejection in &sorted.rejected {
+            self.metrics.rejected(rejection.reason);
+        }
+        let accepted = sorted.valid.len();
+        if accepted == 0 {
+            return Ok(Outcome {
+                accepted,
+                rejected: sorted.rejected,
+                committed: false,
+            });
+        }
+
+        let mut rows = Vec::with_capacity(accepted * 160);
+        for event in &sorted.valid {
+            crate::clickhouse::rowbinary::encode(event, tenant, rules.received_at_ms, &mut rows);
+        }
+        let lsn = self.wal.append(rows, accepted as u32).await?;
+        self.metrics
+            .events_accepted
+            .fetch_add(accepted as u64, std::sync::atomic::Ordering::Relaxed);
+
+        let committed = wait && self.wait_for_commit(lsn).await;
+        Ok(Outcome {
+            accepted,
+            rejected: sorted.rejected,
+            committed,
+        })
+    }
+
+    /// True once ClickHouse has committed everything up to `lsn`, false on timeout.
+    async fn wait_for_commit(&self, lsn: u64) -> bool {
+        let mut committed = self.committed.clone();
+        let reached = tokio::time::timeout(self.wait_timeout, async {
+            committed.wait_for(|&c| c >= lsn).await.is_ok()
+        });
+        reached.await.unwrap_or(false)
+    }
+}

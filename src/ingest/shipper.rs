@@ -1,0 +1,267 @@
+//! The background writer: drains the write-ahead log into ClickHouse in large batches.
+//!
+//! ```text
+//!  WAL files ──read up to the durable position──▶ batch (≤ max_rows, ≤ max_bytes, ≤ interval)
+//!      ──INSERT … FORMAT RowBinary (LZ4)──▶ ClickHouse ──ok──▶ checkpoint + delete old segments
+//!                                               │                + publish the committed lsn
+//!                                               └─error──▶ data error: split the batch, bad rows
+//!                                                          to the dead-letter file
+//!                                                          anything else: back off, retry
+//! ```
+//!
+//! One insert at a time, about one per `interval` under steady load: few, large parts, which is
+//! what MergeTree wants. Nothing is deleted from the log before ClickHouse has acknowledged it.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::wal::{self, Shared, WalPos, WalReader};
+use crate::{
+    clickhouse::{error_code, is_data_error, rowbinary},
+    config::FlushSettings,
+    metrics::Metrics,
+};
+
+pub struct Shipper {
+    pub client: clickhouse::Client,
+    pub settings: FlushSettings,
+    pub wal_dir: PathBuf,
+    pub start: WalPos,
+    pub durable: watch::Receiver<WalPos>,
+    pub committed: watch::Sender<u64>,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<Metrics>,
+    /// Turns true when the service stops: drain what is durable, then return.
+    pub stopping: watch::Receiver<bool>,
+    /// How long the final drain may keep retrying a failing ClickHouse.
+    pub drain_timeout: Duration,
+}
+
+struct Batch {
+    rows: Vec<u8>,
+    count: usize,
+    wal_bytes: u64,
+    end: WalPos,
+    started: Option<Instant>,
+}
+
+impl Shipper {
+    pub async fn run(mut self) {
+        let mut reader = WalReader::new(&self.wal_dir, self.start);
+        let mut batch = Batch {
+            rows: Vec::new(),
+            count: 0,
+            wal_bytes: 0,
+            end: self.start,
+            started: None,
+        };
+        let insert_sql = rowbinary::insert_sql("events");
+        let mut drain_deadline: Option<Instant> = None;
+
+        loop {
+            let stopping = *self.stopping.borrow();
+            if stopping && drain_deadline.is_none() {
+                drain_deadline = Some(Instant::now() + self.drain_timeout);
+            }
+            // Fill the batch from what is durable.
+            let durable = *self.durable.borrow_and_update();
+            let mut caught_up = false;
+            while batch.count < self.settings.max_rows && batch.rows.len() < self.settings.max_bytes
+            {
+                match reader.next(durable) {
+                    Ok(Some(record)) => {
+                        batch.started.get_or_insert_with(Instant::now);
+                        batch.rows.extend_from_slice(&record.payload);
+                        batch.count += record.rows as usize;
+                        batch.wal_bytes += (record.payload.len() + 20) as u64;
+                        batch.end = record.end;
+                    }
+                    Ok(None) => {
+                        caught_up = true;
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "reading the write-ahead log failed");
+                        caught_up = true;
+                        break;
+                    }
+                }
+            }
+            if reader.position() != batch.end && batch.count == 0 {
+                // Records with zero rows never happen, but keep the position honest.
+                batch.end = reader.position();
+            }
+
+            let full = batch.count >= self.settings.max_rows
+                || batch.rows.len() >= self.settings.max_bytes;
+            let due = batch
+                .started
+                .is_some_and(|t| t.elapsed() >= self.settings.interval);
+            if batch.count > 0 && (full || due || stopping) {
+                self.flush(&insert_sql, &mut batch, drain_deadline).await;
+                if drain_deadline.is_some_and(|d| Instant::now() >= d) && batch.count > 0 {
+                    tracing::warn!(
+                        rows = batch.count,
+                        "stopping with events still in the write-ahead log; they are sent on the next start"
+                    );
+                    return;
+                }
+                continue;
+            }
+            if stopping && caught_up && batch.count == 0 {
+                return;
+            }
+            if !caught_up {
+                continue;
+            }
+            // Wait for new durable records, the batch's deadline, or shutdown.
+            let wait = batch.started.map_or(self.settings.interval, |t| {
+                self.settings.interval.saturating_sub(t.elapsed())
+            });
+            tokio::select! {
+                _ = self.durable.changed() => {}
+                _ = self.stopping.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Commits the batch, retrying until it is in ClickHouse or in the dead-letter file.
+    /// Leaves the batch untouched only if the drain deadline passed first.
+    async fn flush(&mut self, sql: &str, batch: &mut Batch, deadline: Option<Instant>) {
+        let mut backoff = Duration::from_millis(100);
+        let rows = Bytes::from(std::mem::take(&mut batch.rows));
+        loop {
+            let started = Instant::now();
+            match self.insert_or_dead_letter(sql, rows.clone(), batch.end.lsn).await {
+                Ok(()) => {
+                    self.metrics.flush_seconds.observe(started.elapsed());
+                    self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .flushed_rows
+                        .fetch_add(batch.count as u64, Ordering::Relaxed);
+                    self.committed(batch);
+                    return;
+                }
+                Err(err) => {
+                    self.metrics
+                        .clickhouse_errors_retryable
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, rows = batch.count, retry_in = ?backoff, "insert into ClickHouse failed; retrying");
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                batch.rows = rows.to_vec();
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.settings.max_backoff);
+        }
+    }
+
+    fn committed(&mut self, batch: &mut Batch) {
+        if let Err(err) = wal::checkpoint(&self.wal_dir, batch.end) {
+            // The rows are in ClickHouse; a stale checkpoint only means a harmless replay.
+            tracing::warn!(error = %err, "could not record the WAL checkpoint");
+        }
+        self.shared
+            .pending_bytes
+            .fetch_sub(batch.wal_bytes, Ordering::Relaxed);
+        self.metrics
+            .wal_pending_bytes
+            .fetch_sub(batch.wal_bytes, Ordering::Relaxed);
+        self.committed.send_replace(batch.end.lsn);
+        batch.rows.clear();
+        batch.count = 0;
+        batch.wal_bytes = 0;
+        batch.started = None;
+    }
+
+    /// Inserts `rows`. A data error splits them in halves until the bad rows are isolated and
+    /// written to the dead-letter file; the good rows still reach ClickHouse. Any other error
+    /// is returned for the caller to retry.
+    async fn insert_or_dead_letter(
+        &self,
+        sql: &str,
+        rows: Bytes,
+        lsn: u64,
+    ) -> Result<(), clickhouse::error::Error> {
+        let mut pending = vec![rows];
+        while let Some(rows) = pending.pop() {
+            match self.insert(sql, rows.clone()).await {
+                Ok(()) => {}
+                Err(err) if is_data_error(&err) => {
+                    self.metrics
+                        .clickhouse_errors_data
+                        .fetch_add(1, Ordering::Relaxed);
+                    let bounds = rowbinary::row_bounds(&rows).unwrap_or_default();
+                    if bounds.len() > 1 {
+                        let mid = bounds[bounds.len() / 2].start;
+                        pending.push(rows.slice(mid..));
+                        pending.push(rows.slice(..mid));
+                    } else {
+                        self.dead_letter(&rows, &err, lsn);
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    async fn insert(&self, sql: &str, rows: Bytes) -> Result<(), clickhouse::error::Error> {
+        let mut insert = self
+            .client
+            .insert_formatted_with(sql)
+            .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+        insert.send(rows).await?;
+        insert.end().await
+    }
+
+    fn dead_letter(&self, rows: &[u8], err: &clickhouse::error::Error, lsn: u64) {
+        let events = rowbinary::decode_all(rows).unwrap_or_default();
+        let count = events.len().max(1);
+        let line = serde_json::json!({
+            "at": chrono::Utc::now().to_rfc3339(),
+            "reason": err.to_string(),
+            "code": error_code(err),
+            "wal_lsn": lsn,
+            "events": events,
+            "raw_rowbinary_hex": if events.is_empty() { Some(hex(rows)) } else { None },
+        });
+        let path = self.settings.dead_letter_dir.join(format!(
+            "dead-letter-{}.ndjson",
+            chrono::Utc::now().format("%Y%m%d")
+        ));
+        let written = std::fs::create_dir_all(&self.settings.dead_letter_dir)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+            })
+            .and_then(|mut file| {
+                writeln!(file, "{line}")?;
+                file.sync_data()
+            });
+        match written {
+            Ok(()) => tracing::error!(events = count, file = %path.display(), reason = %err, "ClickHouse refused events; written to the dead-letter file"),
+            Err(io) => tracing::error!(events = count, error = %io, dead_letter = %line, "ClickHouse refused events and the dead-letter file could not be written"),
+        }
+        self.metrics
+            .dead_lettered_events
+            .fetch_add(count as u64, Ordering::Relaxed);
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+

@@ -1,0 +1,225 @@
+//! Counters and histograms, rendered in the Prometheus text format at `GET /metrics`.
+//!
+//! Plain atomics: the request path only ever does a relaxed `fetch_add`.
+
+use std::{
+    fmt::Write,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+/// Why an event was rejected; one counter each.
+#[derive(Debug, Clone, Copy)]
+pub enum RejectReason {
+    /// Not a valid event (a field failed a rule, or the JSON had the wrong shape).
+    Invalid,
+    /// Larger than the per-event limit.
+    TooLarge,
+}
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|&b| secs <= b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}\n{name}_count{braces} {total}");
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub events_accepted: AtomicU64,
+    pub events_rejected_invalid: AtomicU64,
+    pub events_rejected_too_large: AtomicU64,
+    pub requests_rejected_budget: AtomicU64,
+    pub wal_pending_bytes: AtomicU64,
+    pub fsync_seconds: Histogram,
+    pub flushes: AtomicU64,
+    pub flushed_rows: AtomicU64,
+    pub flush_seconds: Histogram,
+    pub clickhouse_errors_retryable: AtomicU64,
+    pub clickhouse_errors_data: AtomicU64,
+    pub dead_lettered_events: AtomicU64,
+    pub ingest_request_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            events_accepted: AtomicU64::new(0),
+            events_rejected_invalid: AtomicU64::new(0),
+            events_rejected_too_large: AtomicU64::new(0),
+            requests_rejected_budget: AtomicU64::new(0),
+            wal_pending_bytes: AtomicU64::new(0),
+            fsync_seconds: Histogram::new(LATENCY_BOUNDS),
+            flushes: AtomicU64::new(0),
+            flushed_rows: AtomicU64::new(0),
+            flush_seconds: Histogram::new(LATENCY_BOUNDS),
+            clickhouse_errors_retryable: AtomicU64::new(0),
+            clickhouse_errors_data: AtomicU64::new(0),
+            dead_lettered_events: AtomicU64::new(0),
+            ingest_request_seconds: Histogram::new(LATENCY_BOUNDS),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn rejected(&self, reason: RejectReason) {
+        let counter = match reason {
+            RejectReason::Invalid => &self.events_rejected_invalid,
+            RejectReason::TooLarge => &self.events_rejected_too_large,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, series: &[(&str, &AtomicU64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, value) in series {
+                let labels = if labels.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{labels}}}")
+                };
+                let _ = writeln!(out, "{name}{labels} {}", value.load(Ordering::Relaxed));
+            }
+        };
+        counter(
+            &mut out,
+            "adtrack_events_accepted_total",
+            "Events acknowledged (durable in the write-ahead log).",
+            &[("", &self.events_accepted)],
+        );
+        counter(
+            &mut out,
+            "adtrack_events_rejected_total",
+            "Events rejected in a request, by reason.",
+            &[
+                ("reason=\"invalid\"", &self.events_rejected_invalid),
+                ("reason=\"too_large\"", &self.events_rejected_too_large),
+            ],
+        );
+        counter(
+            &mut out,
+            "adtrack_requests_over_budget_total",
+            "Ingest requests answered 503 because the write-ahead log was over its disk budget.",
+            &[("", &self.requests_rejected_budget)],
+        );
+        counter(
+            &mut out,
+            "adtrack_flushes_total",
+            "Batches committed to ClickHouse.",
+            &[("", &self.flushes)],
+        );
+        counter(
+            &mut out,
+            "adtrack_flushed_rows_total",
+            "Rows committed to ClickHouse (replays after a crash included).",
+            &[("", &self.flushed_rows)],
+        );
+        counter(
+            &mut out,
+            "adtrack_clickhouse_errors_total",
+            "Failed inserts, by whether they are retried.",
+            &[
+                ("kind=\"retryable\"", &self.clickhouse_errors_retryable),
+                ("kind=\"data\"", &self.clickhouse_errors_data),
+            ],
+        );
+        counter(
+            &mut out,
+            "adtrack_dead_lettered_events_total",
+            "Events ClickHouse refused as invalid, written to the dead-letter file.",
+            &[("", &self.dead_lettered_events)],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP adtrack_wal_pending_bytes Write-ahead log bytes not yet committed to ClickHouse.\n# TYPE adtrack_wal_pending_bytes gauge\nadtrack_wal_pending_bytes {}",
+            self.wal_pending_bytes.load(Ordering::Relaxed)
+        );
+        self.fsync_seconds.render(
+            &mut out,
+            "adtrack_wal_fsync_seconds",
+            "Duration of write-ahead log fsyncs (one per commit group).",
+            "",
+        );
+        self.flush_seconds.render(
+            &mut out,
+            "adtrack_flush_seconds",
+            "Duration of successful ClickHouse inserts.",
+            "",
+        );
+        self.ingest_request_seconds.render(
+            &mut out,
+            "adtrack_request_seconds",
+            "Latency of ingest requests.",
+            "route=\"/v1/events\"",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let m = Metrics::default();
+        m.fsync_seconds.observe(Duration::from_micros(200));
+        m.fsync_seconds.observe(Duration::from_millis(3));
+        let text = m.render();
+        assert!(text.contains("adtrack_wal_fsync_seconds_bucket{le=\"0.00025\"} 1"));
+        assert!(text.contains("adtrack_wal_fsync_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("adtrack_wal_fsync_seconds_count 2"));
+    }
+}

@@ -1,0 +1,200 @@
+//! Builds the application (ClickHouse, schema, write-ahead log, shipper, routes) and runs it
+//! until a shutdown signal, then drains.
+//!
+//! Shutdown order matters for "nothing lost": stop taking requests → let in-flight requests
+//! finish → close the log (its thread fsyncs and exits) → the shipper sends everything durable
+//! to ClickHouse (bounded by `shutdown_timeout`; whatever is left stays in the log for the
+//! next start) → stop the local engine, if we started it.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use poem::{
+    listener::{Acceptor, TcpAcceptor},
+    Server,
+};
+use tokio::sync::watch;
+
+use crate::{
+    api::{self, events::EventsApi, health::HealthApi},
+    clickhouse::schema,
+    config::{ClickHouseTarget, Settings},
+    ingest::{shipper::Shipper, wal, Ingest},
+    local_engine::LocalEngine,
+    metrics::Metrics,
+};
+
+pub struct Application {
+    acceptor: TcpAcceptor,
+    addr: SocketAddr,
+    routes: poem::endpoint::BoxEndpoint<'static>,
+    wal_thread: std::thread::JoinHandle<()>,
+    shipper: tokio::task::JoinHandle<()>,
+    stopping: watch::Sender<bool>,
+    engine: Option<LocalEngine>,
+}
+
+impl Application {
+    /// Binds the port first (so tests can use port 0 and read it back), then connects
+    /// everything. Fails with a clear message if ClickHouse is unreachable or the schema is
+    /// wrong: better not to start than to accept events that cannot be written.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(settings.listen)
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        listener.set_nonblocking(true)?;
+        let acceptor = TcpAcceptor::from_std(listener)?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .context("the listener has no socket address")?;
+
+        let engine = match &settings.clickhouse.target {
+            ClickHouseTarget::Embedded {
+                command,
+                data_dir,
+                port,
+            } => Some(LocalEngine::start(command, data_dir, *port).await?),
+            ClickHouseTarget::Url(_) => None,
+        };
+        let url = settings.clickhouse_url();
+        let client = crate::clickhouse::client(&url, &settings.clickhouse);
+        wait_for_clickhouse(&client, &url).await?;
+        if settings.clickhouse.apply_schema {
+            schema::apply(&client, &settings.clickhouse.database, settings.retention_days)
+                .await?;
+        }
+        schema::verify(&client)
+            .await
+            .context("the ClickHouse schema is not usable")?;
+
+        let metrics = Arc::new(Metrics::default());
+        let wal = wal::open(
+            &settings.wal.dir,
+            settings.wal.segment_bytes,
+            settings.wal.max_pending_bytes,
+            settings.wal.fsync,
+            metrics.clone(),
+        )?;
+        let (committed_tx, committed) = watch::channel(wal.start.lsn);
+        let (stopping, stopping_rx) = watch::channel(false);
+        let shipper = tokio::spawn(
+            Shipper {
+                client: client.clone(),
+                settings: settings.flush.clone(),
+                wal_dir: wal.dir.clone(),
+                start: wal.start,
+                durable: wal.durable.clone(),
+                committed: committed_tx,
+                shared: wal.shared.clone(),
+                metrics: metrics.clone(),
+                stopping: stopping_rx,
+                drain_timeout: settings.shutdown_timeout,
+            }
+            .run(),
+        );
+
+        let ingest = Ingest {
+            wal: wal.handle.clone(),
+            committed,
+            metrics: metrics.clone(),
+            limits: settings.limits,
+            retention: Duration::from_secs(u64::from(settings.retention_days) * 86_400),
+            max_future_skew: settings.max_future_skew,
+            wait_timeout: settings.wait_timeout,
+        };
+        let routes = api::routes(
+            EventsApi {
+                ingest,
+                tenant: settings.default_tenant.clone(),
+            },
+            HealthApi {
+                clickhouse: client,
+                wal: wal.handle,
+                metrics,
+            },
+            settings.limits.max_body_bytes,
+            &format!("http://{addr}"),
+        );
+
+        Ok(Self {
+            acceptor,
+            addr,
+            routes,
+            wal_thread: wal.thread,
+            shipper,
+            stopping,
+            engine,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Serves until `shutdown` completes, then drains (see the module comment).
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, "listening");
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(self.routes, shutdown, Some(Duration::from_secs(10)))
+            .await
+            .context("the HTTP server failed")?;
+        // The routes (and with them every log handle) are dropped: the log thread ends.
+        tokio::task::spawn_blocking(move || self.wal_thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the write-ahead log thread panicked"))?;
+        tracing::info!("draining the write-ahead log into ClickHouse");
+        self.stopping.send_replace(true);
+        self.shipper.await?;
+        if let Some(engine) = self.engine {
+            engine.stop().await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Waits (up to a minute) for ClickHouse to answer `SELECT 1`.
+async fn wait_for_clickhouse(client: &clickhouse::Client, url: &str) -> anyhow::Result<()> {
+    let probe = client.clone().with_database("default");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match probe.query("SELECT 1").fetch_one::<u8>().await {
+            Ok(_) => return Ok(()),
+            Err(err) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(%url, error = %err, "waiting for ClickHouse");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => {
+                return Err(err).with_context(|| format!("ClickHouse at {url} does not answer"))
+            }
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (what Docker and systemd send).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
