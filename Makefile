@@ -1,0 +1,39 @@
+# The two commands a newcomer needs:
+#   make run    build and run the service (starts the local ClickHouse when
+#               ADTRACK_CLICKHOUSE_URL is not set; installs it on first use)
+#   make test   install what the tests need, then run every test
+# Everything else here is for development.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+VENV  := .venv
+
+.PHONY: run test test-rust test-python deps lint fmt bench-ingest bench-analytics clean-data
+
+run: deps
+	$(CARGO) run --release --bin adtrack
+
+test: deps
+	$(CARGO) test --all-targets
+	$(MAKE) test-python
+
+test-python: deps
+	scripts/local-clickhouse --pytest -q dev/local-clickhouse
+	@if [ -d tests/infra ]; then $(VENV)/bin/python -m pip install -q -r tests/infra/requirements.txt && $(VENV)/bin/python -m pytest -q tests/infra; fi
+
+# System packages and the local ClickHouse's virtualenv (idempotent, quick when present).
+deps:
+	@scripts/install-deps
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+bench-ingest: deps
+	benches/ingest.sh
+
+clean-data:
+	rm -rf data

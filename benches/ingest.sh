@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# End-to-end ingest benchmark (not a test): oha against a release build with the write-ahead
+# log on (fsync grouped), next to the bare-poem ceiling measured in the same run.
+#
+#   benches/ingest.sh            # full run (~3 minutes)
+#   DURATION=5s benches/ingest.sh
+#
+# Prints a Markdown table (copy it into BENCHMARKS.md) and keeps the raw oha JSON under
+# target/bench-ingest/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+OUT=target/bench-ingest
+mkdir -p "$OUT"
+command -v oha >/dev/null || { echo "installing oha (cargo install oha --locked, ~8 min)"; cargo install oha --locked; }
+command -v jq >/dev/null || { apt-get install -y -qq jq >/dev/null; }
+
+cargo build --release --bin adtrack --example bare_poem 2>&1 | tail -1
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+wait_http() { for _ in $(seq 1 600); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer from $1"; exit 1; }
+
+# Bodies: one event, and a batch of 100 (distinct ids inside the batch).
+now=$(date -u +%Y-%m-%dT%H:%M:%S.000Z)
+python3 - "$now" "$tmp" <<'PY'
+import json, sys, uuid
+now, tmp = sys.argv[1], sys.argv[2]
+def ev():
+    return {"event_id": str(uuid.uuid4()), "event_type": "impression", "timestamp": now,
+            "campaign_id": "spring-sale-2026", "ad_id": "ad-000123", "publisher_id": "news.example",
+            "user_id": "u-5f2c9a", "country": "US", "device": "mobile", "os": "Android",
+            "browser": "Chrome", "cost_micros": 2500, "attributes": {"placement": "top"}}
+open(f"{tmp}/one.json", "w").write(json.dumps(ev()))
+open(f"{tmp}/batch.json", "w").write(json.dumps([ev() for _ in range(100)]))
+PY
+echo "single event body: $(wc -c < "$tmp/one.json") bytes; batch body: $(wc -c < "$tmp/batch.json") bytes"
+
+# ClickHouse (local engine) and the two servers.
+ch_port=$(free_port)
+scripts/local-clickhouse --port "$ch_port" --data-dir "$tmp/ch" --parent-pid $$ 2>"$tmp/ch.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$ch_port/ping"
+
+bare_port=$(free_port)
+target/release/examples/bare_poem "127.0.0.1:$bare_port" &
+pids+=($!)
+app_port=$(free_port)
+ADTRACK_LISTEN="127.0.0.1:$app_port" ADTRACK_CLICKHOUSE_URL="http://127.0.0.1:$ch_port" \
+ADTRACK_CLICKHOUSE_DATABASE=bench ADTRACK_WAL_DIR="$tmp/wal" ADTRACK_DEAD_LETTER_DIR="$tmp/dl" \
+LOG_LEVEL=warn target/release/adtrack &
+app_pid=$!
+pids+=($app_pid)
+wait_http "http://127.0.0.1:$app_port/health/ready"
+wait_http "http://127.0.0.1:$bare_port/v1/events" || true
+
+# Peak RSS of the service, sampled while oha runs.
+rss_peak() { grep VmHWM "/proc/$app_pid/status" | awk '{print int($2/1024)}'; }
+
+run() { # name url body extra-args...
+    local name=$1 url=$2 body=$3; shift 3
+    oha --no-tui --output-format json -m POST -H 'content-type: application/json' -D "$body" "$@" "$url" > "$OUT/$name.json"
+    jq -r --arg n "$name" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
+}
+
+echo -e "case\treq/s\tp50 ms\tp99 ms\tstatuses"
+run bare-single   "http://127.0.0.1:$bare_port/v1/events" "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
+run app-single    "http://127.0.0.1:$app_port/v1/events"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
+run bare-batch100 "http://127.0.0.1:$bare_port/v1/events" "$tmp/batch.json" -z "$DURATION" -c 16
+run app-batch100  "http://127.0.0.1:$app_port/v1/events"  "$tmp/batch.json" -z "$DURATION" -c 16
+run app-single-20k-rate "http://127.0.0.1:$app_port/v1/events" "$tmp/one.json" -z "$DURATION" -c "$CONNS" -q 20000 --latency-correction
+echo "adtrack peak RSS: $(rss_peak) MB"
+
+metrics=$(curl -fsS "http://127.0.0.1:$app_port/metrics")
+echo "$metrics" | grep -E '^adtrack_wal_fsync_seconds_(bucket|count|sum)' > "$OUT/fsync.txt"
+python3 - "$OUT/fsync.txt" <<'PY'
+import sys
+buckets, count = [], 0
+for line in open(sys.argv[1]):
+    name, value = line.rsplit(" ", 1)
+    if "_bucket" in name:
+        le = name.split('le="')[1].rstrip('"}')
+        buckets.append((float("inf") if le == "+Inf" else float(le), float(value)))
+    elif name.endswith("_count"):
+        count = float(value)
+def pct(p):
+    for le, c in buckets:
+        if c >= p * count:
+            return le * 1000
+print(f"fsyncs: {int(count)}; p50 <= {pct(0.5)} ms, p99 <= {pct(0.99)} ms (histogram bucket bounds)")
+PY
+accepted=$(echo "$metrics" | awk '/^adtrack_events_accepted_total/ {print $2}')
+echo "events accepted (durable) during the run: $accepted"

@@ -1,0 +1,220 @@
+//! Fault tests: kill -9 under load, ClickHouse down under load, rows ClickHouse refuses,
+//! graceful shutdown. The promise checked each time: every acknowledged event is in
+//! ClickHouse exactly once, and clients saw only answers that were true.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// Clients posting 20-event batches as fast as they can until `stop`, recording which ids got
+/// a 2xx and which statuses they saw (0 = connection error).
+struct Load {
+    acked: Arc<Mutex<HashSet<String>>>,
+    statuses: Arc<Mutex<BTreeMap<u16, usize>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(base: &str, clients: usize) -> Load {
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let statuses = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (acked, statuses, stop) = (acked.clone(), statuses.clone(), stop.clone());
+                let url = format!("{base}/v1/events");
+                tokio::spawn(async move {
+                    let http = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let batch = events(20);
+                        let sent = http
+                            .post(&url)
+                            .header("content-type", JSON)
+                            .body(Value::from(batch.clone()).to_string())
+                            .send()
+                            .await;
+                        let status = match sent {
+                            Ok(r) => r.status().as_u16(),
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                0
+                            }
+                        };
+                        if (200..300).contains(&status) {
+                            acked.lock().unwrap().extend(ids_of(&batch));
+                        }
+                        *statuses.lock().unwrap().entry(status).or_default() += 1;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            acked,
+            statuses,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (HashSet<String>, BTreeMap<u16, usize>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let statuses = self.statuses.lock().unwrap().clone();
+        (acked, statuses)
+    }
+}
+
+/// Every acknowledged id is stored, none twice (with FINAL, and after a forced merge).
+async fn assert_all_stored_once(db: &clickhouse::Client, acked: &HashSet<String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let stored: Vec<String> = loop {
+        let stored: Vec<String> = db
+            .query("SELECT toString(event_id) FROM events FINAL")
+            .fetch_all()
+            .await
+            .unwrap();
+        let have: HashSet<&String> = stored.iter().collect();
+        if acked.iter().all(|id| have.contains(id)) || std::time::Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let distinct: HashSet<&String> = stored.iter().collect();
+    assert_eq!(distinct.len(), stored.len(), "an event is counted twice");
+    let missing: Vec<&String> = acked.iter().filter(|id| !distinct.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged events are missing",
+        missing.len(),
+        acked.len()
+    );
+    db.query("OPTIMIZE TABLE events FINAL").execute().await.unwrap();
+    let raw: u64 = db
+        .query("SELECT count() FROM events")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(raw as usize, stored.len(), "rows after merge");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_and_doubles_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = local_clickhouse::shared_url();
+    let database = unique_database("kill9");
+    let env = base_env(&url, &database, tmp.path());
+    let db = clickhouse::Client::default()
+        .with_url(&url)
+        .with_database(&database);
+
+    let mut all_acked = HashSet::new();
+    let mut service = ServiceProcess::start(&env).await;
+    // Two crashes, at different points of the flush cycle.
+    for pause_ms in [1200, 1750] {
+        let load = Load::start(&service.base, 4);
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        service.kill9();
+        let (acked, _) = load.finish().await;
+        assert!(acked.len() > 1000, "the load was too light: {}", acked.len());
+        all_acked.extend(acked);
+        service = ServiceProcess::start(&env).await;
+    }
+    assert_all_stored_once(&db, &all_acked).await;
+    service.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_down_under_load_loses_nothing_and_clients_see_202_or_503() {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let mut clickhouse = local_clickhouse::LocalClickHouse::start(ch_dir.path());
+    let app = {
+        let tmp = tempfile::tempdir().unwrap();
+        let database = unique_database("ch_down");
+        let mut env = base_env(&clickhouse.url, &database, tmp.path());
+        // A small disk budget so the test also sees the 503 when it is used up.
+        env.insert("ADTRACK_WAL_MAX_PENDING_BYTES".into(), "300000".into());
+        (ServiceProcess::start(&env).await, tmp, database)
+    };
+    let (service, _tmp, database) = app;
+    let db = clickhouse::Client::default()
+        .with_url(&clickhouse.url)
+        .with_database(&database);
+
+    let load = Load::start(&service.base, 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    clickhouse.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let ready = reqwest::get(format!("{}/health/ready", service.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready while ClickHouse is down");
+    clickhouse.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (acked, statuses) = load.finish().await;
+
+    let unexpected: Vec<&u16> = statuses.keys().filter(|s| ![202, 503].contains(*s)).collect();
+    assert!(unexpected.is_empty(), "clients saw {statuses:?}");
+    assert!(statuses.get(&503).is_some(), "the budget never filled: {statuses:?}");
+    assert_all_stored_once(&db, &acked).await;
+}
+
+#[tokio::test]
+async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in() {
+    let app = spawn_app("dead_letter").await;
+    // Make ClickHouse refuse one kind of row, as a schema change by an operator might.
+    app.db
+        .query("ALTER TABLE events ADD CONSTRAINT no_poison CHECK campaign_id != 'poison'")
+        .execute()
+        .await
+        .unwrap();
+    let mut batch = events(9);
+    let mut poison = event();
+    poison["campaign_id"] = json!("poison");
+    batch.insert(4, poison.clone());
+    let r = app.post(Value::from(batch).to_string(), JSON).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(app.wait_for_count(9).await, 9);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_dir(app.data.join("dead-letter"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|f| std::fs::read_to_string(f.unwrap().path()).ok());
+        if let Some(text) = text {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dead-letter file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["events"][0]["event_id"], poison["event_id"]);
+    assert_eq!(line["code"], 469, "{line}");
+    assert_eq!(app.metric("adtrack_dead_lettered_events_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_drains_the_log_into_clickhouse() {
+    let mut app = spawn_app_with("drain", &[("ADTRACK_FLUSH_INTERVAL_MS", "60000")]).await;
+    let r = app.post(Value::from(events(100)).to_string(), JSON).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(app.count_final().await, 0, "nothing flushed before the stop");
+    app.stop().await;
+    assert_eq!(app.count_final().await, 100);
+}

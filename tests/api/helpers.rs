@@ -1,0 +1,339 @@
+//! Test harness: the real app on port 0, its own ClickHouse database and write-ahead log per
+//! test, against the local engine (started once per test binary) or `ADTRACK_TEST_CLICKHOUSE_URL`.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use adtrack::{config::Settings, startup::Application};
+use serde_json::{json, Value};
+use tokio::{sync::oneshot, task::JoinHandle};
+use uuid::Uuid;
+
+#[path = "../support/local_clickhouse.rs"]
+pub mod local_clickhouse;
+
+pub const JSON: &str = "application/json";
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// A fresh database name per test (tests run in parallel in one process).
+pub fn unique_database(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t_{}_{}_{}",
+        test.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Environment for one app: the given ClickHouse and database, a private WAL directory, fast
+/// flushes so tests do not wait a second per batch.
+pub fn base_env(clickhouse_url: &str, database: &str, data: &Path) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    let mut set = |k: &str, v: String| {
+        env.insert(k.to_string(), v);
+    };
+    set("ADTRACK_CLICKHOUSE_URL", clickhouse_url.to_string());
+    set("ADTRACK_CLICKHOUSE_DATABASE", database.to_string());
+    set("ADTRACK_LISTEN", "127.0.0.1:0".to_string());
+    set("ADTRACK_WAL_DIR", data.join("wal").display().to_string());
+    set(
+        "ADTRACK_DEAD_LETTER_DIR",
+        data.join("dead-letter").display().to_string(),
+    );
+    set("ADTRACK_FLUSH_INTERVAL_MS", "100".to_string());
+    set("ADTRACK_RETRY_MAX_BACKOFF_MS", "500".to_string());
+    set("ADTRACK_SHUTDOWN_TIMEOUT_SECS", "10".to_string());
+    set(
+        "LOG_LEVEL",
+        std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()),
+    );
+    env
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub db: clickhouse::Client,
+    pub database: String,
+    pub env: HashMap<String, String>,
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app(test: &str) -> TestApp {
+    spawn_app_with(test, &[]).await
+}
+
+/// Starts the app with extra environment overrides.
+pub async fn spawn_app_with(test: &str, overrides: &[(&str, &str)]) -> TestApp {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = local_clickhouse::shared_url();
+    let database = unique_database(test);
+    let mut env = base_env(&url, &database, tmp.path());
+    for (k, v) in overrides {
+        env.insert(k.to_string(), v.to_string());
+    }
+    let data = tmp.path().to_path_buf();
+    start(env, database, data, Some(tmp)).await
+}
+
+async fn start(
+    env: HashMap<String, String>,
+    database: String,
+    data: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+) -> TestApp {
+    let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("valid test settings");
+    adtrack::telemetry::init(&settings.log_level, false);
+    let url = env["ADTRACK_CLICKHOUSE_URL"].clone();
+    let app = Application::build(settings).await.expect("app starts");
+    let base = format!("http://{}", app.addr());
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        base,
+        http: reqwest::Client::new(),
+        db: clickhouse::Client::default()
+            .with_url(url)
+            .with_database(&database),
+        database,
+        env,
+        data,
+        _tmp: tmp,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    /// Graceful stop: drains the log into ClickHouse, as on SIGTERM.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops this app and starts a new one on the same database and write-ahead log.
+    pub async fn restart(mut self) -> TestApp {
+        self.stop().await;
+        let tmp = self._tmp.take();
+        start(self.env.clone(), self.database.clone(), self.data.clone(), tmp).await
+    }
+
+    pub async fn post(&self, body: impl Into<reqwest::Body>, content_type: &str) -> Response {
+        self.post_to("/v1/events", body, &[("content-type", content_type)])
+            .await
+    }
+
+    pub async fn post_to(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        let mut req = self.http.post(format!("{}{path}", self.base)).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Response::from(req.send().await.expect("request sent")).await
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        Response::from(
+            self.http
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Distinct events as every analytics query sees them (FINAL).
+    pub async fn count_final(&self) -> u64 {
+        self.db
+            .query("SELECT count() FROM events FINAL")
+            .fetch_one::<u64>()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `count_final() == expected` (the shipper flushes every 100 ms in tests).
+    pub async fn wait_for_count(&self, expected: u64) -> u64 {
+        wait_for_count(&self.db, expected, Duration::from_secs(30)).await
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").await.text;
+        metric_value(&text, name)
+    }
+}
+
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}
+
+pub async fn wait_for_count(db: &clickhouse::Client, expected: u64, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = db
+            .query("SELECT count() FROM events FINAL")
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0);
+        if n >= expected || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A response read to the end, with the body as text and (if it is JSON) as a value.
+pub struct Response {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Response {
+    async fn from(resp: reqwest::Response) -> Self {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Self {
+            status,
+            headers,
+            text,
+            json,
+        }
+    }
+}
+
+/// A valid event, happening now, with a fresh id.
+pub fn event() -> Value {
+    event_with_id(Uuid::new_v4())
+}
+
+pub fn event_with_id(id: Uuid) -> Value {
+    json!({
+        "event_id": id.to_string(),
+        "event_type": "impression",
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+        "campaign_id": "camp-1",
+        "ad_id": "ad-1",
+        "publisher_id": "pub-1",
+        "country": "US",
+        "device": "mobile",
+        "cost_micros": 1500,
+    })
+}
+
+pub fn events(n: usize) -> Vec<Value> {
+    (0..n).map(|_| event()).collect()
+}
+
+pub fn ids_of(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+/// The service as a separate OS process (for kill -9), on a port picked for it.
+pub struct ServiceProcess {
+    pub child: Child,
+    pub base: String,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl ServiceProcess {
+    /// Starts the `adtrack` binary with `env` and waits until `/health/ready` is 200.
+    pub async fn start(env: &HashMap<String, String>) -> ServiceProcess {
+        let mut env = env.clone();
+        let port = free_port();
+        env.insert("ADTRACK_LISTEN".into(), format!("127.0.0.1:{port}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_adtrack"))
+            .envs(&env)
+            .stdout(Stdio::null())
+            .stderr(if std::env::var("TEST_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("the adtrack binary starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let process = ServiceProcess { child, base };
+        process.wait_ready().await;
+        process
+    }
+
+    async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{}/health/ready", self.base)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "service did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for the graceful drain to finish.
+    pub fn terminate(&mut self) {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

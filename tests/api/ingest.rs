@@ -1,0 +1,332 @@
+//! `POST /v1/events`: every input variant, every error status, partial batches, limits.
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn ndjson(events: &[Value]) -> String {
+    events
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn a_single_event_is_accepted_and_reaches_clickhouse() {
+    let app = spawn_app("single").await;
+    let r = app.post(event().to_string(), JSON).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.json, json!({"accepted": 1, "rejected": []}));
+    assert_eq!(app.wait_for_count(1).await, 1);
+}
+
+#[tokio::test]
+async fn an_array_ndjson_and_gzip_bodies_are_all_accepted() {
+    let app = spawn_app("variants").await;
+    let batch = events(50);
+    let r = app.post(Value::from(batch.clone()).to_string(), JSON).await;
+    assert_eq!((r.status, r.json["accepted"].as_u64()), (202, Some(50)));
+
+    let lines = events(30);
+    let r = app.post(ndjson(&lines) + "\n", NDJSON).await;
+    assert_eq!((r.status, r.json["accepted"].as_u64()), (202, Some(30)));
+
+    let zipped = gzip(Value::from(events(20)).to_string().as_bytes());
+    let r = app
+        .post_to(
+            "/v1/events",
+            zipped,
+            &[("content-type", JSON), ("content-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!((r.status, r.json["accepted"].as_u64()), (202, Some(20)), "{}", r.text);
+
+    let zipped = gzip(ndjson(&events(10)).as_bytes());
+    let r = app
+        .post_to(
+            "/v1/events",
+            zipped,
+            &[("content-type", NDJSON), ("content-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!((r.status, r.json["accepted"].as_u64()), (202, Some(10)));
+
+    assert_eq!(app.wait_for_count(110).await, 110);
+}
+
+#[tokio::test]
+async fn stored_rows_carry_every_field_and_the_corrected_time() {
+    let app = spawn_app("fields").await;
+    let now = chrono::Utc::now();
+    // The client's clock is 2 hours behind ours.
+    let client_now = now - chrono::Duration::hours(2);
+    let event = json!({
+        "event_id": "6f1c1f0e-8a53-4c1e-9d2a-5b7e8f9a0b1c",
+        "event_type": "conversion",
+        "timestamp": (client_now - chrono::Duration::seconds(10)).to_rfc3339(),
+        "sent_at": client_now.to_rfc3339(),
+        "campaign_id": "spring.sale:2026", "ad_id": "ad_7", "publisher_id": "news-site",
+        "advertiser_id": "acme", "user_id": "user-42", "country": "DE", "device": "tablet",
+        "os": "iOS", "browser": "Safari", "cost_micros": 0, "revenue_micros": 25000000,
+        "attributes": {"placement": "sidebar", "variant": "b"}
+    });
+    let r = app
+        .post_to("/v1/events?wait=true", event.to_string(), &[("content-type", JSON)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    #[derive(clickhouse::Row, serde::Deserialize, Debug)]
+    struct Stored {
+        tenant: String,
+        event_type: String,
+        campaign_id: String,
+        advertiser_id: String,
+        user_id: String,
+        country: String,
+        device: String,
+        os: String,
+        browser: String,
+        revenue_micros: u64,
+        placement: String,
+        skew_ms: i64,
+        delay_ms: i64,
+    }
+    let row: Stored = app
+        .db
+        .query(
+            "SELECT tenant, toString(event_type) AS event_type, campaign_id, advertiser_id, user_id,
+                    country, device, os, browser, revenue_micros, attributes['placement'] AS placement,
+                    toUnixTimestamp64Milli(event_time) - toUnixTimestamp64Milli(timestamp) AS skew_ms,
+                    toUnixTimestamp64Milli(received_at) - toUnixTimestamp64Milli(event_time) AS delay_ms
+             FROM events FINAL WHERE event_id = '6f1c1f0e-8a53-4c1e-9d2a-5b7e8f9a0b1c'",
+        )
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(row.tenant, "default");
+    assert_eq!(row.event_type, "conversion");
+    assert_eq!(row.campaign_id, "spring.sale:2026");
+    assert_eq!(
+        (row.advertiser_id.as_str(), row.user_id.as_str(), row.country.as_str()),
+        ("acme", "user-42", "DE")
+    );
+    assert_eq!((row.device.as_str(), row.os.as_str(), row.browser.as_str()), ("tablet", "iOS", "Safari"));
+    assert_eq!(row.revenue_micros, 25_000_000);
+    assert_eq!(row.placement, "sidebar");
+    // Corrected by the 2-hour offset (give or take the request's own latency).
+    assert!((row.skew_ms - 7_200_000).abs() < 5_000, "skew {}", row.skew_ms);
+    assert!((row.delay_ms - 10_000).abs() < 5_000, "delay {}", row.delay_ms);
+}
+
+#[tokio::test]
+async fn a_partial_batch_accepts_the_valid_events_and_explains_the_others() {
+    let app = spawn_app("partial").await;
+    let good = events(3);
+    let mut missing = event();
+    missing.as_object_mut().unwrap().remove("campaign_id");
+    let mut bad_type = event();
+    bad_type["event_type"] = json!("view");
+    let mut future = event();
+    future["timestamp"] = json!((chrono::Utc::now() + chrono::Duration::minutes(10)).to_rfc3339());
+    let mut old = event();
+    old["timestamp"] = json!((chrono::Utc::now() - chrono::Duration::days(31)).to_rfc3339());
+    let body = json!([good[0], missing, good[1], bad_type, future, old, 42, good[2]]);
+
+    let r = app.post(body.to_string(), JSON).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.json["accepted"], 3);
+    let rejected = r.json["rejected"].as_array().unwrap();
+    let summary: Vec<(u64, &str)> = rejected
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["errors"][0]["field"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![(1, "campaign_id"), (3, "event_type"), (4, "timestamp"), (5, "timestamp"), (6, "")]
+    );
+    assert_eq!(rejected[0]["event_id"], missing["event_id"]);
+    assert_eq!(rejected[0]["errors"][0]["message"], "is required");
+    assert!(rejected[2]["errors"][0]["message"].as_str().unwrap().contains("future"));
+    assert!(rejected[3]["errors"][0]["message"].as_str().unwrap().contains("retention"));
+
+    assert_eq!(app.wait_for_count(3).await, 3);
+    let stored: Vec<String> = app
+        .db
+        .query("SELECT toString(event_id) AS id FROM events FINAL ORDER BY id")
+        .fetch_all()
+        .await
+        .unwrap();
+    let mut expected = ids_of(&good);
+    expected.sort();
+    assert_eq!(stored, expected);
+}
+
+#[tokio::test]
+async fn a_request_with_no_valid_event_is_422_with_the_same_body() {
+    let app = spawn_app("all_invalid").await;
+    let mut a = event();
+    a["country"] = json!("Germany");
+    let mut b = event();
+    b["cost_micros"] = json!(-1);
+    let r = app.post(json!([a, b]).to_string(), JSON).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(r.json["accepted"], 0);
+    assert_eq!(r.json["rejected"][0]["errors"][0]["field"], "country");
+    assert_eq!(r.json["rejected"][1]["errors"][0]["field"], "cost_micros");
+}
+
+#[tokio::test]
+async fn malformed_json_is_400_with_line_and_column() {
+    let app = spawn_app("malformed").await;
+    let r = app.post("[\n  {\"event_id\": }\n]", JSON).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json["error"], "malformed_json");
+    assert_eq!((r.json["line"].as_u64(), r.json["column"].as_u64()), (Some(2), Some(16)));
+
+    for (body, code) in [("", "empty"), ("[]", "empty"), ("\"hello\"", "not_an_event_or_array")] {
+        let r = app.post(body, JSON).await;
+        assert_eq!((r.status, r.json["error"].as_str()), (400, Some(code)), "{body}");
+    }
+    let r = app
+        .post_to(
+            "/v1/events",
+            b"not gzip at all".to_vec(),
+            &[("content-type", JSON), ("content-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!((r.status, r.json["error"].as_str()), (400, Some("bad_gzip")));
+    let r = app.post(vec![b'[', 0xff, 0xfe, b']'], JSON).await;
+    assert_eq!((r.status, r.json["error"].as_str()), (400, Some("not_utf8")));
+}
+
+#[tokio::test]
+async fn a_wrong_content_type_or_encoding_is_415() {
+    let app = spawn_app("media").await;
+    let body = event().to_string();
+    let r = app.post(body.clone(), "text/plain").await;
+    assert_eq!((r.status, r.json["error"].as_str()), (415, Some("unsupported_media_type")));
+    let r = app.post_to("/v1/events", body.clone(), &[]).await;
+    assert_eq!(r.status, 415);
+    let r = app
+        .post_to(
+            "/v1/events",
+            body,
+            &[("content-type", JSON), ("content-encoding", "br")],
+        )
+        .await;
+    assert_eq!((r.status, r.json["error"].as_str()), (415, Some("unsupported_content_encoding")));
+}
+
+#[tokio::test]
+async fn limits_give_413_per_request_and_a_rejection_per_event() {
+    let app = spawn_app_with(
+        "limits",
+        &[
+            ("ADTRACK_MAX_EVENTS_PER_REQUEST", "5"),
+            ("ADTRACK_MAX_BODY_BYTES", "20000"),
+            ("ADTRACK_MAX_EVENT_BYTES", "2000"),
+        ],
+    )
+    .await;
+    let r = app.post(Value::from(events(6)).to_string(), JSON).await;
+    assert_eq!((r.status, r.json["error"].as_str()), (413, Some("too_many_events")));
+    assert_eq!(r.json["limit"], 5);
+
+    let mut padded = Value::from(events(1)).to_string();
+    padded.push_str(&" ".repeat(20_000));
+    let r = app.post(padded.clone(), JSON).await;
+    assert_eq!((r.status, r.json["error"].as_str()), (413, Some("payload_too_large")));
+
+    // A gzip bomb: small on the wire, over the limit once decompressed.
+    let bomb = gzip(padded.as_bytes());
+    assert!(bomb.len() < 2000);
+    let r = app
+        .post_to(
+            "/v1/events",
+            bomb,
+            &[("content-type", JSON), ("content-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!((r.status, r.json["error"].as_str()), (413, Some("payload_too_large")));
+
+    let mut big = event();
+    big["attributes"] = json!((0..10).map(|i| (format!("k{i}"), Value::from("v".repeat(250)))).collect::<serde_json::Map<String, Value>>());
+    let r = app.post(json!([event(), big]).to_string(), JSON).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.json["accepted"], 1);
+    assert_eq!(r.json["rejected"][0]["index"], 1);
+    assert!(r.json["rejected"][0]["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 2000"));
+    assert_eq!(app.wait_for_count(1).await, 1);
+}
+
+#[tokio::test]
+async fn wait_true_answers_200_only_once_the_rows_are_in_clickhouse() {
+    let app = spawn_app_with("wait", &[("ADTRACK_FLUSH_INTERVAL_MS", "300")]).await;
+    let batch = events(25);
+    let r = app
+        .post_to("/v1/events?wait=true", Value::from(batch).to_string(), &[("content-type", JSON)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // No polling: the rows must already be there.
+    assert_eq!(app.count_final().await, 25);
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_status_and_swagger_ui_is_served() {
+    let app = spawn_app("openapi").await;
+    let spec = app.get("/openapi.json").await;
+    assert_eq!(spec.status, 200);
+    let op = &spec.json["paths"]["/v1/events"]["post"];
+    for status in ["200", "202", "400", "413", "415", "422", "503"] {
+        assert!(op["responses"][status].is_object(), "status {status} missing");
+    }
+    let content = &op["requestBody"]["content"];
+    assert!(content["application/json"].is_object());
+    assert!(content["application/x-ndjson"].is_object());
+    assert!(spec.json["components"]["schemas"]["Event"]["properties"]["event_id"].is_object());
+    let headers = op["responses"]["503"]["headers"].as_object().unwrap();
+    assert!(
+        headers.keys().any(|h| h.eq_ignore_ascii_case("retry-after")),
+        "{headers:?}"
+    );
+
+    let docs = app.get("/docs").await;
+    assert_eq!(docs.status, 200);
+    assert!(docs.text.contains("swagger"), "{}", &docs.text[..200.min(docs.text.len())]);
+    assert_eq!(app.get("/health/live").await.status, 200);
+    let ready = app.get("/health/ready").await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+}
+
+#[tokio::test]
+async fn metrics_count_accepted_and_rejected_events() {
+    let app = spawn_app("metrics").await;
+    let mut bad = event();
+    bad["device"] = json!("toaster");
+    app.post(json!([event(), event(), bad]).to_string(), JSON).await;
+    assert_eq!(app.metric("adtrack_events_accepted_total").await, 2.0);
+    assert_eq!(
+        app.metric("adtrack_events_rejected_total{reason=\"invalid\"}").await,
+        1.0
+    );
+    app.wait_for_count(2).await;
+    let text = app.get("/metrics").await.text;
+    assert!(metric_value(&text, "adtrack_flushed_rows_total") >= 2.0);
+    assert!(metric_value(&text, "adtrack_wal_fsync_seconds_count") >= 1.0);
+}
+
+#[tokio::test]
+async fn over_the_disk_budget_is_503_with_retry_after_and_nothing_is_accepted() {
+    let app = spawn_app_with("budget", &[("ADTRACK_WAL_MAX_PENDING_BYTES", "100")]).await;
+    let r = app.post(Value::from(events(3)).to_string(), JSON).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.json["error"], "backlog_full");
+    assert_eq!(r.headers["retry-after"], "5");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.count_final().await, 0);
+    assert_eq!(app.metric("adtrack_requests_over_budget_total").await, 1.0);
+}

@@ -1,0 +1,6 @@
+//! Black-box tests: the real app over HTTP, checked against what ClickHouse stores.
+
+mod faults;
+mod helpers;
+mod idempotency;
+mod ingest;
