@@ -18,7 +18,7 @@ test: deps
 	$(MAKE) test-python
 
 test-python: deps
-	scripts/local-clickhouse --pytest -q dev/local-clickhouse
+	scripts/local-clickhouse --pytest -q
 	@if [ -d tests/infra ]; then $(VENV)/bin/python -m pip install -q -r tests/infra/requirements.txt && $(VENV)/bin/python -m pytest -q tests/infra; fi
 
 # System packages and the local ClickHouse's virtualenv (idempotent, quick when present).

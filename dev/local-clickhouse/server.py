@@ -35,6 +35,7 @@ import signal
 import socket
 import string
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -295,6 +296,7 @@ def scan_insert(text: str, eof: bool):
 @dataclass
 class QueryShape:
     first_word: str = ""
+    second_word: str = ""
     explicit_format: Optional[str] = None
     second_statement_at: Optional[int] = None  # offset of a ';' followed by another statement
 
@@ -309,6 +311,8 @@ def analyze_query(text: str) -> QueryShape:
         return shape
     first = toks[0]
     shape.first_word = text[first.start:first.end].upper() if first.kind == "word" else text[first.start]
+    if len(toks) > 1 and toks[1].kind == "word":
+        shape.second_word = text[toks[1].start:toks[1].end].upper()
     depth = 0
     for idx, tok in enumerate(toks):
         if tok.kind == "punct":
@@ -883,6 +887,7 @@ class Output:
         return data
 
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
+        self.handler.status = status
         reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
         lines = [f"HTTP/1.1 {status} {reason}", f"Date: {self.handler.date_time_string()}"]
         if self.handler.close_connection:
@@ -1031,12 +1036,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_error(503, "the server is shutting down")
                 return
             self.server.inflight += 1
+        started = time.monotonic()
+        self.status = 0
         try:
             self._handle()
         finally:
             with self.server.inflight_cond:
                 self.server.inflight -= 1
                 self.server.inflight_cond.notify_all()
+            if self.server.verbose:
+                path = self.path if len(self.path) < 300 else self.path[:300] + "..."
+                log.info("%s %s -> %s in %.1f ms", self.command, path, self.status or "-",
+                         (time.monotonic() - started) * 1000)
 
     def _handle(self) -> None:
         url = urlsplit(self.path)
@@ -1266,25 +1277,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         head = bytes(buf[:len(shape.head)]).decode("utf-8", "replace")
         inline = bytes(buf[shape.data_start:])
-        try:
-            inserter = conn.raw.send_insert(head, shape.fmt)
-        except RuntimeError as e:
-            raise ClickHouseError.from_engine(e) from None
-        try:
+        # The body is spooled to a file and inserted with `FROM INFILE` rather than through
+        # chdb's streaming insert (send_insert/insert_append/insert_done): that API reports
+        # success when the table refuses the rows at write time (e.g. a violated CHECK
+        # constraint, Code 469), so rows would vanish with a 200. FROM INFILE raises like the
+        # real server. Memory stays flat: the body goes to disk chunk by chunk.
+        with tempfile.NamedTemporaryFile(prefix="local-clickhouse-insert-") as spool:
             if inline:
-                conn.raw.insert_append(inserter, inline)
+                spool.write(inline)
             if not exhausted:
                 for chunk in data:
-                    conn.raw.insert_append(inserter, chunk)
-            result = conn.raw.insert_done(inserter)
-        except BaseException as e:
+                    spool.write(chunk)
+            spool.flush()
+            sql = f"{head} FROM INFILE '{spool.name}' FORMAT {shape.fmt}"
             try:
-                conn.raw.insert_cancel(inserter)
-            except Exception:
-                pass
-            if isinstance(e, RuntimeError):
+                result = conn.raw.query(sql, "TabSeparated")
+            except RuntimeError as e:
                 raise ClickHouseError.from_engine(e) from None
-            raise
         out.send_full(200, self._headers(req, None) + [summary_header(
             written_rows=result.rows_written(), written_bytes=result.bytes_written(),
             elapsed=time.monotonic() - started)], b"", head_only=self.command == "HEAD")
@@ -1309,8 +1318,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         query_class = getattr(info.get("query_class"), "name", "") if info else ""
         if req.method in ("GET", "HEAD") and query_class in ("MUTATING", "MUTATING_GLOBAL"):
             raise ClickHouseError.new("READONLY", GET_IS_READONLY)
-        # SET/USE outside a session would leak into the next request on this pooled connection.
-        discard = query_class == "CONTROL" and not req.params.get("session_id")
+        # SET/USE statements and temporary tables belong to a session; outside one they would
+        # leak into the next request on this pooled connection, so that connection is dropped.
+        discard = not req.params.get("session_id") and (
+            query_class == "CONTROL" or (shape.first_word, shape.second_word) == ("CREATE", "TEMPORARY"))
         fmt = shape.explicit_format or req.default_format
         head_only = self.command == "HEAD"
         wait_end = req.params.get("wait_end_of_query") == "1"

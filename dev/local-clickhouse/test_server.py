@@ -290,6 +290,17 @@ def test_insert_text_formats(srv, db):
     assert rows(srv, db) == b"".join(b'%d,"%s"\n' % (i, c.encode()) for i, c in zip(range(1, 9), "abcdefgh"))
 
 
+def test_rows_the_table_refuses_at_write_time_are_an_error_not_a_silent_200(srv, db):
+    # chdb's streaming insert API reports success when a CHECK constraint refuses the rows;
+    # the server must answer with the error (and store nothing), as clickhouse-server does.
+    srv.ok(f"CREATE TABLE {db}.c (s String, CONSTRAINT no_poison CHECK s != 'poison') "
+           "ENGINE = MergeTree ORDER BY s")
+    status, resp, body = srv.request("POST", f"/?query=INSERT%20INTO%20{db}.c%20FORMAT%20TSV",
+                                     body=b"fine\npoison\n")
+    assert_error(status, resp, body, 469, 500)
+    assert srv.ok(f"SELECT count() FROM {db}.c") == b"0\n"
+
+
 def test_insert_binary_formats_round_trip(srv, db):
     make_table(srv, db)
     srv.ok(f"INSERT INTO {db}.t SELECT number, toString(number) FROM numbers(100000)")
@@ -425,8 +436,10 @@ def test_url_settings_apply_to_one_query_only(srv, db):
     # SET and USE statements outside a session do not leak either.
     srv.ok("SET max_result_rows = 5")
     srv.ok(f"USE {db}")
+    srv.ok("CREATE TEMPORARY TABLE leak (a UInt8)")
     for _ in range(40):  # more than the pool size: every pooled connection is checked
         assert settings_now(srv) == baseline
+        assert srv.ok("EXISTS TEMPORARY TABLE leak") == b"0\n"
     srv.ok(f"CREATE TABLE {db}.x (a Int8) ENGINE = Memory")
 
 
