@@ -22,7 +22,10 @@ pub struct LocalEngine {
 impl LocalEngine {
     pub async fn start(command: &Path, data_dir: &Path, port: u16) -> anyhow::Result<Self> {
         if ping(port).await {
-            tracing::info!(port, "a local ClickHouse already answers on this port; using it");
+            tracing::info!(
+                port,
+                "a local ClickHouse already answers on this port; using it"
+            );
             return Ok(Self { child: None });
         }
         let command = resolve(command);

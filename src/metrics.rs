@@ -70,7 +70,10 @@ impl Histogram {
         } else {
             format!("{{{labels}}}")
         };
-        let _ = writeln!(out, "{name}_sum{braces} {sum}\n{name}_count{braces} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {sum}\n{name}_count{braces} {total}"
+        );
     }
 }
 

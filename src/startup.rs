@@ -61,8 +61,12 @@ impl Application {
         let client = crate::clickhouse::client(&url, &settings.clickhouse);
         wait_for_clickhouse(&client, &url).await?;
         if settings.clickhouse.apply_schema {
-            schema::apply(&client, &settings.clickhouse.database, settings.retention_days)
-                .await?;
+            schema::apply(
+                &client,
+                &settings.clickhouse.database,
+                settings.retention_days,
+            )
+            .await?;
         }
         schema::verify(&client)
             .await
@@ -137,7 +141,10 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then drains (see the module comment).
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, "listening");
         Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(self.routes, shutdown, Some(Duration::from_secs(10)))

@@ -91,9 +91,7 @@ async fn read(
     };
     let gzip = match request.header("content-encoding").map(str::trim) {
         None | Some("") | Some("identity") => false,
-        Some(enc) if enc.eq_ignore_ascii_case("gzip") || enc.eq_ignore_ascii_case("x-gzip") => {
-            true
-        }
+        Some(enc) if enc.eq_ignore_ascii_case("gzip") || enc.eq_ignore_ascii_case("x-gzip") => true,
         Some(other) => return Err(ReadError::UnsupportedEncoding(other.into())),
     };
     if let Some(len) = request
@@ -146,7 +144,9 @@ fn media_format(content_type: &str) -> Option<BodyFormat> {
         .to_ascii_lowercase();
     match essence.as_str() {
         "application/json" => Some(BodyFormat::Json),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+        "application/x-ndjson"
+        | "application/ndjson"
+        | "application/jsonl"
         | "application/x-jsonlines" => Some(BodyFormat::Ndjson),
         _ => None,
     }
@@ -162,7 +162,10 @@ mod tests {
             media_format("Application/JSON; charset=utf-8"),
             Some(BodyFormat::Json)
         );
-        assert_eq!(media_format("application/x-ndjson"), Some(BodyFormat::Ndjson));
+        assert_eq!(
+            media_format("application/x-ndjson"),
+            Some(BodyFormat::Ndjson)
+        );
         assert_eq!(media_format("text/plain"), None);
     }
 
@@ -179,6 +182,9 @@ mod tests {
             Err(ReadError::TooLarge { limit: 1000 })
         ));
         assert_eq!(gunzip(&bomb, 1 << 20).unwrap().len(), 1 << 20);
-        assert!(matches!(gunzip(b"not gzip", 100), Err(ReadError::BadGzip(_))));
+        assert!(matches!(
+            gunzip(b"not gzip", 100),
+            Err(ReadError::BadGzip(_))
+        ));
     }
 }

@@ -43,10 +43,7 @@ pub enum IngestResponse {
     /// ClickHouse is unreachable, or a disk error). Nothing from this request was accepted;
     /// retry after `Retry-After` seconds.
     #[oai(status = 503)]
-    Unavailable(
-        Json<ErrorBody>,
-        #[oai(header = "Retry-After")] u32,
-    ),
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
 
 pub struct EventsApi {
@@ -182,10 +179,9 @@ fn body_error(err: BodyError) -> IngestResponse {
             "not_an_event_or_array",
             "the body must be an event object or an array of event objects",
         ))),
-        BodyError::Empty => IngestResponse::BadRequest(Json(ErrorBody::new(
-            "empty",
-            "the body contains no events",
-        ))),
+        BodyError::Empty => {
+            IngestResponse::BadRequest(Json(ErrorBody::new("empty", "the body contains no events")))
+        }
         BodyError::TooManyEvents { count, limit } => IngestResponse::TooLarge(Json(
             ErrorBody::new(
                 "too_many_events",

@@ -76,7 +76,7 @@ pub struct EventDoc {
 #[derive(Debug, Clone, Union)]
 #[oai(rename = "EventOrBatch")]
 pub enum EventOrBatchDoc {
-    One(EventDoc),
+    One(Box<EventDoc>),
     Many(Vec<EventDoc>),
 }
 

@@ -174,7 +174,10 @@ impl Reader<'_> {
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        let bytes: [u8; 8] = self.take(8)?.try_into().map_err(|_| DecodeError(self.pos))?;
+        let bytes: [u8; 8] = self
+            .take(8)?
+            .try_into()
+            .map_err(|_| DecodeError(self.pos))?;
         Ok(u64::from_le_bytes(bytes))
     }
 
@@ -277,7 +280,10 @@ mod tests {
         assert_eq!(row_bounds(&buf).unwrap().len(), 2);
         let d = &decoded[0];
         assert_eq!(d.tenant, "acme");
-        assert_eq!(d.event_id.to_string(), "0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d");
+        assert_eq!(
+            d.event_id.to_string(),
+            "0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d"
+        );
         assert_eq!(d.event_type, "conversion");
         assert_eq!(d.timestamp_ms, event.timestamp_ms);
         assert_eq!(d.sent_at_ms, event.sent_at_ms);

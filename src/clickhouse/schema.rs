@@ -27,9 +27,12 @@ pub fn statements(database: &str, retention_days: u32) -> Vec<String> {
         .iter()
         .flat_map(|(_, sql)| split_statements(sql))
         .map(|stmt| {
-            stmt.replace("DATABASE IF NOT EXISTS adtrack", &format!("DATABASE IF NOT EXISTS {database}"))
-                .replace(" adtrack.", &format!(" {database}."))
-                .replace("INTERVAL 30 DAY", &format!("INTERVAL {retention_days} DAY"))
+            stmt.replace(
+                "DATABASE IF NOT EXISTS adtrack",
+                &format!("DATABASE IF NOT EXISTS {database}"),
+            )
+            .replace(" adtrack.", &format!(" {database}."))
+            .replace("INTERVAL 30 DAY", &format!("INTERVAL {retention_days} DAY"))
         })
         .collect()
 }
@@ -84,7 +87,10 @@ pub async fn verify(client: &Client) -> anyhow::Result<()> {
     if columns.is_empty() {
         bail!("table `events` does not exist");
     }
-    let found: Vec<(&str, &str)> = columns.iter().map(|c| (c.name.as_str(), c.ty.as_str())).collect();
+    let found: Vec<(&str, &str)> = columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.ty.as_str()))
+        .collect();
     if found != COLUMNS {
         bail!("table `events` has columns {found:?}, expected {COLUMNS:?}");
     }

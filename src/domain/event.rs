@@ -136,6 +136,7 @@ pub struct WireEvent<'a> {
     pub attributes: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
 }
 
+#[allow(clippy::ptr_arg)] // garde hands custom rules the field's own type
 fn id_chars(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
     let ok_len = (1..=64).contains(&value.len());
     let ok_chars = value
@@ -150,6 +151,7 @@ fn id_chars(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
     }
 }
 
+#[allow(clippy::ptr_arg)] // garde hands custom rules the field's own type
 fn country_code(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
     if is_country_code(value) {
         Ok(())
@@ -396,7 +398,10 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_field() {
-        assert_eq!(fields(&event_json(r#","cost_micros":-5"#)), vec!["cost_micros"]);
+        assert_eq!(
+            fields(&event_json(r#","cost_micros":-5"#)),
+            vec!["cost_micros"]
+        );
         assert_eq!(fields(&event_json(r#","device":"fridge""#)), vec!["device"]);
         let bad_uuid = event_json("").replace("0b8a1d2e-4f6c", "nope");
         assert_eq!(fields(&bad_uuid), vec!["event_id"]);

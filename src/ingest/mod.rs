@@ -15,11 +15,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{
-    config::Limits,
-    domain::TimeRules,
-    metrics::Metrics,
-};
+use crate::{config::Limits, domain::TimeRules, metrics::Metrics};
 pub use parse::{BodyError, BodyFormat, Rejection};
 pub use wal::AppendError;
 

@@ -143,18 +143,20 @@ fn split<'a>(
             .lines()
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(line_no, line)| match serde_json::from_str::<&RawValue>(line) {
-                Ok(raw) => Ok(raw.get()),
-                Err(err) => Err(FieldError::new(
-                    "",
-                    format!(
-                        "line {} is not valid JSON: {} (column {})",
-                        line_no + 1,
-                        error_text(&err),
-                        err.column()
-                    ),
-                )),
-            })
+            .map(
+                |(line_no, line)| match serde_json::from_str::<&RawValue>(line) {
+                    Ok(raw) => Ok(raw.get()),
+                    Err(err) => Err(FieldError::new(
+                        "",
+                        format!(
+                            "line {} is not valid JSON: {} (column {})",
+                            line_no + 1,
+                            error_text(&err),
+                            err.column()
+                        ),
+                    )),
+                },
+            )
             .collect(),
     };
     if items.is_empty() {
@@ -251,7 +253,17 @@ mod tests {
     #[test]
     fn malformed_json_reports_line_and_column() {
         let err = sort_events("[\n{\"a\": }]", BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
-        assert!(matches!(err, BodyError::Malformed { line: 2, column: 7, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                BodyError::Malformed {
+                    line: 2,
+                    column: 7,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let err = sort_events("42", BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
         assert_eq!(err, BodyError::NotAnEventOrArray);
         let err = sort_events("  ", BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
@@ -274,7 +286,10 @@ mod tests {
         let err = sort_events(&four, BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
         assert_eq!(err, BodyError::TooManyEvents { count: 4, limit: 3 });
 
-        let big = event(9).replace(r#""p"}"#, &format!(r#""p","user_id":"{}"}}"#, "u".repeat(128)));
+        let big = event(9).replace(
+            r#""p"}"#,
+            &format!(r#""p","user_id":"{}"}}"#, "u".repeat(128)),
+        );
         let body = format!("[{},{big}]", event(1));
         let sorted = sort_events(&body, BodyFormat::Json, &LIMITS, &rules()).unwrap();
         assert_eq!(sorted.valid.len(), 1);

@@ -140,7 +140,10 @@ impl Shipper {
         let rows = Bytes::from(std::mem::take(&mut batch.rows));
         loop {
             let started = Instant::now();
-            match self.insert_or_dead_letter(sql, rows.clone(), batch.end.lsn).await {
+            match self
+                .insert_or_dead_letter(sql, rows.clone(), batch.end.lsn)
+                .await
+            {
                 Ok(()) => {
                     self.metrics.flush_seconds.observe(started.elapsed());
                     self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
@@ -252,8 +255,12 @@ impl Shipper {
                 file.sync_data()
             });
         match written {
-            Ok(()) => tracing::error!(events = count, file = %path.display(), reason = %err, "ClickHouse refused events; written to the dead-letter file"),
-            Err(io) => tracing::error!(events = count, error = %io, dead_letter = %line, "ClickHouse refused events and the dead-letter file could not be written"),
+            Ok(()) => {
+                tracing::error!(events = count, file = %path.display(), reason = %err, "ClickHouse refused events; written to the dead-letter file")
+            }
+            Err(io) => {
+                tracing::error!(events = count, error = %io, dead_letter = %line, "ClickHouse refused events and the dead-letter file could not be written")
+            }
         }
         self.metrics
             .dead_lettered_events
@@ -264,4 +271,3 @@ impl Shipper {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
-

@@ -83,11 +83,12 @@ impl WalHandle {
     /// Appends `rows` RowBinary rows and returns their sequence number once they are durable.
     pub async fn append(&self, payload: Vec<u8>, rows: u32) -> Result<u64, AppendError> {
         if self.shared.broken.load(Ordering::Relaxed) {
-            return Err(AppendError::Io("the log is unusable after an I/O error".into()));
+            return Err(AppendError::Io(
+                "the log is unusable after an I/O error".into(),
+            ));
         }
         let size = (payload.len() + HEADER_LEN) as u64;
-        if self.shared.pending_bytes.load(Ordering::Relaxed) + size
-            > self.shared.max_pending_bytes
+        if self.shared.pending_bytes.load(Ordering::Relaxed) + size > self.shared.max_pending_bytes
         {
             return Err(AppendError::Full);
         }
@@ -352,7 +353,11 @@ pub struct Record {
 }
 
 enum ReadOutcome {
-    Record { lsn: u64, rows: u32, len: usize },
+    Record {
+        lsn: u64,
+        rows: u32,
+        len: usize,
+    },
     /// Clean end of data, or a torn/corrupt record (both mean: nothing more here).
     End,
 }
@@ -449,9 +454,7 @@ impl WalReader {
                         self.next_segment();
                         continue;
                     }
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("opening {}", path.display()))
-                    }
+                    Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
                 }
             }
             let reader = self.file.as_mut().expect("opened above");
@@ -588,13 +591,19 @@ mod tests {
 
         let wal = open(dir.path(), 1 << 20, u64::MAX, true, metrics()).unwrap();
         let lsn = wal.handle.append(b"four".to_vec(), 1).await.unwrap();
-        assert_eq!(lsn, 3, "the torn record never got an ack, its lsn is reused");
+        assert_eq!(
+            lsn, 3,
+            "the torn record never got an ack, its lsn is reused"
+        );
         let durable = *wal.durable.borrow();
         let payloads: Vec<Vec<u8>> = read_all(dir.path(), wal.start, durable)
             .into_iter()
             .map(|r| r.payload)
             .collect();
-        assert_eq!(payloads, vec![b"one".to_vec(), b"two".to_vec(), b"four".to_vec()]);
+        assert_eq!(
+            payloads,
+            vec![b"one".to_vec(), b"two".to_vec(), b"four".to_vec()]
+        );
     }
 
     #[tokio::test]

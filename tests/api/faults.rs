@@ -104,7 +104,10 @@ async fn assert_all_stored_once(db: &clickhouse::Client, acked: &HashSet<String>
         missing.len(),
         acked.len()
     );
-    db.query("OPTIMIZE TABLE events FINAL").execute().await.unwrap();
+    db.query("OPTIMIZE TABLE events FINAL")
+        .execute()
+        .await
+        .unwrap();
     let raw: u64 = db
         .query("SELECT count() FROM events")
         .fetch_one()
@@ -131,7 +134,11 @@ async fn kill_9_under_load_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         service.kill9();
         let (acked, _) = load.finish().await;
-        assert!(acked.len() > 1000, "the load was too light: {}", acked.len());
+        assert!(
+            acked.len() > 1000,
+            "the load was too light: {}",
+            acked.len()
+        );
         all_acked.extend(acked);
         service = ServiceProcess::start(&env).await;
     }
@@ -168,9 +175,15 @@ async fn clickhouse_down_under_load_loses_nothing_and_clients_see_202_or_503() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (acked, statuses) = load.finish().await;
 
-    let unexpected: Vec<&u16> = statuses.keys().filter(|s| ![202, 503].contains(*s)).collect();
+    let unexpected: Vec<&u16> = statuses
+        .keys()
+        .filter(|s| ![202, 503].contains(*s))
+        .collect();
     assert!(unexpected.is_empty(), "clients saw {statuses:?}");
-    assert!(statuses.get(&503).is_some(), "the budget never filled: {statuses:?}");
+    assert!(
+        statuses.contains_key(&503),
+        "the budget never filled: {statuses:?}"
+    );
     assert_all_stored_once(&db, &acked).await;
 }
 
@@ -214,7 +227,11 @@ async fn graceful_shutdown_drains_the_log_into_clickhouse() {
     let mut app = spawn_app_with("drain", &[("ADTRACK_FLUSH_INTERVAL_MS", "60000")]).await;
     let r = app.post(Value::from(events(100)).to_string(), JSON).await;
     assert_eq!(r.status, 202);
-    assert_eq!(app.count_final().await, 0, "nothing flushed before the stop");
+    assert_eq!(
+        app.count_final().await,
+        0,
+        "nothing flushed before the stop"
+    );
     app.stop().await;
     assert_eq!(app.count_final().await, 100);
 }

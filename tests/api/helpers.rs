@@ -130,7 +130,13 @@ impl TestApp {
     pub async fn restart(mut self) -> TestApp {
         self.stop().await;
         let tmp = self._tmp.take();
-        start(self.env.clone(), self.database.clone(), self.data.clone(), tmp).await
+        start(
+            self.env.clone(),
+            self.database.clone(),
+            self.data.clone(),
+            tmp,
+        )
+        .await
     }
 
     pub async fn post(&self, body: impl Into<reqwest::Body>, content_type: &str) -> Response {

@@ -40,7 +40,12 @@ async fn an_array_ndjson_and_gzip_bodies_are_all_accepted() {
             &[("content-type", JSON), ("content-encoding", "gzip")],
         )
         .await;
-    assert_eq!((r.status, r.json["accepted"].as_u64()), (202, Some(20)), "{}", r.text);
+    assert_eq!(
+        (r.status, r.json["accepted"].as_u64()),
+        (202, Some(20)),
+        "{}",
+        r.text
+    );
 
     let zipped = gzip(ndjson(&events(10)).as_bytes());
     let r = app
@@ -72,7 +77,11 @@ async fn stored_rows_carry_every_field_and_the_corrected_time() {
         "attributes": {"placement": "sidebar", "variant": "b"}
     });
     let r = app
-        .post_to("/v1/events?wait=true", event.to_string(), &[("content-type", JSON)])
+        .post_to(
+            "/v1/events?wait=true",
+            event.to_string(),
+            &[("content-type", JSON)],
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
 
@@ -108,15 +117,30 @@ async fn stored_rows_carry_every_field_and_the_corrected_time() {
     assert_eq!(row.event_type, "conversion");
     assert_eq!(row.campaign_id, "spring.sale:2026");
     assert_eq!(
-        (row.advertiser_id.as_str(), row.user_id.as_str(), row.country.as_str()),
+        (
+            row.advertiser_id.as_str(),
+            row.user_id.as_str(),
+            row.country.as_str()
+        ),
         ("acme", "user-42", "DE")
     );
-    assert_eq!((row.device.as_str(), row.os.as_str(), row.browser.as_str()), ("tablet", "iOS", "Safari"));
+    assert_eq!(
+        (row.device.as_str(), row.os.as_str(), row.browser.as_str()),
+        ("tablet", "iOS", "Safari")
+    );
     assert_eq!(row.revenue_micros, 25_000_000);
     assert_eq!(row.placement, "sidebar");
     // Corrected by the 2-hour offset (give or take the request's own latency).
-    assert!((row.skew_ms - 7_200_000).abs() < 5_000, "skew {}", row.skew_ms);
-    assert!((row.delay_ms - 10_000).abs() < 5_000, "delay {}", row.delay_ms);
+    assert!(
+        (row.skew_ms - 7_200_000).abs() < 5_000,
+        "skew {}",
+        row.skew_ms
+    );
+    assert!(
+        (row.delay_ms - 10_000).abs() < 5_000,
+        "delay {}",
+        row.delay_ms
+    );
 }
 
 #[tokio::test]
@@ -139,16 +163,33 @@ async fn a_partial_batch_accepts_the_valid_events_and_explains_the_others() {
     let rejected = r.json["rejected"].as_array().unwrap();
     let summary: Vec<(u64, &str)> = rejected
         .iter()
-        .map(|r| (r["index"].as_u64().unwrap(), r["errors"][0]["field"].as_str().unwrap()))
+        .map(|r| {
+            (
+                r["index"].as_u64().unwrap(),
+                r["errors"][0]["field"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
-        vec![(1, "campaign_id"), (3, "event_type"), (4, "timestamp"), (5, "timestamp"), (6, "")]
+        vec![
+            (1, "campaign_id"),
+            (3, "event_type"),
+            (4, "timestamp"),
+            (5, "timestamp"),
+            (6, "")
+        ]
     );
     assert_eq!(rejected[0]["event_id"], missing["event_id"]);
     assert_eq!(rejected[0]["errors"][0]["message"], "is required");
-    assert!(rejected[2]["errors"][0]["message"].as_str().unwrap().contains("future"));
-    assert!(rejected[3]["errors"][0]["message"].as_str().unwrap().contains("retention"));
+    assert!(rejected[2]["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("future"));
+    assert!(rejected[3]["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("retention"));
 
     assert_eq!(app.wait_for_count(3).await, 3);
     let stored: Vec<String> = app
@@ -182,11 +223,22 @@ async fn malformed_json_is_400_with_line_and_column() {
     let r = app.post("[\n  {\"event_id\": }\n]", JSON).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json["error"], "malformed_json");
-    assert_eq!((r.json["line"].as_u64(), r.json["column"].as_u64()), (Some(2), Some(16)));
+    assert_eq!(
+        (r.json["line"].as_u64(), r.json["column"].as_u64()),
+        (Some(2), Some(16))
+    );
 
-    for (body, code) in [("", "empty"), ("[]", "empty"), ("\"hello\"", "not_an_event_or_array")] {
+    for (body, code) in [
+        ("", "empty"),
+        ("[]", "empty"),
+        ("\"hello\"", "not_an_event_or_array"),
+    ] {
         let r = app.post(body, JSON).await;
-        assert_eq!((r.status, r.json["error"].as_str()), (400, Some(code)), "{body}");
+        assert_eq!(
+            (r.status, r.json["error"].as_str()),
+            (400, Some(code)),
+            "{body}"
+        );
     }
     let r = app
         .post_to(
@@ -195,9 +247,15 @@ async fn malformed_json_is_400_with_line_and_column() {
             &[("content-type", JSON), ("content-encoding", "gzip")],
         )
         .await;
-    assert_eq!((r.status, r.json["error"].as_str()), (400, Some("bad_gzip")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (400, Some("bad_gzip"))
+    );
     let r = app.post(vec![b'[', 0xff, 0xfe, b']'], JSON).await;
-    assert_eq!((r.status, r.json["error"].as_str()), (400, Some("not_utf8")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (400, Some("not_utf8"))
+    );
 }
 
 #[tokio::test]
@@ -205,7 +263,10 @@ async fn a_wrong_content_type_or_encoding_is_415() {
     let app = spawn_app("media").await;
     let body = event().to_string();
     let r = app.post(body.clone(), "text/plain").await;
-    assert_eq!((r.status, r.json["error"].as_str()), (415, Some("unsupported_media_type")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
     let r = app.post_to("/v1/events", body.clone(), &[]).await;
     assert_eq!(r.status, 415);
     let r = app
@@ -215,7 +276,10 @@ async fn a_wrong_content_type_or_encoding_is_415() {
             &[("content-type", JSON), ("content-encoding", "br")],
         )
         .await;
-    assert_eq!((r.status, r.json["error"].as_str()), (415, Some("unsupported_content_encoding")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (415, Some("unsupported_content_encoding"))
+    );
 }
 
 #[tokio::test]
@@ -230,13 +294,19 @@ async fn limits_give_413_per_request_and_a_rejection_per_event() {
     )
     .await;
     let r = app.post(Value::from(events(6)).to_string(), JSON).await;
-    assert_eq!((r.status, r.json["error"].as_str()), (413, Some("too_many_events")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (413, Some("too_many_events"))
+    );
     assert_eq!(r.json["limit"], 5);
 
     let mut padded = Value::from(events(1)).to_string();
     padded.push_str(&" ".repeat(20_000));
     let r = app.post(padded.clone(), JSON).await;
-    assert_eq!((r.status, r.json["error"].as_str()), (413, Some("payload_too_large")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
 
     // A gzip bomb: small on the wire, over the limit once decompressed.
     let bomb = gzip(padded.as_bytes());
@@ -248,10 +318,15 @@ async fn limits_give_413_per_request_and_a_rejection_per_event() {
             &[("content-type", JSON), ("content-encoding", "gzip")],
         )
         .await;
-    assert_eq!((r.status, r.json["error"].as_str()), (413, Some("payload_too_large")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
 
     let mut big = event();
-    big["attributes"] = json!((0..10).map(|i| (format!("k{i}"), Value::from("v".repeat(250)))).collect::<serde_json::Map<String, Value>>());
+    big["attributes"] = json!((0..10)
+        .map(|i| (format!("k{i}"), Value::from("v".repeat(250))))
+        .collect::<serde_json::Map<String, Value>>());
     let r = app.post(json!([event(), big]).to_string(), JSON).await;
     assert_eq!(r.status, 202, "{}", r.text);
     assert_eq!(r.json["accepted"], 1);
@@ -268,7 +343,11 @@ async fn wait_true_answers_200_only_once_the_rows_are_in_clickhouse() {
     let app = spawn_app_with("wait", &[("ADTRACK_FLUSH_INTERVAL_MS", "300")]).await;
     let batch = events(25);
     let r = app
-        .post_to("/v1/events?wait=true", Value::from(batch).to_string(), &[("content-type", JSON)])
+        .post_to(
+            "/v1/events?wait=true",
+            Value::from(batch).to_string(),
+            &[("content-type", JSON)],
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     // No polling: the rows must already be there.
@@ -282,7 +361,10 @@ async fn the_openapi_document_lists_every_status_and_swagger_ui_is_served() {
     assert_eq!(spec.status, 200);
     let op = &spec.json["paths"]["/v1/events"]["post"];
     for status in ["200", "202", "400", "413", "415", "422", "503"] {
-        assert!(op["responses"][status].is_object(), "status {status} missing");
+        assert!(
+            op["responses"][status].is_object(),
+            "status {status} missing"
+        );
     }
     let content = &op["requestBody"]["content"];
     assert!(content["application/json"].is_object());
@@ -290,13 +372,19 @@ async fn the_openapi_document_lists_every_status_and_swagger_ui_is_served() {
     assert!(spec.json["components"]["schemas"]["Event"]["properties"]["event_id"].is_object());
     let headers = op["responses"]["503"]["headers"].as_object().unwrap();
     assert!(
-        headers.keys().any(|h| h.eq_ignore_ascii_case("retry-after")),
+        headers
+            .keys()
+            .any(|h| h.eq_ignore_ascii_case("retry-after")),
         "{headers:?}"
     );
 
     let docs = app.get("/docs").await;
     assert_eq!(docs.status, 200);
-    assert!(docs.text.contains("swagger"), "{}", &docs.text[..200.min(docs.text.len())]);
+    assert!(
+        docs.text.contains("swagger"),
+        "{}",
+        &docs.text[..200.min(docs.text.len())]
+    );
     assert_eq!(app.get("/health/live").await.status, 200);
     let ready = app.get("/health/ready").await;
     assert_eq!(ready.status, 200, "{}", ready.text);
@@ -307,10 +395,12 @@ async fn metrics_count_accepted_and_rejected_events() {
     let app = spawn_app("metrics").await;
     let mut bad = event();
     bad["device"] = json!("toaster");
-    app.post(json!([event(), event(), bad]).to_string(), JSON).await;
+    app.post(json!([event(), event(), bad]).to_string(), JSON)
+        .await;
     assert_eq!(app.metric("adtrack_events_accepted_total").await, 2.0);
     assert_eq!(
-        app.metric("adtrack_events_rejected_total{reason=\"invalid\"}").await,
+        app.metric("adtrack_events_rejected_total{reason=\"invalid\"}")
+            .await,
         1.0
     );
     app.wait_for_count(2).await;
