@@ -58,7 +58,7 @@ LOG_LEVEL=warn target/release/adtrack &
 app_pid=$!
 pids+=($app_pid)
 wait_http "http://127.0.0.1:$app_port/health/ready"
-wait_http "http://127.0.0.1:$bare_port/v1/events" || true
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$bare_port") 2>/dev/null && break; sleep 0.1; done
 
 # Peak RSS of the service, sampled while oha runs.
 rss_peak() { grep VmHWM "/proc/$app_pid/status" | awk '{print int($2/1024)}'; }

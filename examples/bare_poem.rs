@@ -14,7 +14,10 @@ async fn accept(body: Body) -> Response {
     Response::builder()
         .status(StatusCode::ACCEPTED)
         .content_type("application/json; charset=utf-8")
-        .body(format!("{{\"accepted\":{},\"rejected\":[]}}", bytes.len().min(1)))
+        .body(format!(
+            "{{\"accepted\":{},\"rejected\":[]}}",
+            bytes.len().min(1)
+        ))
 }
 
 #[tokio::main]
