@@ -29,7 +29,7 @@ pub struct Application {
     addr: SocketAddr,
     routes: poem::endpoint::BoxEndpoint<'static>,
     wal_thread: std::thread::JoinHandle<()>,
-    shipper: tokio::task::JoinHandle<()>,
+    shipper: std::thread::JoinHandle<()>,
     stopping: watch::Sender<bool>,
     engine: Option<LocalEngine>,
 }
@@ -82,21 +82,28 @@ impl Application {
         )?;
         let (committed_tx, committed) = watch::channel(wal.start.lsn);
         let (stopping, stopping_rx) = watch::channel(false);
-        let shipper = tokio::spawn(
-            Shipper {
-                client: client.clone(),
-                settings: settings.flush.clone(),
-                wal_dir: wal.dir.clone(),
-                start: wal.start,
-                durable: wal.durable.clone(),
-                committed: committed_tx,
-                shared: wal.shared.clone(),
-                metrics: metrics.clone(),
-                stopping: stopping_rx,
-                drain_timeout: settings.shutdown_timeout,
-            }
-            .run(),
-        );
+        // The shipper gets a thread and runtime of its own: it reads the log with blocking file
+        // I/O and compresses large batches, and neither may stall request handling.
+        let shipper = Shipper {
+            client: crate::clickhouse::client(&url, &settings.clickhouse),
+            settings: settings.flush.clone(),
+            wal_dir: wal.dir.clone(),
+            start: wal.start,
+            durable: wal.durable.clone(),
+            committed: committed_tx,
+            shared: wal.shared.clone(),
+            metrics: metrics.clone(),
+            stopping: stopping_rx,
+            drain_timeout: settings.shutdown_timeout,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the shipper runtime")?;
+        let shipper = std::thread::Builder::new()
+            .name("shipper".into())
+            .spawn(move || runtime.block_on(shipper.run()))
+            .context("starting the shipper thread")?;
 
         let ingest = Ingest {
             wal: wal.handle.clone(),
@@ -156,7 +163,9 @@ impl Application {
             .map_err(|_| anyhow::anyhow!("the write-ahead log thread panicked"))?;
         tracing::info!("draining the write-ahead log into ClickHouse");
         self.stopping.send_replace(true);
-        self.shipper.await?;
+        tokio::task::spawn_blocking(move || self.shipper.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the shipper thread panicked"))?;
         if let Some(engine) = self.engine {
             engine.stop().await;
         }

@@ -75,12 +75,11 @@ impl Shipper {
             let mut caught_up = false;
             while batch.count < self.settings.max_rows && batch.rows.len() < self.settings.max_bytes
             {
-                match reader.next(durable) {
+                match reader.next(durable, &mut batch.rows) {
                     Ok(Some(record)) => {
                         batch.started.get_or_insert_with(Instant::now);
-                        batch.rows.extend_from_slice(&record.payload);
                         batch.count += record.rows as usize;
-                        batch.wal_bytes += (record.payload.len() + 20) as u64;
+                        batch.wal_bytes += record.disk_bytes();
                         batch.end = record.end;
                     }
                     Ok(None) => {

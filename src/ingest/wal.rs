@@ -342,14 +342,22 @@ fn encode_record(buf: &mut Vec<u8>, lsn: u64, rows: u32, payload: &[u8]) {
     buf[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// One record read back from the log.
+/// One record read back from the log (its payload was appended to the caller's buffer).
 #[derive(Debug)]
 pub struct Record {
     pub lsn: u64,
     pub rows: u32,
-    pub payload: Vec<u8>,
+    /// Payload length in bytes.
+    pub len: usize,
     /// The position just after this record.
     pub end: WalPos,
+}
+
+impl Record {
+    /// Bytes the record takes in the log, header included.
+    pub fn disk_bytes(&self) -> u64 {
+        (HEADER_LEN + self.len) as u64
+    }
 }
 
 enum ReadOutcome {
@@ -362,7 +370,9 @@ enum ReadOutcome {
     End,
 }
 
-fn read_record(reader: &mut impl Read, payload: &mut Vec<u8>) -> io::Result<ReadOutcome> {
+/// Reads one record, appending its payload to `out` (left unchanged unless a whole, valid
+/// record was read). Appending avoids a zeroed temporary per record on the shipper's path.
+fn read_record(reader: &mut impl Read, out: &mut Vec<u8>) -> io::Result<ReadOutcome> {
     let mut header = [0u8; HEADER_LEN];
     match reader.read_exact(&mut header) {
         Ok(()) => {}
@@ -376,17 +386,17 @@ fn read_record(reader: &mut impl Read, payload: &mut Vec<u8>) -> io::Result<Read
     if len > MAX_RECORD_LEN {
         return Ok(ReadOutcome::End);
     }
-    payload.clear();
-    payload.resize(len, 0);
-    match reader.read_exact(payload) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(ReadOutcome::End),
-        Err(e) => return Err(e),
+    let start = out.len();
+    out.reserve(len);
+    if reader.take(len as u64).read_to_end(out)? < len {
+        out.truncate(start);
+        return Ok(ReadOutcome::End);
     }
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&header[8..]);
-    hasher.update(payload);
+    hasher.update(&out[start..]);
     if hasher.finalize() != crc {
+        out.truncate(start);
         return Ok(ReadOutcome::End);
     }
     Ok(ReadOutcome::Record { lsn, rows, len })
@@ -402,11 +412,12 @@ fn scan_segment(path: &Path) -> anyhow::Result<Scan> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut payload = Vec::new();
+    let mut scratch = Vec::new();
     let (mut valid_len, mut last_lsn) = (0u64, 0u64);
-    while let ReadOutcome::Record { lsn, len, .. } = read_record(&mut reader, &mut payload)? {
+    while let ReadOutcome::Record { lsn, len, .. } = read_record(&mut reader, &mut scratch)? {
         valid_len += (HEADER_LEN + len) as u64;
         last_lsn = lsn;
+        scratch.clear();
     }
     Ok(Scan {
         valid_len,
@@ -435,8 +446,9 @@ impl WalReader {
         self.pos
     }
 
-    /// The next record before `durable`, or `None` when everything durable has been read.
-    pub fn next(&mut self, durable: WalPos) -> anyhow::Result<Option<Record>> {
+    /// The next record before `durable`, its payload appended to `out`; `None` when
+    /// everything durable has been read.
+    pub fn next(&mut self, durable: WalPos, out: &mut Vec<u8>) -> anyhow::Result<Option<Record>> {
         loop {
             if self.pos.segment > durable.segment
                 || (self.pos.segment == durable.segment && self.pos.offset >= durable.offset)
@@ -458,15 +470,14 @@ impl WalReader {
                 }
             }
             let reader = self.file.as_mut().expect("opened above");
-            let mut payload = Vec::new();
-            match read_record(reader, &mut payload)? {
+            match read_record(reader, out)? {
                 ReadOutcome::Record { lsn, rows, len } => {
                     self.pos.offset += (HEADER_LEN + len) as u64;
                     self.pos.lsn = lsn;
                     return Ok(Some(Record {
                         lsn,
                         rows,
-                        payload,
+                        len,
                         end: self.pos,
                     }));
                 }
@@ -547,11 +558,13 @@ mod tests {
         Arc::new(Metrics::default())
     }
 
-    fn read_all(wal_dir: &Path, start: WalPos, durable: WalPos) -> Vec<Record> {
+    /// Every record up to `durable`, with its payload.
+    fn read_all(wal_dir: &Path, start: WalPos, durable: WalPos) -> Vec<(Record, Vec<u8>)> {
         let mut reader = WalReader::new(wal_dir, start);
         let mut out = Vec::new();
-        while let Some(rec) = reader.next(durable).unwrap() {
-            out.push(rec);
+        let mut payload = Vec::new();
+        while let Some(rec) = reader.next(durable, &mut payload).unwrap() {
+            out.push((rec, std::mem::take(&mut payload)));
         }
         out
     }
@@ -567,9 +580,12 @@ mod tests {
         let durable = *wal.durable.borrow();
         let records = read_all(dir.path(), wal.start, durable);
         assert_eq!(records.len(), 100);
-        assert!(records.iter().enumerate().all(|(i, r)| r.rows == i as u32
-            && r.payload == vec![i as u8; 100]
-            && r.lsn == i as u64 + 1));
+        assert!(records
+            .iter()
+            .enumerate()
+            .all(|(i, (r, payload))| r.rows == i as u32
+                && *payload == vec![i as u8; 100]
+                && r.lsn == i as u64 + 1));
         assert!(list_segments(dir.path()).unwrap().len() > 1, "rotated");
     }
 
@@ -598,7 +614,7 @@ mod tests {
         let durable = *wal.durable.borrow();
         let payloads: Vec<Vec<u8>> = read_all(dir.path(), wal.start, durable)
             .into_iter()
-            .map(|r| r.payload)
+            .map(|(_, payload)| payload)
             .collect();
         assert_eq!(
             payloads,
@@ -624,7 +640,7 @@ mod tests {
         let durable = *wal.durable.borrow();
         let records = read_all(dir.path(), wal.start, durable);
         assert_eq!(records.len(), 1);
-        assert_eq!(records[0].payload, b"good");
+        assert_eq!(records[0].1, b"good");
     }
 
     #[tokio::test]
@@ -638,7 +654,7 @@ mod tests {
             }
             let durable = *wal.durable.borrow();
             let records = read_all(dir.path(), wal.start, durable);
-            committed = records[39].end;
+            committed = records[39].0.end;
             checkpoint(dir.path(), committed).unwrap();
         }
         assert!(list_segments(dir.path()).unwrap()[0] >= committed.segment);
@@ -647,7 +663,7 @@ mod tests {
         let durable = *wal.durable.borrow();
         let records = read_all(dir.path(), wal.start, durable);
         assert_eq!(records.len(), 20);
-        assert_eq!(records[0].payload, vec![40u8; 200]);
+        assert_eq!(records[0].1, vec![40u8; 200]);
         assert_eq!(
             wal.shared.pending_bytes.load(Ordering::Relaxed),
             20 * (200 + HEADER_LEN as u64)
