@@ -95,6 +95,7 @@ pub struct RejectedEvent {
     /// Position of the event in the request (0-based; for NDJSON, among non-blank lines).
     pub index: u32,
     /// The event's id, when it had a readable one.
+    #[oai(skip_serializing_if_is_none)]
     pub event_id: Option<String>,
     pub errors: Vec<FieldErrorBody>,
 }
@@ -116,10 +117,13 @@ pub struct ErrorBody {
     /// What went wrong, for a person.
     pub message: String,
     /// For `malformed_json`: 1-based line of the problem.
+    #[oai(skip_serializing_if_is_none)]
     pub line: Option<u32>,
     /// For `malformed_json`: 1-based column of the problem.
+    #[oai(skip_serializing_if_is_none)]
     pub column: Option<u32>,
     /// For limits: the limit that was exceeded.
+    #[oai(skip_serializing_if_is_none)]
     pub limit: Option<u64>,
 }
 
@@ -145,6 +149,7 @@ pub struct HealthBody {
     /// `ok`, or `unavailable`.
     pub status: String,
     /// What is not ready, when something is not.
+    #[oai(skip_serializing_if_is_none)]
     pub reason: Option<String>,
 }
 
