@@ -47,6 +47,8 @@ pub fn base_env(clickhouse_url: &str, database: &str, data: &Path) -> HashMap<St
         data.join("dead-letter").display().to_string(),
     );
     set("ADTRACK_FLUSH_INTERVAL_MS", "100".to_string());
+    // Segments are zero-filled up front; small ones keep many short-lived apps cheap.
+    set("ADTRACK_WAL_SEGMENT_BYTES", "4194304".to_string());
     set("ADTRACK_RETRY_MAX_BACKOFF_MS", "500".to_string());
     set("ADTRACK_SHUTDOWN_TIMEOUT_SECS", "10".to_string());
     set(
