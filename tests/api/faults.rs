@@ -235,3 +235,41 @@ async fn graceful_shutdown_drains_the_log_into_clickhouse() {
     app.stop().await;
     assert_eq!(app.count_final().await, 100);
 }
+
+#[tokio::test]
+async fn log_segments_are_deleted_once_clickhouse_has_their_rows() {
+    // Nothing is inserted until all 1,000 events are in the log (then the row limit triggers).
+    let app = spawn_app_with(
+        "segments",
+        &[
+            ("ADTRACK_WAL_SEGMENT_BYTES", "16384"),
+            ("ADTRACK_FLUSH_MAX_ROWS", "1000"),
+            ("ADTRACK_FLUSH_INTERVAL_MS", "60000"),
+        ],
+    )
+    .await;
+    let segments = || {
+        std::fs::read_dir(app.data.join("wal"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "wal")
+            })
+            .count()
+    };
+    for _ in 0..10 {
+        let r = app.post(Value::from(events(100)).to_string(), JSON).await;
+        assert_eq!(r.status, 202);
+    }
+    assert!(segments() > 3, "the log rotated: {} segments", segments());
+    assert_eq!(app.wait_for_count(1000).await, 1000);
+    // The shipper checkpoints after each commit and deletes what is committed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while segments() > 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(segments() <= 2, "{} segments left", segments());
+}
