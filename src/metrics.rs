@@ -3,8 +3,12 @@
 //! Plain atomics: the request path only ever does a relaxed `fetch_add`.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::Duration,
 };
 
@@ -53,6 +57,10 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, labels);
+    }
+
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
@@ -91,7 +99,8 @@ pub struct Metrics {
     pub clickhouse_errors_retryable: AtomicU64,
     pub clickhouse_errors_data: AtomicU64,
     pub dead_lettered_events: AtomicU64,
-    pub ingest_request_seconds: Histogram,
+    /// Request latency by (route template, method, status).
+    requests: RwLock<BTreeMap<(&'static str, String, u16), Arc<Histogram>>>,
 }
 
 impl Default for Metrics {
@@ -109,12 +118,39 @@ impl Default for Metrics {
             clickhouse_errors_retryable: AtomicU64::new(0),
             clickhouse_errors_data: AtomicU64::new(0),
             dead_lettered_events: AtomicU64::new(0),
-            ingest_request_seconds: Histogram::new(LATENCY_BOUNDS),
+            requests: RwLock::new(BTreeMap::new()),
         }
     }
 }
 
 impl Metrics {
+    /// Records one request. `route` is a template from a fixed set (never a raw path), so
+    /// the number of series stays bounded.
+    pub fn observe_request(
+        &self,
+        route: &'static str,
+        method: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let key = (route, method.to_string(), status);
+        if let Some(h) = self
+            .requests
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            h.observe(elapsed);
+            return;
+        }
+        self.requests
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BOUNDS)))
+            .observe(elapsed);
+    }
+
     pub fn rejected(&self, reason: RejectReason) {
         let counter = match reason {
             RejectReason::Invalid => &self.events_rejected_invalid,
@@ -201,12 +237,18 @@ impl Metrics {
             "Duration of successful ClickHouse inserts.",
             "",
         );
-        self.ingest_request_seconds.render(
-            &mut out,
-            "adtrack_request_seconds",
-            "Latency of ingest requests.",
-            "route=\"/v1/events\"",
+        let requests = self.requests.read().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(
+            out,
+            "# HELP adtrack_request_seconds Request latency by route, method and status.\n# TYPE adtrack_request_seconds histogram"
         );
+        for ((route, method, status), histogram) in requests.iter() {
+            histogram.render_series(
+                &mut out,
+                "adtrack_request_seconds",
+                &format!("route=\"{route}\",method=\"{method}\",status=\"{status}\""),
+            );
+        }
         out
     }
 }

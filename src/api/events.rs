@@ -1,7 +1,5 @@
 //! `POST /v1/events`: thin handler over `ingest::Ingest`.
 
-use std::time::Instant;
-
 use poem_openapi::{param::Query, payload::Json, ApiResponse, OpenApi};
 
 use super::{
@@ -66,13 +64,7 @@ impl EventsApi {
         /// they are durable on the service's disk (202).
         wait: Query<Option<bool>>,
     ) -> IngestResponse {
-        let started = Instant::now();
-        let response = self.handle(body, wait.0.unwrap_or(false)).await;
-        self.ingest
-            .metrics
-            .ingest_request_seconds
-            .observe(started.elapsed());
-        response
+        self.handle(body, wait.0.unwrap_or(false)).await
     }
 }
 

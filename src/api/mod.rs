@@ -4,6 +4,7 @@
 pub mod body;
 pub mod events;
 pub mod health;
+pub mod observe;
 pub mod types;
 
 use poem::{endpoint::BoxEndpoint, EndpointExt, Route};
@@ -24,6 +25,7 @@ pub fn routes(
     body_limit: usize,
     server_url: &str,
 ) -> BoxEndpoint<'static> {
+    let metrics = health.metrics.clone();
     let service = OpenApiService::new((events, health), "adtrack", env!("CARGO_PKG_VERSION"))
         .description(
             "Ad-event ingestion and analytics. `202 Accepted` means durable on disk; \
@@ -37,5 +39,6 @@ pub fn routes(
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .data(body::BodyLimit(body_limit))
+        .around(move |ep, req| observe::observe(ep, req, metrics.clone()))
         .boxed()
 }

@@ -420,3 +420,33 @@ async fn over_the_disk_budget_is_503_with_retry_after_and_nothing_is_accepted() 
     assert_eq!(app.count_final().await, 0);
     assert_eq!(app.metric("adtrack_requests_over_budget_total").await, 1.0);
 }
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_and_latency_is_measured_by_route() {
+    let app = spawn_app("request_id").await;
+    let given = app
+        .post_to(
+            "/v1/events",
+            event().to_string(),
+            &[("content-type", JSON), ("x-request-id", "nginx-abc.123")],
+        )
+        .await;
+    assert_eq!(given.headers["x-request-id"], "nginx-abc.123");
+    let generated = app.post("not json", JSON).await;
+    let id = generated.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(id.len(), 32, "{id}");
+    let unusable = app
+        .post_to(
+            "/v1/events",
+            "{}",
+            &[("content-type", JSON), ("x-request-id", "a b")],
+        )
+        .await;
+    assert_ne!(unusable.headers["x-request-id"], "a b");
+
+    let text = app.get("/metrics").await.text;
+    let line = r#"adtrack_request_seconds_count{route="/v1/events",method="POST",status="202"}"#;
+    assert_eq!(metric_value(&text, line), 1.0, "{text}");
+    let line = r#"adtrack_request_seconds_count{route="/v1/events",method="POST",status="400"}"#;
+    assert_eq!(metric_value(&text, line), 1.0);
+}
