@@ -85,6 +85,9 @@ impl Histogram {
     }
 }
 
+/// (route template, method, status).
+type RequestKey = (&'static str, String, u16);
+
 #[derive(Debug)]
 pub struct Metrics {
     pub events_accepted: AtomicU64,
@@ -100,7 +103,7 @@ pub struct Metrics {
     pub clickhouse_errors_data: AtomicU64,
     pub dead_lettered_events: AtomicU64,
     /// Request latency by (route template, method, status).
-    requests: RwLock<BTreeMap<(&'static str, String, u16), Arc<Histogram>>>,
+    requests: RwLock<BTreeMap<RequestKey, Arc<Histogram>>>,
 }
 
 impl Default for Metrics {
