@@ -456,6 +456,10 @@ pub struct WalReader {
     dir: PathBuf,
     pos: WalPos,
     file: Option<BufReader<File>>,
+    /// The durable position the read buffer was filled under. The buffer may hold bytes
+    /// past it (preallocated zeros, or a group still being written) that are stale once the
+    /// log moves on, so it is dropped whenever the durable position changes.
+    buffered_under: WalPos,
 }
 
 impl WalReader {
@@ -464,6 +468,7 @@ impl WalReader {
             dir: dir.to_path_buf(),
             pos: start,
             file: None,
+            buffered_under: start,
         }
     }
 
@@ -474,6 +479,13 @@ impl WalReader {
     /// The next record before `durable`, its payload appended to `out`; `None` when
     /// everything durable has been read.
     pub fn next(&mut self, durable: WalPos, out: &mut Vec<u8>) -> anyhow::Result<Option<Record>> {
+        if durable != self.buffered_under {
+            if let Some(file) = self.file.as_mut() {
+                // Seeking a BufReader discards its buffer; the position stays the same.
+                file.seek(SeekFrom::Current(0))?;
+            }
+            self.buffered_under = durable;
+        }
         loop {
             if self.pos.segment > durable.segment
                 || (self.pos.segment == durable.segment && self.pos.offset >= durable.offset)
@@ -657,6 +669,24 @@ mod tests {
                 && *payload == vec![i as u8; 100]
                 && r.lsn == i as u64 + 1));
         assert!(list_segments(dir.path()).unwrap().len() > 1, "rotated");
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_caught_up_sees_later_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open(dir.path(), 1 << 20, u64::MAX, true, metrics()).unwrap();
+        let mut reader = WalReader::new(dir.path(), wal.start);
+        let mut out = Vec::new();
+        wal.handle.append(b"first".to_vec(), 1).await.unwrap();
+        let durable = *wal.durable.borrow();
+        assert!(reader.next(durable, &mut out).unwrap().is_some());
+        // Caught up: the read-ahead buffer now holds the preallocated zeros after "first".
+        assert!(reader.next(durable, &mut out).unwrap().is_none());
+        wal.handle.append(b"second".to_vec(), 1).await.unwrap();
+        let durable = *wal.durable.borrow();
+        let record = reader.next(durable, &mut out).unwrap();
+        assert_eq!(record.map(|r| r.lsn), Some(2));
+        assert_eq!(out, b"firstsecond");
     }
 
     #[tokio::test]
