@@ -481,8 +481,8 @@ impl WalReader {
     pub fn next(&mut self, durable: WalPos, out: &mut Vec<u8>) -> anyhow::Result<Option<Record>> {
         if durable != self.buffered_under {
             if let Some(file) = self.file.as_mut() {
-                // Seeking a BufReader discards its buffer; the position stays the same.
-                file.seek(SeekFrom::Current(0))?;
+                // Seeking a BufReader discards its buffer (to the position we are at anyway).
+                file.seek(SeekFrom::Start(self.pos.offset))?;
             }
             self.buffered_under = durable;
         }
