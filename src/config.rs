@@ -75,6 +75,8 @@ pub struct Settings {
     pub wait_timeout: Duration,
     /// How long a graceful shutdown may spend draining the log into ClickHouse.
     pub shutdown_timeout: Duration,
+    /// How long start-up waits for ClickHouse before starting without it.
+    pub clickhouse_startup_wait: Duration,
     /// Tenant written with every event until API keys bind requests to tenants.
     pub default_tenant: String,
     pub log_level: String,
@@ -194,6 +196,10 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(num(
                 "ADTRACK_SHUTDOWN_TIMEOUT_SECS",
                 parse("ADTRACK_SHUTDOWN_TIMEOUT_SECS", "30")?,
+            )?),
+            clickhouse_startup_wait: Duration::from_secs(num(
+                "ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS",
+                parse("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS", "10")?,
             )?),
             default_tenant: parse("ADTRACK_DEFAULT_TENANT", "default")?,
             log_level: parse("LOG_LEVEL", "info")?,

@@ -36,8 +36,10 @@ pub struct Application {
 
 impl Application {
     /// Binds the port first (so tests can use port 0 and read it back), then connects
-    /// everything. Fails with a clear message if ClickHouse is unreachable or the schema is
-    /// wrong: better not to start than to accept events that cannot be written.
+    /// everything. A wrong schema stops the start with a clear message (better than accepting
+    /// events that cannot be written). An unreachable ClickHouse does not: the service starts,
+    /// accepts into its log (not ready, so balancers prefer other instances), and the shipper
+    /// applies and checks the schema once ClickHouse answers.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let listener = std::net::TcpListener::bind(settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -59,18 +61,18 @@ impl Application {
         };
         let url = settings.clickhouse_url();
         let client = crate::clickhouse::client(&url, &settings.clickhouse);
-        wait_for_clickhouse(&client, &url).await?;
-        if settings.clickhouse.apply_schema {
-            schema::apply(
-                &client,
-                &settings.clickhouse.database,
-                settings.retention_days,
-            )
-            .await?;
-        }
-        schema::verify(&client)
-            .await
-            .context("the ClickHouse schema is not usable")?;
+        let schema = SchemaSetup {
+            apply: settings.clickhouse.apply_schema,
+            database: settings.clickhouse.database.clone(),
+            retention_days: settings.retention_days,
+        };
+        let schema_ready = if answers_within(&client, settings.clickhouse_startup_wait).await {
+            schema.prepare(&client).await?;
+            true
+        } else {
+            tracing::warn!(%url, "ClickHouse does not answer; accepting events into the log until it does");
+            false
+        };
 
         let metrics = Arc::new(Metrics::default());
         let wal = wal::open(
@@ -86,6 +88,7 @@ impl Application {
         // I/O and compresses large batches, and neither may stall request handling.
         let shipper = Shipper {
             client: crate::clickhouse::client(&url, &settings.clickhouse),
+            schema: (!schema_ready).then_some(schema),
             settings: settings.flush.clone(),
             wal_dir: wal.dir.clone(),
             start: wal.start,
@@ -174,19 +177,38 @@ impl Application {
     }
 }
 
-/// Waits (up to a minute) for ClickHouse to answer `SELECT 1`.
-async fn wait_for_clickhouse(client: &clickhouse::Client, url: &str) -> anyhow::Result<()> {
+/// How the schema is made ready: applied (if configured) and then checked.
+#[derive(Debug, Clone)]
+pub struct SchemaSetup {
+    pub apply: bool,
+    pub database: String,
+    pub retention_days: u32,
+}
+
+impl SchemaSetup {
+    pub async fn prepare(&self, client: &clickhouse::Client) -> anyhow::Result<()> {
+        if self.apply {
+            schema::apply(client, &self.database, self.retention_days).await?;
+        }
+        schema::verify(client)
+            .await
+            .context("the ClickHouse schema is not usable")
+    }
+}
+
+/// True once ClickHouse answers `SELECT 1`, false if it has not within `wait`.
+async fn answers_within(client: &clickhouse::Client, wait: Duration) -> bool {
     let probe = client.clone().with_database("default");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         match probe.query("SELECT 1").fetch_one::<u8>().await {
-            Ok(_) => return Ok(()),
-            Err(err) if tokio::time::Instant::now() < deadline => {
-                tracing::info!(%url, error = %err, "waiting for ClickHouse");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok(_) => return true,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(err) => {
-                return Err(err).with_context(|| format!("ClickHouse at {url} does not answer"))
+                tracing::debug!(error = %err, "ClickHouse did not answer");
+                return false;
             }
         }
     }

@@ -31,6 +31,9 @@ use crate::{
 
 pub struct Shipper {
     pub client: clickhouse::Client,
+    /// Set when the service started without ClickHouse: the schema is applied and checked
+    /// before the first insert.
+    pub schema: Option<crate::startup::SchemaSetup>,
     pub settings: FlushSettings,
     pub wal_dir: PathBuf,
     pub start: WalPos,
@@ -139,10 +142,14 @@ impl Shipper {
         let rows = Bytes::from(std::mem::take(&mut batch.rows));
         loop {
             let started = Instant::now();
-            match self
-                .insert_or_dead_letter(sql, rows.clone(), batch.end.lsn)
-                .await
-            {
+            let attempt = match self.ensure_schema().await {
+                Ok(()) => self
+                    .insert_or_dead_letter(sql, rows.clone(), batch.end.lsn)
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(err) => Err(err),
+            };
+            match attempt {
                 Ok(()) => {
                     self.metrics.flush_seconds.observe(started.elapsed());
                     self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
@@ -156,7 +163,7 @@ impl Shipper {
                     self.metrics
                         .clickhouse_errors_retryable
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %err, rows = batch.count, retry_in = ?backoff, "insert into ClickHouse failed; retrying");
+                    tracing::warn!(error = %format!("{err:#}"), rows = batch.count, retry_in = ?backoff, "insert into ClickHouse failed; retrying");
                 }
             }
             if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
@@ -166,6 +173,15 @@ impl Shipper {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.settings.max_backoff);
         }
+    }
+
+    async fn ensure_schema(&mut self) -> anyhow::Result<()> {
+        if let Some(schema) = &self.schema {
+            schema.prepare(&self.client).await?;
+            tracing::info!("ClickHouse answers and the schema is in place; sending the log");
+            self.schema = None;
+        }
+        Ok(())
     }
 
     fn committed(&mut self, batch: &mut Batch) {

@@ -273,3 +273,60 @@ async fn log_segments_are_deleted_once_clickhouse_has_their_rows() {
     }
     assert!(segments() <= 2, "{} segments left", segments());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_starts_and_accepts_while_clickhouse_is_down() {
+    // Nothing listens on this port yet.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().unwrap();
+    let database = unique_database("starts_down");
+    let mut env = base_env(&url, &database, tmp.path());
+    env.insert("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS".into(), "1".into());
+    let settings = adtrack::config::Settings::from_lookup(|k| env.get(k).cloned()).unwrap();
+    let app = adtrack::startup::Application::build(settings)
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+
+    let batch = events(50);
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .header("content-type", JSON)
+        .body(Value::from(batch.clone()).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        202,
+        "accepted into the log while ClickHouse is down"
+    );
+    let ready = http
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    // ClickHouse comes up (empty: the shipper creates the database and table).
+    let ch_dir = tempfile::tempdir().unwrap();
+    let _clickhouse = local_clickhouse::LocalClickHouse::start_on(ch_dir.path(), port);
+    let db = clickhouse::Client::default()
+        .with_url(&url)
+        .with_database(&database);
+    assert_eq!(wait_for_count(&db, 50, Duration::from_secs(30)).await, 50);
+    let ready = http
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
