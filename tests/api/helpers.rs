@@ -146,6 +146,12 @@ impl TestApp {
             .await
     }
 
+    /// Posts a JSON body with `?wait=true` (answered once ClickHouse has the events).
+    pub async fn post_and_wait(&self, body: impl Into<reqwest::Body>) -> Response {
+        self.post_to("/v1/events?wait=true", body, &[("content-type", JSON)])
+            .await
+    }
+
     pub async fn post_to(
         &self,
         path: &str,

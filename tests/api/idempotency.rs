@@ -46,11 +46,7 @@ async fn duplicates_in_one_batch_and_across_batches_count_once() {
         app.post(e.to_string(), JSON).await;
     }
     let r = app
-        .post_to(
-            "/v1/events?wait=true",
-            Value::from(batch.clone()).to_string(),
-            &[("content-type", JSON)],
-        )
+        .post_and_wait(Value::from(batch.clone()).to_string())
         .await;
     assert_eq!(r.status, 200);
     assert_exactly_once(&app, 40).await;
@@ -80,13 +76,7 @@ async fn duplicates_across_a_restart_count_once() {
     let batch = events(30);
     app.post(Value::from(batch.clone()).to_string(), JSON).await;
     let app = app.restart().await;
-    let r = app
-        .post_to(
-            "/v1/events?wait=true",
-            Value::from(batch).to_string(),
-            &[("content-type", JSON)],
-        )
-        .await;
+    let r = app.post_and_wait(Value::from(batch).to_string()).await;
     assert_eq!(r.status, 200);
     assert_exactly_once(&app, 30).await;
 }

@@ -76,13 +76,7 @@ async fn stored_rows_carry_every_field_and_the_corrected_time() {
         "os": "iOS", "browser": "Safari", "cost_micros": 0, "revenue_micros": 25000000,
         "attributes": {"placement": "sidebar", "variant": "b"}
     });
-    let r = app
-        .post_to(
-            "/v1/events?wait=true",
-            event.to_string(),
-            &[("content-type", JSON)],
-        )
-        .await;
+    let r = app.post_and_wait(event.to_string()).await;
     assert_eq!(r.status, 200, "{}", r.text);
 
     #[derive(clickhouse::Row, serde::Deserialize, Debug)]
@@ -342,13 +336,7 @@ async fn limits_give_413_per_request_and_a_rejection_per_event() {
 async fn wait_true_answers_200_only_once_the_rows_are_in_clickhouse() {
     let app = spawn_app_with("wait", &[("ADTRACK_FLUSH_INTERVAL_MS", "300")]).await;
     let batch = events(25);
-    let r = app
-        .post_to(
-            "/v1/events?wait=true",
-            Value::from(batch).to_string(),
-            &[("content-type", JSON)],
-        )
-        .await;
+    let r = app.post_and_wait(Value::from(batch).to_string()).await;
     assert_eq!(r.status, 200, "{}", r.text);
     // No polling: the rows must already be there.
     assert_eq!(app.count_final().await, 25);
