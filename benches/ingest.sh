@@ -50,7 +50,8 @@ wait_http "http://127.0.0.1:$ch_port/ping"
 
 bare_port=$(free_port)
 target/release/examples/bare_poem "127.0.0.1:$bare_port" &
-pids+=($!)
+bare_pid=$!
+pids+=($bare_pid)
 app_port=$(free_port)
 ADTRACK_LISTEN="127.0.0.1:$app_port" ADTRACK_CLICKHOUSE_URL="http://127.0.0.1:$ch_port" \
 ADTRACK_CLICKHOUSE_DATABASE=bench ADTRACK_WAL_DIR="$tmp/wal" ADTRACK_DEAD_LETTER_DIR="$tmp/dl" \
@@ -63,19 +64,35 @@ for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$bare_port") 2>/dev/null 
 # Peak RSS of the service, sampled while oha runs.
 rss_peak() { grep VmHWM "/proc/$app_pid/status" | awk '{print int($2/1024)}'; }
 
-run() { # name url body extra-args...
-    local name=$1 url=$2 body=$3; shift 3
+# CPU time (user + system, in clock ticks of 10 ms) a process has used so far: per-request
+# CPU is robust to other load on the machine, unlike throughput.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run() { # name server-pid url body extra-args...
+    local name=$1 pid=$2 url=$3 body=$4; shift 4
+    local before; before=$(cpu_ticks "$pid")
     oha --no-tui --output-format json -m POST -H 'content-type: application/json' -D "$body" "$@" "$url" > "$OUT/$name.json"
-    jq -r --arg n "$name" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
+    local used=$(( $(cpu_ticks "$pid") - before ))
+    jq -r --arg n "$name" --argjson ticks "$used" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), ($ticks * 10000 / ([.statusCodeDistribution[]]|add) | floor), (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
 }
 
-echo -e "case\treq/s\tp50 ms\tp99 ms\tstatuses"
-run bare-single   "http://127.0.0.1:$bare_port/v1/events" "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
-run app-single    "http://127.0.0.1:$app_port/v1/events"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
-run bare-batch100 "http://127.0.0.1:$bare_port/v1/events" "$tmp/batch.json" -z "$DURATION" -c 16
-run app-batch100  "http://127.0.0.1:$app_port/v1/events"  "$tmp/batch.json" -z "$DURATION" -c 16
-run app-single-20k-rate "http://127.0.0.1:$app_port/v1/events" "$tmp/one.json" -z "$DURATION" -c "$CONNS" -q 20000 --latency-correction
+echo -e "case\treq/s\tp50 ms\tp99 ms\tserver CPU us/req\tstatuses"
+bare="http://127.0.0.1:$bare_port/v1/events"
+app="http://127.0.0.1:$app_port/v1/events"
+run bare-single         "$bare_pid" "$bare" "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
+run app-single          "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
+run bare-batch100       "$bare_pid" "$bare" "$tmp/batch.json" -z "$DURATION" -c 16
+run app-batch100        "$app_pid"  "$app"  "$tmp/batch.json" -z "$DURATION" -c 16
+run app-single-20k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 20000 --latency-correction
+run app-single-10k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 10000 --latency-correction
 echo "adtrack peak RSS: $(rss_peak) MB"
+rps() { jq -r '.summary.requestsPerSec' "$OUT/$1.json"; }
+python3 - "$(rps app-single)" "$(rps bare-single)" "$(rps app-batch100)" "$(rps bare-batch100)" <<'PY'
+import sys
+a1, b1, a100, b100 = map(float, sys.argv[1:])
+print(f"single event: {a1:,.0f} req/s = {a1 / b1:.0%} of bare poem ({b1:,.0f})")
+print(f"100-event batches: {a100 * 100:,.0f} events/s = {a100 / b100:.0%} of bare poem's request rate ({b100:,.0f} req/s)")
+PY
 
 metrics=$(curl -fsS "http://127.0.0.1:$app_port/metrics")
 echo "$metrics" | grep -E '^adtrack_wal_fsync_seconds_(bucket|count|sum)' > "$OUT/fsync.txt"
