@@ -68,8 +68,20 @@ rss_peak() { grep VmHWM "/proc/$app_pid/status" | awk '{print int($2/1024)}'; }
 # CPU is robust to other load on the machine, unlike throughput.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# Waits until the service has sent its whole backlog to ClickHouse, so one case's backlog
+# (the local engine inserting on the same two cores) does not weigh on the next case.
+drained() {
+    for _ in $(seq 1 600); do
+        pending=$(curl -fsS "http://127.0.0.1:$app_port/metrics" | awk '/^adtrack_wal_pending_bytes/ {print $2}')
+        [ "${pending:-1}" = "0" ] && return 0
+        sleep 0.5
+    done
+    echo "backlog not drained: $pending bytes" >&2
+}
+
 run() { # name server-pid url body extra-args...
     local name=$1 pid=$2 url=$3 body=$4; shift 4
+    drained
     local before; before=$(cpu_ticks "$pid")
     oha --no-tui --output-format json -m POST -H 'content-type: application/json' -D "$body" "$@" "$url" > "$OUT/$name.json"
     local used=$(( $(cpu_ticks "$pid") - before ))
