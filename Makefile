@@ -19,7 +19,7 @@ test: deps
 
 test-python: deps
 	scripts/local-clickhouse --pytest -q
-	@if [ -d tests/infra ]; then $(VENV)/bin/python -m pip install -q -r tests/infra/requirements.txt && $(VENV)/bin/python -m pytest -q tests/infra; fi
+	@if [ -d tests/infra ]; then $(VENV)/bin/python -m pip install -q -r tests/infra/requirements.txt && $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/infra; fi
 
 # System packages and the local ClickHouse's virtualenv (idempotent, quick when present).
 deps:
@@ -34,6 +34,9 @@ fmt:
 
 bench-ingest: deps
 	benches/ingest.sh
+
+bench-analytics: deps
+	benches/analytics.sh
 
 clean-data:
 	rm -rf data

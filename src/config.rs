@@ -60,6 +60,26 @@ pub struct FlushSettings {
     pub dead_letter_dir: PathBuf,
 }
 
+/// Guards and defaults of the analytics and raw-event reads.
+#[derive(Debug, Clone, Copy)]
+pub struct AnalyticsSettings {
+    /// Longest time range (`to - from`) a stats query may span.
+    pub max_range_days: u32,
+    /// Most groups one response may hold (the largest `limit`).
+    pub max_groups: u32,
+    /// Most data points (buckets × series) one response may hold.
+    pub max_points: u32,
+    /// ClickHouse `max_execution_time` of every analytics query.
+    pub max_execution_ms: u64,
+    /// ClickHouse `max_memory_usage` of every analytics and raw-event query.
+    pub max_memory_bytes: u64,
+    /// ClickHouse `max_execution_time` of one export response (it streams many rows).
+    pub export_max_execution_ms: u64,
+    /// The export only serves events received at least this long ago, so that events still on
+    /// their way to ClickHouse (write-ahead log, batching) are not skipped by a cursor.
+    pub export_settle_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
@@ -79,6 +99,7 @@ pub struct Settings {
     pub clickhouse_startup_wait: Duration,
     /// Tenant written with every event until API keys bind requests to tenants.
     pub default_tenant: String,
+    pub analytics: AnalyticsSettings,
     pub log_level: String,
     pub log_json: bool,
 }
@@ -202,6 +223,36 @@ impl Settings {
                 parse("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS", "10")?,
             )?),
             default_tenant: parse("ADTRACK_DEFAULT_TENANT", "default")?,
+            analytics: AnalyticsSettings {
+                max_range_days: num(
+                    "ADTRACK_ANALYTICS_MAX_RANGE_DAYS",
+                    parse("ADTRACK_ANALYTICS_MAX_RANGE_DAYS", "92")?,
+                )?,
+                max_groups: num(
+                    "ADTRACK_ANALYTICS_MAX_GROUPS",
+                    parse("ADTRACK_ANALYTICS_MAX_GROUPS", "1000")?,
+                )?,
+                max_points: num(
+                    "ADTRACK_ANALYTICS_MAX_POINTS",
+                    parse("ADTRACK_ANALYTICS_MAX_POINTS", "100000")?,
+                )?,
+                max_execution_ms: num(
+                    "ADTRACK_ANALYTICS_MAX_EXECUTION_MS",
+                    parse("ADTRACK_ANALYTICS_MAX_EXECUTION_MS", "10000")?,
+                )?,
+                max_memory_bytes: num(
+                    "ADTRACK_ANALYTICS_MAX_MEMORY_BYTES",
+                    parse("ADTRACK_ANALYTICS_MAX_MEMORY_BYTES", "2147483648")?,
+                )?,
+                export_max_execution_ms: num(
+                    "ADTRACK_EXPORT_MAX_EXECUTION_MS",
+                    parse("ADTRACK_EXPORT_MAX_EXECUTION_MS", "600000")?,
+                )?,
+                export_settle_ms: num(
+                    "ADTRACK_EXPORT_SETTLE_MS",
+                    parse("ADTRACK_EXPORT_SETTLE_MS", "10000")?,
+                )?,
+            },
             log_level: parse("LOG_LEVEL", "info")?,
             log_json: match parse("ADTRACK_LOG_FORMAT", "text")?.as_str() {
                 "text" => false,
@@ -229,6 +280,15 @@ impl Settings {
         }
         if self.default_tenant.is_empty() || self.default_tenant.len() > 64 {
             bail!("ADTRACK_DEFAULT_TENANT must be 1-64 characters");
+        }
+        let a = &self.analytics;
+        if a.max_range_days == 0 || a.max_groups == 0 || a.max_points == 0 {
+            bail!(
+                "ADTRACK_ANALYTICS_MAX_RANGE_DAYS, _MAX_GROUPS and _MAX_POINTS must be at least 1"
+            );
+        }
+        if a.max_execution_ms == 0 || a.export_max_execution_ms == 0 || a.max_memory_bytes == 0 {
+            bail!("ADTRACK_ANALYTICS_MAX_EXECUTION_MS, ADTRACK_ANALYTICS_MAX_MEMORY_BYTES and ADTRACK_EXPORT_MAX_EXECUTION_MS must be greater than zero (0 would mean no limit in ClickHouse)");
         }
         Ok(())
     }
@@ -286,6 +346,43 @@ mod tests {
     fn a_bad_number_names_the_variable() {
         let err = settings(&[("ADTRACK_FLUSH_MAX_ROWS", "lots")]).unwrap_err();
         assert!(err.to_string().contains("ADTRACK_FLUSH_MAX_ROWS"), "{err}");
+    }
+
+    #[test]
+    fn analytics_guards_have_defaults_and_parse() {
+        let a = settings(&[]).unwrap().analytics;
+        assert_eq!(
+            (a.max_range_days, a.max_groups, a.max_points),
+            (92, 1000, 100_000)
+        );
+        assert_eq!((a.max_execution_ms, a.max_memory_bytes), (10_000, 2 << 30));
+        assert_eq!(
+            (a.export_max_execution_ms, a.export_settle_ms),
+            (600_000, 10_000)
+        );
+        let a = settings(&[
+            ("ADTRACK_ANALYTICS_MAX_RANGE_DAYS", "31"),
+            ("ADTRACK_ANALYTICS_MAX_GROUPS", "50"),
+            ("ADTRACK_ANALYTICS_MAX_POINTS", "5000"),
+            ("ADTRACK_ANALYTICS_MAX_EXECUTION_MS", "2500"),
+            ("ADTRACK_ANALYTICS_MAX_MEMORY_BYTES", "1000000"),
+            ("ADTRACK_EXPORT_MAX_EXECUTION_MS", "60000"),
+            ("ADTRACK_EXPORT_SETTLE_MS", "0"),
+        ])
+        .unwrap()
+        .analytics;
+        assert_eq!(
+            (a.max_range_days, a.max_groups, a.max_points),
+            (31, 50, 5000)
+        );
+        assert_eq!((a.max_execution_ms, a.max_memory_bytes), (2500, 1_000_000));
+        assert_eq!((a.export_max_execution_ms, a.export_settle_ms), (60_000, 0));
+        let err = settings(&[("ADTRACK_ANALYTICS_MAX_GROUPS", "many")]).unwrap_err();
+        assert!(
+            err.to_string().contains("ADTRACK_ANALYTICS_MAX_GROUPS"),
+            "{err}"
+        );
+        assert!(settings(&[("ADTRACK_ANALYTICS_MAX_EXECUTION_MS", "0")]).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the durable write path (write-ahead log → batches → ClickHouse); `clickhouse` holds the
 //! schema and row format.
 
+pub mod analytics;
 pub mod api;
 pub mod clickhouse;
 pub mod config;

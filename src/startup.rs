@@ -16,7 +16,8 @@ use poem::{
 use tokio::sync::watch;
 
 use crate::{
-    api::{self, events::EventsApi, health::HealthApi},
+    analytics::Analytics,
+    api::{self, events::EventsApi, health::HealthApi, raw_events::RawEventsApi, stats::StatsApi},
     clickhouse::schema,
     config::{ClickHouseTarget, Settings},
     ingest::{shipper::Shipper, wal, Ingest},
@@ -123,12 +124,19 @@ impl Application {
                 tenant: settings.default_tenant.clone(),
             },
             HealthApi {
-                clickhouse: client,
+                clickhouse: client.clone(),
                 wal: wal.handle,
                 metrics,
             },
+            StatsApi {
+                analytics: Analytics::new(client.clone(), settings.analytics),
+                tenant: settings.default_tenant.clone(),
+            },
+            RawEventsApi {
+                analytics: Analytics::new(client, settings.analytics),
+                tenant: settings.default_tenant.clone(),
+            },
             settings.limits.max_body_bytes,
-            &format!("http://{addr}"),
         );
 
         Ok(Self {

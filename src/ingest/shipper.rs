@@ -107,8 +107,9 @@ impl Shipper {
                 .started
                 .is_some_and(|t| t.elapsed() >= self.settings.interval);
             if batch.count > 0 && (full || due || stopping) {
-                self.flush(&insert_sql, &mut batch, drain_deadline).await;
-                if drain_deadline.is_some_and(|d| Instant::now() >= d) && batch.count > 0 {
+                let committed = self.flush(&insert_sql, &mut batch, drain_deadline).await;
+                if !committed {
+                    // Only while stopping: the drain time ran out before ClickHouse took it.
                     tracing::warn!(
                         rows = batch.count,
                         "stopping with events still in the write-ahead log; they are sent on the next start"
@@ -135,9 +136,10 @@ impl Shipper {
         }
     }
 
-    /// Commits the batch, retrying until it is in ClickHouse or in the dead-letter file.
-    /// Leaves the batch untouched only if the drain deadline passed first.
-    async fn flush(&mut self, sql: &str, batch: &mut Batch, deadline: Option<Instant>) {
+    /// Commits the batch, retrying until it is in ClickHouse or in the dead-letter file, and
+    /// returns true. Returns false, with the batch untouched, only when the drain deadline
+    /// would pass before the next attempt.
+    async fn flush(&mut self, sql: &str, batch: &mut Batch, deadline: Option<Instant>) -> bool {
         let mut backoff = Duration::from_millis(100);
         let rows = Bytes::from(std::mem::take(&mut batch.rows));
         loop {
@@ -157,7 +159,7 @@ impl Shipper {
                         .flushed_rows
                         .fetch_add(batch.count as u64, Ordering::Relaxed);
                     self.committed(batch);
-                    return;
+                    return true;
                 }
                 Err(err) => {
                     self.metrics
@@ -168,7 +170,7 @@ impl Shipper {
             }
             if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
                 batch.rows = rows.to_vec();
-                return;
+                return false;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.settings.max_backoff);

@@ -1,6 +1,10 @@
 //! Test harness: the real app on port 0, its own ClickHouse database and write-ahead log per
 //! test, against the local engine (started once per test binary) or `ADTRACK_TEST_CLICKHOUSE_URL`.
 
+// Also included by other test binaries (`tests/postman.rs`, `tests/nginx.rs`), each using a
+// part of it.
+#![allow(dead_code)]
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -296,8 +300,12 @@ pub fn free_port() -> u16 {
 impl ServiceProcess {
     /// Starts the `adtrack` binary with `env` and waits until `/health/ready` is 200.
     pub async fn start(env: &HashMap<String, String>) -> ServiceProcess {
+        Self::start_on(env, free_port()).await
+    }
+
+    /// Same, on a given port (e.g. where a killed instance was, behind a load balancer).
+    pub async fn start_on(env: &HashMap<String, String>, port: u16) -> ServiceProcess {
         let mut env = env.clone();
-        let port = free_port();
         env.insert("ADTRACK_LISTEN".into(), format!("127.0.0.1:{port}"));
         let child = Command::new(env!("CARGO_BIN_EXE_adtrack"))
             .envs(&env)

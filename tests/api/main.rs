@@ -4,3 +4,5 @@ mod faults;
 mod helpers;
 mod idempotency;
 mod ingest;
+mod raw_events;
+mod stats;

@@ -206,8 +206,14 @@ fn remove_stale_shared_dirs(root: &Path) {
     }
 }
 
+/// The project root: the including crate's directory, or the nearest one above it with
+/// `scripts/` (for workspace members such as `_test/loader`).
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|dir| dir.join("scripts").join("local-clickhouse").exists())
+        .map_or(manifest.clone(), Path::to_path_buf)
 }
 
 fn free_port() -> u16 {

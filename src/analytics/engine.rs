@@ -1,0 +1,389 @@
+//! Runs an [`AnalyticsQuery`]: checks the guards, sends the statements (concurrently when
+//! there are several), and assembles groups, gap-filled series and the other row.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::{
+    buckets,
+    model::{Agg, AnalyticsQuery, Metric},
+    sql::{self, Scope, Sql},
+    AnalyticsError, GuardLimits, InvalidInput,
+};
+use crate::config::AnalyticsSettings;
+
+/// The analytics service: a ClickHouse client and the guards.
+#[derive(Clone)]
+pub struct Analytics {
+    client: clickhouse::Client,
+    settings: AnalyticsSettings,
+}
+
+/// The aggregates of one group (or one bucket of it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Aggregates {
+    pub events: u64,
+    pub impressions: u64,
+    pub clicks: u64,
+    pub conversions: u64,
+    pub spend: u64,
+    pub revenue: u64,
+    pub users_exact: u64,
+    pub users_approx: u64,
+}
+
+/// A metric's value: an exact count or sum, or a ratio (`None` when its denominator is 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MetricValue {
+    Count(u64),
+    Ratio(Option<f64>),
+}
+
+impl Aggregates {
+    pub fn get(&self, agg: Agg) -> u64 {
+        match agg {
+            Agg::Events => self.events,
+            Agg::Impressions => self.impressions,
+            Agg::Clicks => self.clicks,
+            Agg::Conversions => self.conversions,
+            Agg::Spend => self.spend,
+            Agg::Revenue => self.revenue,
+            Agg::UsersExact => self.users_exact,
+            Agg::UsersApprox => self.users_approx,
+        }
+    }
+
+    pub fn metric(&self, metric: Metric) -> MetricValue {
+        match metric.ratio() {
+            Some((num, den)) => {
+                let den = self.get(den);
+                MetricValue::Ratio((den != 0).then(|| self.get(num) as f64 / den as f64))
+            }
+            None => {
+                let agg = Agg::ALL
+                    .into_iter()
+                    .find(|a| metric.aggs().contains(*a))
+                    .expect("a metric has an aggregate");
+                MetricValue::Count(self.get(agg))
+            }
+        }
+    }
+
+    fn add(&mut self, other: &Aggregates) {
+        self.events += other.events;
+        self.impressions += other.impressions;
+        self.clicks += other.clicks;
+        self.conversions += other.conversions;
+        self.spend += other.spend;
+        self.revenue += other.revenue;
+        // Distinct counts of one bucket and group come in one row; nothing is summed twice.
+        self.users_exact += other.users_exact;
+        self.users_approx += other.users_approx;
+    }
+}
+
+/// A result row: columns as `sql::aggregate` names them (RowBinary has no `flatten`).
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct AggRow {
+    bucket: u32,
+    keys: Vec<String>,
+    events: u64,
+    impressions: u64,
+    clicks: u64,
+    conversions: u64,
+    spend: u64,
+    revenue: u64,
+    users_exact: u64,
+    users_approx: u64,
+}
+
+impl AggRow {
+    fn aggs(&self) -> Aggregates {
+        Aggregates {
+            events: self.events,
+            impressions: self.impressions,
+            clicks: self.clicks,
+            conversions: self.conversions,
+            spend: self.spend,
+            revenue: self.revenue,
+            users_exact: self.users_exact,
+            users_approx: self.users_approx,
+        }
+    }
+}
+
+/// One group's figures: `totals` over the whole range (absent for an ungrouped time series),
+/// `points` per bucket (empty without buckets), every bucket present.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupResult {
+    /// The group's values, in `group_by` order (empty when ungrouped, and for the other row).
+    pub keys: Vec<String>,
+    pub totals: Option<Aggregates>,
+    pub points: Vec<(DateTime<Utc>, Aggregates)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryOutput {
+    /// Ranked by the ordering metric, highest first (ties by their values).
+    pub groups: Vec<GroupResult>,
+    /// Everything outside the top groups, when asked for.
+    pub other: Option<GroupResult>,
+}
+
+impl Analytics {
+    pub fn new(client: clickhouse::Client, settings: AnalyticsSettings) -> Self {
+        Analytics { client, settings }
+    }
+
+    pub fn settings(&self) -> &AnalyticsSettings {
+        &self.settings
+    }
+
+    pub fn guard_limits(&self) -> GuardLimits {
+        GuardLimits {
+            max_execution_ms: self.settings.max_execution_ms,
+            max_memory_bytes: self.settings.max_memory_bytes,
+            max_result_rows: self.max_result_rows(),
+        }
+    }
+
+    fn max_result_rows(&self) -> u64 {
+        u64::from(self.settings.max_points.max(self.settings.max_groups)) + 1
+    }
+
+    /// A statement with the dedup setting and the guards of an analytics read.
+    pub fn statement(&self, sql: &Sql) -> clickhouse::query::Query {
+        self.read(sql, self.settings.max_execution_ms)
+            .with_setting("max_result_rows", self.max_result_rows().to_string())
+            .with_setting("result_overflow_mode", "throw")
+    }
+
+    /// A statement with the dedup setting, a time limit and the memory limit.
+    pub fn read(&self, sql: &Sql, max_execution_ms: u64) -> clickhouse::query::Query {
+        sql.query(&self.client)
+            .with_setting("do_not_merge_across_partitions_select_final", "1")
+            .with_setting(
+                "max_execution_time",
+                format!("{:.3}", max_execution_ms as f64 / 1000.0),
+            )
+            .with_setting(
+                "max_memory_usage",
+                self.settings.max_memory_bytes.to_string(),
+            )
+    }
+
+    pub fn error(&self, err: clickhouse::error::Error) -> AnalyticsError {
+        AnalyticsError::from_clickhouse(err, &self.guard_limits())
+    }
+
+    async fn rows(&self, sql: Option<Sql>) -> Result<Vec<AggRow>, AnalyticsError> {
+        match sql {
+            None => Ok(vec![]),
+            Some(sql) => self
+                .statement(&sql)
+                .fetch_all::<AggRow>()
+                .await
+                .map_err(|e| self.error(e)),
+        }
+    }
+
+    /// Runs `q` for `tenant`.
+    pub async fn run(
+        &self,
+        tenant: &str,
+        q: &AnalyticsQuery,
+    ) -> Result<QueryOutput, AnalyticsError> {
+        let max_groups = self.settings.max_groups;
+        let max_points = self.settings.max_points as usize;
+        q.check(max_groups)?;
+        let grouped = !q.group_by.is_empty();
+        // Without a limit, one more group than allowed is fetched to tell "too many" apart.
+        let n = match q.limit {
+            Some(limit) => u64::from(limit),
+            None => u64::from(max_groups) + 1,
+        };
+
+        let starts = match q.bucket {
+            None => vec![],
+            Some(bucket) => {
+                let series = if grouped {
+                    n as usize + usize::from(q.other)
+                } else {
+                    1
+                };
+                let max_buckets = (max_points / series.max(1)).max(1);
+                buckets::sequence(bucket, q.time_zone, q.range.from_ms, q.range.to_ms, max_buckets)
+                    .map_err(|_| {
+                        let field = if q.limit.is_some() { "limit" } else { "bucket" };
+                        InvalidInput::new(
+                            "too_many_points",
+                            field,
+                            format!(
+                                "{series} series of {bucket:?} buckets over this range exceed the {max_points} points allowed; use a coarser bucket, a shorter range{}",
+                                if grouped { " or a smaller limit" } else { "" }
+                            )
+                            .to_lowercase(),
+                        )
+                        .with_limit(max_points as u64)
+                    })?
+            }
+        };
+
+        // Up to three statements, concurrently: the (ranked) groups or series, the ranking
+        // totals of bucketed groups, and the other row.
+        let main = sql::aggregate(q, tenant, Scope::Top(n), true);
+        let ranking = (grouped && q.bucket.is_some())
+            .then(|| sql::aggregate(q, tenant, Scope::Top(n), false));
+        let other = q
+            .other
+            .then(|| sql::aggregate(q, tenant, Scope::Other(n), true));
+        let (main, ranking, other) =
+            tokio::try_join!(self.rows(Some(main)), self.rows(ranking), self.rows(other))?;
+
+        let too_many = |count: usize| -> Result<(), AnalyticsError> {
+            if q.limit.is_none() && count > max_groups as usize {
+                return Err(AnalyticsError::Guard {
+                    code: "too_many_groups",
+                    message: format!(
+                        "more than {max_groups} groups; give a limit (top-N) or filters"
+                    ),
+                    limit: Some(u64::from(max_groups)),
+                });
+            }
+            Ok(())
+        };
+
+        let groups = match (grouped, q.bucket.is_some()) {
+            (false, false) => vec![GroupResult {
+                keys: vec![],
+                totals: Some(main.first().map(AggRow::aggs).unwrap_or_default()),
+                points: vec![],
+            }],
+            (false, true) => vec![GroupResult {
+                keys: vec![],
+                totals: None,
+                points: fill(&starts, &main),
+            }],
+            (true, false) => {
+                too_many(main.len())?;
+                main.into_iter()
+                    .map(|r| GroupResult {
+                        totals: Some(r.aggs()),
+                        keys: r.keys,
+                        points: vec![],
+                    })
+                    .collect()
+            }
+            (true, true) => {
+                too_many(ranking.len())?;
+                let mut by_keys: HashMap<Vec<String>, Vec<AggRow>> = HashMap::new();
+                for row in main {
+                    by_keys.entry(row.keys.clone()).or_default().push(row);
+                }
+                let mut groups: Vec<GroupResult> = ranking
+                    .into_iter()
+                    .map(|r| {
+                        let rows = by_keys.remove(&r.keys).unwrap_or_default();
+                        GroupResult {
+                            points: fill(&starts, &rows),
+                            totals: Some(r.aggs()),
+                            keys: r.keys,
+                        }
+                    })
+                    .collect();
+                // A group can enter the top between the two statements (events arriving);
+                // keep its series rather than drop data.
+                let mut late: Vec<_> = by_keys.into_iter().collect();
+                late.sort_by(|a, b| a.0.cmp(&b.0));
+                groups.extend(late.into_iter().map(|(keys, rows)| GroupResult {
+                    keys,
+                    totals: None,
+                    points: fill(&starts, &rows),
+                }));
+                groups
+            }
+        };
+        let other = q.other.then(|| GroupResult {
+            keys: vec![],
+            totals: q
+                .bucket
+                .is_none()
+                .then(|| other.first().map(AggRow::aggs).unwrap_or_default()),
+            points: if q.bucket.is_some() {
+                fill(&starts, &other)
+            } else {
+                vec![]
+            },
+        });
+        Ok(QueryOutput { groups, other })
+    }
+}
+
+/// Every bucket of `starts` with the figures of `rows` (zeros where there are none). A row in
+/// a bucket the sequence lacks is kept in its place rather than dropped.
+fn fill(starts: &[DateTime<Utc>], rows: &[AggRow]) -> Vec<(DateTime<Utc>, Aggregates)> {
+    let mut points: BTreeMap<i64, Aggregates> = starts
+        .iter()
+        .map(|s| (s.timestamp(), Aggregates::default()))
+        .collect();
+    for row in rows {
+        let start = i64::from(row.bucket);
+        if !points.contains_key(&start) {
+            tracing::warn!(
+                start,
+                "a bucket ClickHouse returned is not in the computed sequence"
+            );
+        }
+        points.entry(start).or_default().add(&row.aggs());
+    }
+    points
+        .into_iter()
+        .map(|(s, a)| (DateTime::from_timestamp(s, 0).unwrap_or_default(), a))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_undefined_without_a_denominator() {
+        let a = Aggregates {
+            impressions: 0,
+            clicks: 0,
+            revenue: 5,
+            spend: 2,
+            ..Default::default()
+        };
+        assert_eq!(a.metric(Metric::Ctr), MetricValue::Ratio(None));
+        assert_eq!(a.metric(Metric::Roas), MetricValue::Ratio(Some(2.5)));
+        assert_eq!(a.metric(Metric::Revenue), MetricValue::Count(5));
+    }
+
+    #[test]
+    fn gaps_are_filled_with_zeros() {
+        let starts: Vec<_> = (0..4)
+            .map(|h| DateTime::from_timestamp(h * 3600, 0).unwrap())
+            .collect();
+        let rows = vec![AggRow {
+            bucket: 7200,
+            keys: vec![],
+            events: 3,
+            impressions: 0,
+            clicks: 0,
+            conversions: 0,
+            spend: 0,
+            revenue: 0,
+            users_exact: 0,
+            users_approx: 0,
+        }];
+        let points = fill(&starts, &rows);
+        assert_eq!(points.len(), 4);
+        assert_eq!(
+            points.iter().map(|p| p.1.events).collect::<Vec<_>>(),
+            vec![0, 0, 3, 0]
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! Raw events: one by id, newest-first pages, and the export in order of receipt.
+//!
+//! Both listings are keyset-paginated on `(received_at, event_id)` — the server's receive time
+//! with the id as tie-breaker (a batch shares one `received_at`). A cursor is the key of the
+//! last event served; the next read starts strictly after it, so no OFFSET scan happens and
+//! inserts during paging neither repeat nor skip events already there: new events are received
+//! later than any cursor taken before, so they sort above a newest-first listing and after an
+//! export's cursor.
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{
+    model::{Filter, TimeRange},
+    sql::{where_clause, Expr, Sql, FROM_EVENTS},
+    InvalidInput,
+};
+
+/// One stored event, as read back.
+#[derive(Debug, Clone, clickhouse::Row, Deserialize)]
+pub struct EventRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    pub kind: String,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
+    pub timestamp: DateTime<Utc>,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
+    pub event_time: DateTime<Utc>,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis::option")]
+    pub sent_at: Option<DateTime<Utc>>,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
+    pub received_at: DateTime<Utc>,
+    pub campaign_id: String,
+    pub ad_id: String,
+    pub publisher_id: String,
+    pub advertiser_id: String,
+    pub user_id: String,
+    pub country: String,
+    pub device: String,
+    pub os: String,
+    pub browser: String,
+    pub cost_micros: u64,
+    pub revenue_micros: u64,
+    pub attributes: Vec<(String, String)>,
+}
+
+const COLUMNS: &str = "SELECT event_id, toString(event_type) AS kind, timestamp, event_time, \
+     sent_at, received_at, campaign_id, ad_id, publisher_id, advertiser_id, user_id, country, \
+     device, os, browser, cost_micros, revenue_micros, attributes";
+
+/// Where a listing continues: strictly after this event in its order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub received_at_ms: i64,
+    pub event_id: Uuid,
+}
+
+impl Cursor {
+    pub fn of(row: &EventRow) -> Self {
+        Cursor {
+            received_at_ms: row.received_at.timestamp_millis(),
+            event_id: row.event_id,
+        }
+    }
+
+    /// Opaque to clients: `<received_at ms>_<event id hex>`.
+    pub fn encode(&self) -> String {
+        format!("{}_{}", self.received_at_ms, self.event_id.simple())
+    }
+
+    pub fn decode(text: &str, field: &str) -> Result<Self, InvalidInput> {
+        let invalid = || {
+            InvalidInput::new(
+                "invalid_cursor",
+                field,
+                "not a cursor this API returned (pass `next_cursor` or an exported line's `cursor` as is)",
+            )
+        };
+        let (ms, id) = text.split_once('_').ok_or_else(invalid)?;
+        let received_at_ms: i64 = ms.parse().map_err(|_| invalid())?;
+        if !(0..=i64::from(i32::MAX) * 1000).contains(&received_at_ms) || id.len() != 32 {
+            return Err(invalid());
+        }
+        let event_id = Uuid::try_parse(id).map_err(|_| invalid())?;
+        Ok(Cursor {
+            received_at_ms,
+            event_id,
+        })
+    }
+
+    fn bind(&self, sql: &mut Sql) -> (Expr, Expr) {
+        (
+            sql.bind_i64(self.received_at_ms),
+            sql.bind_uuid(&self.event_id),
+        )
+    }
+}
+
+/// The optional time bounds of a listing, on `event_time`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bounds {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl Bounds {
+    fn range(&self) -> Option<TimeRange> {
+        // Open ends: the epoch, and a date far beyond any event's.
+        const FAR_FUTURE_MS: i64 = 7_258_118_400_000; // 2200-01-01
+        if self.from.is_none() && self.to.is_none() {
+            return None;
+        }
+        let from_ms = self.from.map_or(0, super::model::ceil_ms);
+        let to_ms = self.to.map_or(FAR_FUTURE_MS, super::model::ceil_ms);
+        Some(TimeRange { from_ms, to_ms })
+    }
+}
+
+/// One event of `tenant` by id.
+pub fn get(tenant: &str, event_id: &Uuid) -> Sql {
+    let mut sql = Sql::new();
+    let filter = where_clause(&mut sql, tenant, None, &[]);
+    let id = sql.bind_uuid(event_id);
+    sql.push(COLUMNS)
+        .push(FROM_EVENTS)
+        .push(" WHERE ")
+        .push_expr(&filter)
+        .push(" AND event_id = ")
+        .push_expr(&id)
+        .push(" LIMIT 1");
+    sql
+}
+
+/// A page, newest received first, strictly after `after` in that order.
+pub fn page(
+    tenant: &str,
+    bounds: Bounds,
+    filters: &[Filter],
+    after: Option<Cursor>,
+    limit: u64,
+) -> Sql {
+    let mut sql = Sql::new();
+    let filter = where_clause(&mut sql, tenant, bounds.range(), filters);
+    sql.push(COLUMNS)
+        .push(FROM_EVENTS)
+        .push(" WHERE ")
+        .push_expr(&filter);
+    if let Some(cursor) = after {
+        let (ms, id) = cursor.bind(&mut sql);
+        sql.push(" AND (received_at, event_id) < (fromUnixTimestamp64Milli(")
+            .push_expr(&ms)
+            .push(", 'UTC'), ")
+            .push_expr(&id)
+            .push(")");
+    }
+    let limit = sql.bind_u64(limit);
+    sql.push(" ORDER BY received_at DESC, event_id DESC LIMIT ")
+        .push_expr(&limit);
+    sql
+}
+
+/// The export: oldest received first, strictly after `after`, and received no later than
+/// `until_ms` (events received later may still be on their way into ClickHouse).
+pub fn export(
+    tenant: &str,
+    bounds: Bounds,
+    filters: &[Filter],
+    after: Option<Cursor>,
+    until_ms: i64,
+    limit: u64,
+) -> Sql {
+    let mut sql = Sql::new();
+    let filter = where_clause(&mut sql, tenant, bounds.range(), filters);
+    let until = sql.bind_i64(until_ms);
+    sql.push(COLUMNS)
+        .push(FROM_EVENTS)
+        .push(" WHERE ")
+        .push_expr(&filter)
+        .push(" AND received_at <= fromUnixTimestamp64Milli(")
+        .push_expr(&until)
+        .push(", 'UTC')");
+    if let Some(cursor) = after {
+        let (ms, id) = cursor.bind(&mut sql);
+        sql.push(" AND (received_at, event_id) > (fromUnixTimestamp64Milli(")
+            .push_expr(&ms)
+            .push(", 'UTC'), ")
+            .push_expr(&id)
+            .push(")");
+    }
+    let limit = sql.bind_u64(limit);
+    sql.push(" ORDER BY received_at ASC, event_id ASC LIMIT ")
+        .push_expr(&limit);
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_anything_else() {
+        let c = Cursor {
+            received_at_ms: 1_760_000_000_123,
+            event_id: Uuid::new_v4(),
+        };
+        assert_eq!(Cursor::decode(&c.encode(), "cursor").unwrap(), c);
+        for bad in [
+            "",
+            "123",
+            "abc_def",
+            "-1_00000000000000000000000000000000",
+            "1_' OR 1=1 --",
+            &format!("1_{}", Uuid::new_v4()), // hyphenated is not what we hand out
+        ] {
+            let err = Cursor::decode(bad, "cursor").unwrap_err();
+            assert_eq!((err.code, err.field.as_str()), ("invalid_cursor", "cursor"));
+        }
+    }
+
+    #[test]
+    fn listings_are_keyset_paginated_and_scoped() {
+        let cursor = Cursor {
+            received_at_ms: 5,
+            event_id: Uuid::nil(),
+        };
+        let sql = page("t'x", Bounds::default(), &[], Some(cursor), 100);
+        let text = sql.text();
+        assert!(
+            text.contains("FROM events FINAL WHERE tenant = {p0:String}"),
+            "{text}"
+        );
+        assert!(text.contains("(received_at, event_id) < ("), "{text}");
+        assert!(
+            text.contains("ORDER BY received_at DESC, event_id DESC LIMIT {p"),
+            "{text}"
+        );
+        assert!(!text.contains("OFFSET"));
+        assert!(!text.contains("t'x"));
+
+        let sql = export("t", Bounds::default(), &[], Some(cursor), 9, 10);
+        let text = sql.text();
+        assert!(
+            text.contains("received_at <= fromUnixTimestamp64Milli("),
+            "{text}"
+        );
+        assert!(text.contains("(received_at, event_id) > ("), "{text}");
+        assert!(
+            text.contains("ORDER BY received_at ASC, event_id ASC"),
+            "{text}"
+        );
+    }
+}
