@@ -7,7 +7,7 @@ Rust `clickhouse` crate, curl and notebook clients use, on top of the ClickHouse
 clickhouse-server package available (Debian's) is from 2018; production and docker-compose use the
 real `clickhouse/clickhouse-server`, and a client must not be able to tell the two apart.
 
-What it serves (see /work/shared/notes/local-clickhouse.md for the background):
+What it serves:
   GET /ping, GET /replicas_status          -> "Ok.\\n"
   GET /?query=...                          -> read-only queries (GET implies readonly, as upstream)
   POST / with the query in the URL, in the body, or both (the body is appended to the URL query,
