@@ -102,6 +102,7 @@ pub struct Metrics {
     pub clickhouse_errors_retryable: AtomicU64,
     pub clickhouse_errors_data: AtomicU64,
     pub dead_lettered_events: AtomicU64,
+    pub duplicate_events: AtomicU64,
     /// Request latency by (route template, method, status).
     requests: RwLock<BTreeMap<RequestKey, Arc<Histogram>>>,
 }
@@ -121,6 +122,7 @@ impl Default for Metrics {
             clickhouse_errors_retryable: AtomicU64::new(0),
             clickhouse_errors_data: AtomicU64::new(0),
             dead_lettered_events: AtomicU64::new(0),
+            duplicate_events: AtomicU64::new(0),
             requests: RwLock::new(BTreeMap::new()),
         }
     }
@@ -222,6 +224,12 @@ impl Metrics {
             "adtrack_dead_lettered_events_total",
             "Events ClickHouse refused as invalid, written to the dead-letter file.",
             &[("", &self.dead_lettered_events)],
+        );
+        counter(
+            &mut out,
+            "adtrack_duplicate_events_total",
+            "Re-sent events (same tenant and event_id) seen within two flush batches; all copies are inserted and collapse in ClickHouse.",
+            &[("", &self.duplicate_events)],
         );
         let _ = writeln!(
             out,

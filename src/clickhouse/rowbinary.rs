@@ -156,13 +156,24 @@ pub fn row_bounds(rows: &[u8]) -> Result<Vec<std::ops::Range<usize>>, DecodeErro
     Ok(out)
 }
 
+/// Calls `f(tenant, event_id)` for every row, without allocating (the shipper counts
+/// re-sent events with it).
+pub fn for_each_identity(rows: &[u8], mut f: impl FnMut(&[u8], u128)) -> Result<(), DecodeError> {
+    let mut reader = Reader { buf: rows, pos: 0 };
+    while reader.pos < rows.len() {
+        let (tenant, id) = reader.identity()?;
+        f(tenant, id);
+    }
+    Ok(())
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError(self.pos))?;
         let slice = self.buf.get(self.pos..end).ok_or(DecodeError(self.pos))?;
         self.pos = end;
@@ -195,6 +206,32 @@ impl Reader<'_> {
             }
         }
         Err(DecodeError(self.pos))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.len()?;
+        self.take(n)
+    }
+
+    /// Reads a row's identity (tenant, event_id) and skips the rest without allocating.
+    fn identity(&mut self) -> Result<(&'a [u8], u128), DecodeError> {
+        let tenant = self.bytes()?;
+        let id = (u128::from(self.u64()?) << 64) | u128::from(self.u64()?);
+        // event_type, timestamp, event_time
+        self.take(1 + 8 + 8)?;
+        if self.u8()? == 0 {
+            self.take(8)?; // sent_at
+        }
+        self.take(8)?; // received_at
+        for _ in 0..9 {
+            self.bytes()?; // campaign_id … browser
+        }
+        self.take(16)?; // cost_micros, revenue_micros
+        for _ in 0..self.len()? {
+            self.bytes()?;
+            self.bytes()?;
+        }
+        Ok((tenant, id))
     }
 
     fn string(&mut self) -> Result<String, DecodeError> {
@@ -277,6 +314,13 @@ mod tests {
 
         let decoded = decode_all(&buf).unwrap();
         assert_eq!(decoded.len(), 2);
+        let mut identities = Vec::new();
+        for_each_identity(&buf, |tenant, id| identities.push((tenant.to_vec(), id))).unwrap();
+        let id = event.wire.event_id.as_u128();
+        assert_eq!(
+            identities,
+            vec![(b"acme".to_vec(), id), (b"acme".to_vec(), id)]
+        );
         assert_eq!(row_bounds(&buf).unwrap().len(), 2);
         let d = &decoded[0];
         assert_eq!(d.tenant, "acme");

@@ -13,6 +13,7 @@
 //! what MergeTree wants. Nothing is deleted from the log before ClickHouse has acknowledged it.
 
 use std::{
+    collections::HashSet,
     io::Write,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
@@ -66,6 +67,7 @@ impl Shipper {
             started: None,
         };
         let insert_sql = rowbinary::insert_sql("events");
+        let mut recent = RecentIds::default();
         let mut drain_deadline: Option<Instant> = None;
 
         loop {
@@ -107,6 +109,7 @@ impl Shipper {
                 .started
                 .is_some_and(|t| t.elapsed() >= self.settings.interval);
             if batch.count > 0 && (full || due || stopping) {
+                recent.count(&batch.rows, &self.metrics);
                 let committed = self.flush(&insert_sql, &mut batch, drain_deadline).await;
                 if !committed {
                     // Only while stopping: the drain time ran out before ClickHouse took it.
@@ -283,6 +286,40 @@ impl Shipper {
             .dead_lettered_events
             .fetch_add(count as u64, Ordering::Relaxed);
     }
+}
+
+/// The identities of the last two batches, to count re-sent events. Counting only: every
+/// copy is inserted (the table keeps the last received one), and a re-send that arrives
+/// further apart is collapsed by ClickHouse without being counted here.
+#[derive(Default)]
+struct RecentIds {
+    previous: HashSet<(u64, u128)>,
+}
+
+impl RecentIds {
+    fn count(&mut self, rows: &[u8], metrics: &Metrics) {
+        let mut current = HashSet::with_capacity(self.previous.len());
+        let mut duplicates = 0u64;
+        let walked = rowbinary::for_each_identity(rows, |tenant, id| {
+            let key = (tenant_key(tenant), id);
+            if self.previous.contains(&key) || !current.insert(key) {
+                duplicates += 1;
+            }
+        });
+        if walked.is_ok() {
+            metrics
+                .duplicate_events
+                .fetch_add(duplicates, Ordering::Relaxed);
+        }
+        self.previous = current;
+    }
+}
+
+fn tenant_key(tenant: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    tenant.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn hex(bytes: &[u8]) -> String {

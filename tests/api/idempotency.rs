@@ -40,6 +40,7 @@ async fn duplicates_in_one_batch_and_across_batches_count_once() {
 
     // The same events again, in other batch shapes, some after the first flush.
     app.wait_for_count(40).await;
+    assert_eq!(app.metric("adtrack_duplicate_events_total").await, 10.0);
     app.post(Value::from(batch[20..].to_vec()).to_string(), JSON)
         .await;
     for e in &batch[..5] {
