@@ -753,18 +753,27 @@ class Sessions:
         self.lock = threading.Lock()
 
     def acquire(self, session_id: str, timeout: float, check: bool) -> Session:
-        with self.lock:
-            session = self.items.get(session_id)
-            if session is None:
-                if check:
-                    raise ClickHouseError.new("SESSION_NOT_FOUND", f"Session {session_id} not found")
-                session = Session(self.factory(), timeout)
-                self.items[session_id] = session
-            if not session.lock.acquire(blocking=False):
+        while True:
+            with self.lock:
+                session = self.items.get(session_id)
+                if session is None:
+                    if check:
+                        raise ClickHouseError.new("SESSION_NOT_FOUND", f"Session {session_id} not found")
+                    session = Session(self.factory(), timeout)
+                    self.items[session_id] = session
+            # A client that sends its next request as soon as it has read the previous answer
+            # can arrive while that request's thread is still releasing the session: wait a
+            # moment before calling it concurrent use.
+            if not session.lock.acquire(timeout=2.0):
                 raise ClickHouseError.new(
                     "SESSION_IS_LOCKED", f"Session {session_id} is locked by a concurrent client")
-            session.timeout = timeout
-            return session
+            with self.lock:
+                current = self.items.get(session_id) is session
+            if current:
+                session.timeout = timeout
+                return session
+            # Closed or expired while we waited: look it up again.
+            session.lock.release()
 
     def release(self, session_id: str, session: Session, close: bool) -> None:
         session.last_used = time.monotonic()

@@ -377,7 +377,11 @@ def test_streamed_row_binary_is_byte_exact(srv):
 
 def test_error_mid_stream_uses_the_tagged_exception_block(srv):
     conn = srv.conn()
-    status, resp, body = srv.query("SELECT throwIf(number = 200000) FROM numbers(1000000)", conn=conn)
+    # Small blocks and a late error: the first rows are surely on the wire before it happens,
+    # however loaded the machine is.
+    status, resp, body = srv.query(
+        "SELECT throwIf(number = 900000) FROM numbers(1000000) SETTINGS max_block_size = 1000",
+        conn=conn)
     assert status == 200
     tag = resp.getheader("X-ClickHouse-Exception-Tag")
     assert tag and body.endswith(f" {tag}\r\n__exception__\r\n".encode())
