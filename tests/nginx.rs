@@ -12,16 +12,11 @@
 mod helpers;
 
 use std::{
-    collections::{BTreeMap, HashSet},
     fs,
     net::TcpStream,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
     time::{Duration, Instant},
 };
 
@@ -30,50 +25,6 @@ use serde_json::Value;
 
 /// The production proxy settings, with placeholders for ports and the prefix.
 const TEMPLATE: &str = "nginx/nginx.test.conf.template";
-
-/// Used only while the template is missing: the settings this test relies on.
-const FALLBACK_CONF: &str = r#"
-worker_processes 1;
-pid @PREFIX@/nginx.pid;
-error_log stderr warn;
-events { worker_connections 1024; }
-http {
-    client_body_temp_path @PREFIX@/client_body_temp;
-    proxy_temp_path @PREFIX@/proxy_temp;
-    fastcgi_temp_path @PREFIX@/fastcgi_temp;
-    uwsgi_temp_path @PREFIX@/uwsgi_temp;
-    scgi_temp_path @PREFIX@/scgi_temp;
-    map $http_x_request_id $adtrack_request_id {
-        "~^[A-Za-z0-9._:-]{1,128}$" $http_x_request_id;
-        default                     $request_id;
-    }
-    log_format adtrack_json escape=json '{"request_id":"$adtrack_request_id","status":$status,'
-        '"upstream_addr":"$upstream_addr","upstream_status":"$upstream_status"}';
-    access_log @PREFIX@/access.log adtrack_json;
-    upstream adtrack {
-        zone adtrack_upstream 256k;
-        least_conn;
-        server 127.0.0.1:@UPSTREAM_PORT_1@ max_fails=3 fail_timeout=10s;
-        server 127.0.0.1:@UPSTREAM_PORT_2@ max_fails=3 fail_timeout=10s;
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:@LISTEN_PORT@;
-        client_max_body_size 10m;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header X-Request-Id $adtrack_request_id;
-        proxy_connect_timeout 2s;
-        # Safe for POST: ingestion is idempotent by event_id.
-        proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;
-        proxy_next_upstream_tries 3;
-        proxy_hide_header X-Request-Id;
-        add_header X-Request-Id $adtrack_request_id always;
-        location / { proxy_pass http://adtrack; }
-        location = /nginx/health { return 200 "ok\n"; }
-    }
-}
-"#;
 
 fn nginx_binary() -> PathBuf {
     for candidate in [
@@ -110,7 +61,8 @@ impl Nginx {
     fn start(prefix: &Path, upstream_ports: [u16; 2]) -> Nginx {
         let port = free_port();
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join(TEMPLATE);
-        let template = fs::read_to_string(&template).unwrap_or_else(|_| FALLBACK_CONF.into());
+        let template =
+            fs::read_to_string(&template).unwrap_or_else(|e| panic!("{}: {e}", template.display()));
         let conf = template
             .replace("@LISTEN_PORT@", &port.to_string())
             .replace("@UPSTREAM_PORT_1@", &upstream_ports[0].to_string())
@@ -211,108 +163,6 @@ impl Drop for Nginx {
     }
 }
 
-/// Clients posting 20-event batches until stopped, recording acknowledged ids and every status
-/// they saw (0 = no answer).
-struct Load {
-    acked: Arc<Mutex<HashSet<String>>>,
-    statuses: Arc<Mutex<BTreeMap<u16, usize>>>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(base: &str, clients: usize) -> Load {
-        let acked = Arc::new(Mutex::new(HashSet::new()));
-        let statuses = Arc::new(Mutex::new(BTreeMap::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (acked, statuses, stop) = (acked.clone(), statuses.clone(), stop.clone());
-                let url = format!("{base}/v1/events");
-                tokio::spawn(async move {
-                    let http = reqwest::Client::builder()
-                        .timeout(Duration::from_secs(20))
-                        .build()
-                        .unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        let batch = events(20);
-                        let sent = http
-                            .post(&url)
-                            .header("content-type", JSON)
-                            .body(Value::from(batch.clone()).to_string())
-                            .send()
-                            .await;
-                        let status = sent.map_or(0, |r| r.status().as_u16());
-                        if status == 202 {
-                            acked.lock().unwrap().extend(ids_of(&batch));
-                        }
-                        *statuses.lock().unwrap().entry(status).or_default() += 1;
-                        // Sustained, not flat out: the machine also runs ClickHouse and nginx.
-                        tokio::time::sleep(Duration::from_millis(3)).await;
-                    }
-                })
-            })
-            .collect();
-        Load {
-            acked,
-            statuses,
-            stop,
-            tasks,
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    async fn finish(self) -> (HashSet<String>, BTreeMap<u16, usize>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let acked = self.acked.lock().unwrap().clone();
-        let statuses = self.statuses.lock().unwrap().clone();
-        (acked, statuses)
-    }
-}
-
-/// Every acknowledged id is stored, none twice (with FINAL, and after a forced merge).
-async fn assert_all_stored_once(db: &clickhouse::Client, acked: &HashSet<String>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stored: Vec<String> = loop {
-        let stored: Vec<String> = db
-            .query("SELECT toString(event_id) FROM events FINAL")
-            .fetch_all()
-            .await
-            .unwrap();
-        let have: HashSet<&String> = stored.iter().collect();
-        if acked.iter().all(|id| have.contains(id)) || Instant::now() > deadline {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let distinct: HashSet<&String> = stored.iter().collect();
-    assert_eq!(distinct.len(), stored.len(), "an event is counted twice");
-    let missing = acked.iter().filter(|id| !distinct.contains(id)).count();
-    assert_eq!(
-        missing,
-        0,
-        "acknowledged events missing (of {})",
-        acked.len()
-    );
-    assert_eq!(stored.len(), acked.len(), "events nobody acknowledged");
-    db.query("OPTIMIZE TABLE events FINAL")
-        .execute()
-        .await
-        .unwrap();
-    let raw: u64 = db
-        .query("SELECT count() FROM events")
-        .fetch_one()
-        .await
-        .unwrap();
-    assert_eq!(raw as usize, stored.len(), "rows after merge");
-}
-
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
@@ -364,7 +214,7 @@ async fn an_instance_killed_behind_nginx_costs_clients_nothing_and_clickhouse_no
         .to_string();
     assert!(generated_id.len() >= 16, "{generated_id:?}");
 
-    let load = Load::start(&nginx.base, 4);
+    let load = Load::start(&nginx.base, 4, Duration::from_millis(3));
     let started = Instant::now();
     wait_until("load through nginx", Duration::from_secs(10), || {
         load.acked() >= 2000
@@ -397,7 +247,8 @@ async fn an_instance_killed_behind_nginx_costs_clients_nothing_and_clickhouse_no
         while_down > 500,
         "ingest went on while an instance was down: {while_down}"
     );
-    assert_all_stored_once(&db, &acked).await;
+    let stored = assert_all_stored_once(&db, &acked).await;
+    assert_eq!(stored, acked.len(), "events nobody acknowledged");
 
     // The access log: JSON with the request id; both instances served; some requests were
     // retried on the other instance (two upstream attempts in one line).

@@ -2,119 +2,11 @@
 //! graceful shutdown. The promise checked each time: every acknowledged event is in
 //! ClickHouse exactly once, and clients saw only answers that were true.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-
-/// Clients posting 20-event batches as fast as they can until `stop`, recording which ids got
-/// a 2xx and which statuses they saw (0 = connection error).
-struct Load {
-    acked: Arc<Mutex<HashSet<String>>>,
-    statuses: Arc<Mutex<BTreeMap<u16, usize>>>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(base: &str, clients: usize) -> Load {
-        let acked = Arc::new(Mutex::new(HashSet::new()));
-        let statuses = Arc::new(Mutex::new(BTreeMap::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (acked, statuses, stop) = (acked.clone(), statuses.clone(), stop.clone());
-                let url = format!("{base}/v1/events");
-                tokio::spawn(async move {
-                    let http = reqwest::Client::builder()
-                        .timeout(Duration::from_secs(10))
-                        .build()
-                        .unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        let batch = events(20);
-                        let sent = http
-                            .post(&url)
-                            .header("content-type", JSON)
-                            .body(Value::from(batch.clone()).to_string())
-                            .send()
-                            .await;
-                        let status = match sent {
-                            Ok(r) => r.status().as_u16(),
-                            Err(_) => {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                                0
-                            }
-                        };
-                        if (200..300).contains(&status) {
-                            acked.lock().unwrap().extend(ids_of(&batch));
-                        }
-                        *statuses.lock().unwrap().entry(status).or_default() += 1;
-                    }
-                })
-            })
-            .collect();
-        Load {
-            acked,
-            statuses,
-            stop,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (HashSet<String>, BTreeMap<u16, usize>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let acked = self.acked.lock().unwrap().clone();
-        let statuses = self.statuses.lock().unwrap().clone();
-        (acked, statuses)
-    }
-}
-
-/// Every acknowledged id is stored, none twice (with FINAL, and after a forced merge).
-async fn assert_all_stored_once(db: &clickhouse::Client, acked: &HashSet<String>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let stored: Vec<String> = loop {
-        let stored: Vec<String> = db
-            .query("SELECT toString(event_id) FROM events FINAL")
-            .fetch_all()
-            .await
-            .unwrap();
-        let have: HashSet<&String> = stored.iter().collect();
-        if acked.iter().all(|id| have.contains(id)) || std::time::Instant::now() > deadline {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let distinct: HashSet<&String> = stored.iter().collect();
-    assert_eq!(distinct.len(), stored.len(), "an event is counted twice");
-    let missing: Vec<&String> = acked.iter().filter(|id| !distinct.contains(id)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged events are missing",
-        missing.len(),
-        acked.len()
-    );
-    db.query("OPTIMIZE TABLE events FINAL")
-        .execute()
-        .await
-        .unwrap();
-    let raw: u64 = db
-        .query("SELECT count() FROM events")
-        .fetch_one()
-        .await
-        .unwrap();
-    assert_eq!(raw as usize, stored.len(), "rows after merge");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_and_doubles_nothing() {
@@ -130,7 +22,7 @@ async fn kill_9_under_load_loses_and_doubles_nothing() {
     let mut service = ServiceProcess::start(&env).await;
     // Two crashes, at different points of the flush cycle.
     for pause_ms in [1200, 1750] {
-        let load = Load::start(&service.base, 4);
+        let load = Load::start(&service.base, 4, Duration::ZERO);
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         service.kill9();
         let (acked, _) = load.finish().await;
@@ -163,7 +55,7 @@ async fn clickhouse_down_under_load_loses_nothing_and_clients_see_202_or_503() {
         .with_url(&clickhouse.url)
         .with_database(&database);
 
-    let load = Load::start(&service.base, 3);
+    let load = Load::start(&service.base, 3, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(500)).await;
     clickhouse.kill();
     tokio::time::sleep(Duration::from_millis(2500)).await;

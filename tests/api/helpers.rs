@@ -6,10 +6,13 @@
 #![allow(dead_code)]
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -358,4 +361,111 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Clients posting 20-event batches until stopped, recording which ids got a 2xx and every
+/// status they saw (0 = no answer). `pause` spaces each client's requests.
+pub struct Load {
+    acked: Arc<Mutex<HashSet<String>>>,
+    statuses: Arc<Mutex<BTreeMap<u16, usize>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(base: &str, clients: usize, pause: Duration) -> Load {
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let statuses = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (acked, statuses, stop) = (acked.clone(), statuses.clone(), stop.clone());
+                let url = format!("{base}/v1/events");
+                tokio::spawn(async move {
+                    let http = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(20))
+                        .build()
+                        .unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let batch = events(20);
+                        let sent = http
+                            .post(&url)
+                            .header("content-type", JSON)
+                            .body(Value::from(batch.clone()).to_string())
+                            .send()
+                            .await;
+                        let status = sent.map_or(0, |r| r.status().as_u16());
+                        if (200..300).contains(&status) {
+                            acked.lock().unwrap().extend(ids_of(&batch));
+                        }
+                        *statuses.lock().unwrap().entry(status).or_default() += 1;
+                        let wait = if status == 0 {
+                            Duration::from_millis(20)
+                        } else {
+                            pause
+                        };
+                        tokio::time::sleep(wait).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            acked,
+            statuses,
+            stop,
+            tasks,
+        }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    pub async fn finish(self) -> (HashSet<String>, BTreeMap<u16, usize>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let statuses = self.statuses.lock().unwrap().clone();
+        (acked, statuses)
+    }
+}
+
+/// Every acknowledged id is stored, none twice (with FINAL, and after a forced merge).
+/// Returns how many distinct events are stored.
+pub async fn assert_all_stored_once(db: &clickhouse::Client, acked: &HashSet<String>) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored: Vec<String> = loop {
+        let stored: Vec<String> = db
+            .query("SELECT toString(event_id) FROM events FINAL")
+            .fetch_all()
+            .await
+            .unwrap();
+        let have: HashSet<&String> = stored.iter().collect();
+        if acked.iter().all(|id| have.contains(id)) || Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let distinct: HashSet<&String> = stored.iter().collect();
+    assert_eq!(distinct.len(), stored.len(), "an event is counted twice");
+    let missing = acked.iter().filter(|id| !distinct.contains(id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "acknowledged events missing (of {})",
+        acked.len()
+    );
+    db.query("OPTIMIZE TABLE events FINAL")
+        .execute()
+        .await
+        .unwrap();
+    let raw: u64 = db
+        .query("SELECT count() FROM events")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(raw as usize, stored.len(), "rows after merge");
+    stored.len()
 }
