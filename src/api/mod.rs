@@ -51,6 +51,8 @@ pub fn routes(
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .data(body::BodyLimit(body_limit))
+        // A bug must cost one request a 500, not the connection (and never other requests).
+        .with(poem::middleware::CatchPanic::new())
         .around(move |ep, req| observe::observe(ep, req, metrics.clone()))
         .boxed()
 }
