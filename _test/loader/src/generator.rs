@@ -157,22 +157,8 @@ impl Default for GenConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
-    Impression,
-    Click,
-    Conversion,
-}
-
-impl EventType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::Impression => "impression",
-            EventType::Click => "click",
-            EventType::Conversion => "conversion",
-        }
-    }
-}
+/// The service's own event types: the loader sends exactly what adtrack accepts.
+pub use adtrack::domain::EventType;
 
 /// What was emitted: a new event, or a copy of one emitted before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
