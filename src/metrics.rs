@@ -94,7 +94,6 @@ pub struct Metrics {
     pub events_rejected_invalid: AtomicU64,
     pub events_rejected_too_large: AtomicU64,
     pub requests_rejected_budget: AtomicU64,
-    pub wal_pending_bytes: AtomicU64,
     pub fsync_seconds: Histogram,
     pub flushes: AtomicU64,
     pub flushed_rows: AtomicU64,
@@ -114,7 +113,6 @@ impl Default for Metrics {
             events_rejected_invalid: AtomicU64::new(0),
             events_rejected_too_large: AtomicU64::new(0),
             requests_rejected_budget: AtomicU64::new(0),
-            wal_pending_bytes: AtomicU64::new(0),
             fsync_seconds: Histogram::new(LATENCY_BOUNDS),
             flushes: AtomicU64::new(0),
             flushed_rows: AtomicU64::new(0),
@@ -164,7 +162,8 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self) -> String {
+    /// The text of `/metrics`; the log's backlog is read from the log itself.
+    pub fn render(&self, wal_pending_bytes: u64) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, series: &[(&str, &AtomicU64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -234,7 +233,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP adtrack_wal_pending_bytes Write-ahead log bytes not yet committed to ClickHouse.\n# TYPE adtrack_wal_pending_bytes gauge\nadtrack_wal_pending_bytes {}",
-            self.wal_pending_bytes.load(Ordering::Relaxed)
+            wal_pending_bytes
         );
         self.fsync_seconds.render(
             &mut out,
@@ -273,7 +272,7 @@ mod tests {
         let m = Metrics::default();
         m.fsync_seconds.observe(Duration::from_micros(200));
         m.fsync_seconds.observe(Duration::from_millis(3));
-        let text = m.render();
+        let text = m.render(0);
         assert!(text.contains("adtrack_wal_fsync_seconds_bucket{le=\"0.00025\"} 1"));
         assert!(text.contains("adtrack_wal_fsync_seconds_bucket{le=\"0.005\"} 2"));
         assert!(text.contains("adtrack_wal_fsync_seconds_count 2"));

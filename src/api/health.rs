@@ -70,6 +70,6 @@ impl HealthApi {
     /// durations, ClickHouse errors, request latency.
     #[oai(path = "/metrics", method = "get", tag = "ApiTags::Health")]
     async fn metrics(&self) -> PlainText<String> {
-        PlainText(self.metrics.render())
+        PlainText(self.metrics.render(self.wal.pending_bytes()))
     }
 }

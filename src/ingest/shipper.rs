@@ -98,10 +98,6 @@ impl Shipper {
                     }
                 }
             }
-            if reader.position() != batch.end && batch.count == 0 {
-                // Records with zero rows never happen, but keep the position honest.
-                batch.end = reader.position();
-            }
 
             let full = batch.count >= self.settings.max_rows
                 || batch.rows.len() >= self.settings.max_bytes;
@@ -196,9 +192,6 @@ impl Shipper {
         }
         self.shared
             .pending_bytes
-            .fetch_sub(batch.wal_bytes, Ordering::Relaxed);
-        self.metrics
-            .wal_pending_bytes
             .fetch_sub(batch.wal_bytes, Ordering::Relaxed);
         self.committed.send_replace(batch.end.lsn);
         batch.rows.clear();

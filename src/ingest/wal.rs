@@ -204,7 +204,6 @@ pub fn open(
         max_pending_bytes,
         broken: AtomicBool::new(false),
     });
-    metrics.wal_pending_bytes.store(pending, Ordering::Relaxed);
 
     let (tx, rx) = mpsc::channel(16 * 1024);
     let mut writer = LogWriter {
@@ -272,9 +271,6 @@ impl LogWriter {
                 Ok(()) => {
                     self.shared
                         .pending_bytes
-                        .fetch_add(record_bytes, Ordering::Relaxed);
-                    self.metrics
-                        .wal_pending_bytes
                         .fetch_add(record_bytes, Ordering::Relaxed);
                     for (lsn, done) in group.drain(..) {
                         let _ = done.send(Ok(lsn));
