@@ -124,6 +124,7 @@ async fn graceful_shutdown_drains_the_log_into_clickhouse() {
         0,
         "nothing flushed before the stop"
     );
+    assert!(app.metric("adtrack_wal_pending_bytes").await > 0.0);
     app.stop().await;
     assert_eq!(app.count_final().await, 100);
 }
