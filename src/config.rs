@@ -80,6 +80,16 @@ pub struct AnalyticsSettings {
     pub export_settle_ms: u64,
 }
 
+/// The usage log: one row per request, through its own write-ahead log into ClickHouse.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageSettings {
+    pub retention_days: u32,
+    /// Rows are gathered in memory and appended to the log this often.
+    pub flush_interval: Duration,
+    /// Disk budget of the usage log's write-ahead log; past it rows are dropped and counted.
+    pub max_pending_bytes: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
@@ -97,8 +107,16 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// How long start-up waits for ClickHouse before starting without it.
     pub clickhouse_startup_wait: Duration,
-    /// Tenant written with every event until API keys bind requests to tenants.
-    pub default_tenant: String,
+    /// The bootstrap admin key (`ADTRACK_ADMIN_KEY`): creates tenants and their keys. Unset:
+    /// no operator key (keys with the `admin` scope still manage their own tenant).
+    pub admin_key: Option<String>,
+    /// How often every instance reloads the API keys (bounds how long a revoked key works).
+    pub key_refresh: Duration,
+    /// Default per-key rate limits (a key may override them); a rate of 0 is unlimited.
+    pub rate_limits: crate::auth::RateLimits,
+    /// Names this process in the usage log; unique per run.
+    pub instance_id: String,
+    pub usage: UsageSettings,
     pub analytics: AnalyticsSettings,
     pub log_level: String,
     pub log_json: bool,
@@ -222,7 +240,47 @@ impl Settings {
                 "ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS",
                 parse("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS", "10")?,
             )?),
-            default_tenant: parse("ADTRACK_DEFAULT_TENANT", "default")?,
+            admin_key: var("ADTRACK_ADMIN_KEY").map(|k| k.trim().to_string()),
+            key_refresh: Duration::from_millis(num(
+                "ADTRACK_KEY_REFRESH_MS",
+                parse("ADTRACK_KEY_REFRESH_MS", "2000")?,
+            )?),
+            rate_limits: crate::auth::RateLimits {
+                requests_per_sec: num(
+                    "ADTRACK_RATE_LIMIT_REQUESTS_PER_SEC",
+                    parse("ADTRACK_RATE_LIMIT_REQUESTS_PER_SEC", "1000")?,
+                )?,
+                requests_burst: num(
+                    "ADTRACK_RATE_LIMIT_REQUESTS_BURST",
+                    parse("ADTRACK_RATE_LIMIT_REQUESTS_BURST", "2000")?,
+                )?,
+                events_per_sec: num(
+                    "ADTRACK_RATE_LIMIT_EVENTS_PER_SEC",
+                    parse("ADTRACK_RATE_LIMIT_EVENTS_PER_SEC", "100000")?,
+                )?,
+                events_burst: num(
+                    "ADTRACK_RATE_LIMIT_EVENTS_BURST",
+                    parse("ADTRACK_RATE_LIMIT_EVENTS_BURST", "200000")?,
+                )?,
+            },
+            instance_id: match var("ADTRACK_INSTANCE_ID") {
+                Some(id) => id,
+                None => default_instance_id(),
+            },
+            usage: UsageSettings {
+                retention_days: num(
+                    "ADTRACK_USAGE_RETENTION_DAYS",
+                    parse("ADTRACK_USAGE_RETENTION_DAYS", "90")?,
+                )?,
+                flush_interval: Duration::from_millis(num(
+                    "ADTRACK_USAGE_FLUSH_MS",
+                    parse("ADTRACK_USAGE_FLUSH_MS", "200")?,
+                )?),
+                max_pending_bytes: num(
+                    "ADTRACK_USAGE_MAX_PENDING_BYTES",
+                    parse("ADTRACK_USAGE_MAX_PENDING_BYTES", "268435456")?,
+                )?,
+            },
             analytics: AnalyticsSettings {
                 max_range_days: num(
                     "ADTRACK_ANALYTICS_MAX_RANGE_DAYS",
@@ -278,8 +336,17 @@ impl Settings {
         if self.wal.segment_bytes < 4096 {
             bail!("ADTRACK_WAL_SEGMENT_BYTES must be at least 4096");
         }
-        if self.default_tenant.is_empty() || self.default_tenant.len() > 64 {
-            bail!("ADTRACK_DEFAULT_TENANT must be 1-64 characters");
+        if self.admin_key.as_ref().is_some_and(|k| k.len() < 32) {
+            bail!("ADTRACK_ADMIN_KEY must be at least 32 characters (e.g. `openssl rand -hex 32`)");
+        }
+        if self.instance_id.is_empty() || self.instance_id.len() > 128 {
+            bail!("ADTRACK_INSTANCE_ID must be 1-128 characters");
+        }
+        if self.usage.retention_days == 0 {
+            bail!("ADTRACK_USAGE_RETENTION_DAYS must be at least 1");
+        }
+        if self.key_refresh.is_zero() || self.usage.flush_interval.is_zero() {
+            bail!("ADTRACK_KEY_REFRESH_MS and ADTRACK_USAGE_FLUSH_MS must be greater than zero");
         }
         let a = &self.analytics;
         if a.max_range_days == 0 || a.max_groups == 0 || a.max_points == 0 {
@@ -300,6 +367,19 @@ impl Settings {
             ClickHouseTarget::Embedded { port, .. } => format!("http://127.0.0.1:{port}"),
         }
     }
+}
+
+/// The host name and a random suffix: distinct for every run, so that (instance, sequence
+/// number) identifies a request in the usage log even across restarts.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "adtrack".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
 }
 
 /// A plain ClickHouse identifier, safe to splice into DDL.
@@ -340,6 +420,10 @@ mod tests {
         assert_eq!(s.limits.max_event_bytes, 16 * 1024);
         assert_eq!(s.retention_days, 30);
         assert!(s.wal.fsync);
+        assert_eq!(s.admin_key, None);
+        assert_eq!(s.usage.retention_days, 90);
+        assert_eq!(s.rate_limits.requests_per_sec, 1000);
+        assert_ne!(s.instance_id, settings(&[]).unwrap().instance_id);
     }
 
     #[test]
@@ -383,6 +467,17 @@ mod tests {
             "{err}"
         );
         assert!(settings(&[("ADTRACK_ANALYTICS_MAX_EXECUTION_MS", "0")]).is_err());
+    }
+
+    #[test]
+    fn a_short_admin_key_is_refused() {
+        let err = settings(&[("ADTRACK_ADMIN_KEY", "secret")]).unwrap_err();
+        assert!(err.to_string().contains("ADTRACK_ADMIN_KEY"), "{err}");
+        let key = "k".repeat(32);
+        assert_eq!(
+            settings(&[("ADTRACK_ADMIN_KEY", &key)]).unwrap().admin_key,
+            Some(key)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod analytics;
 pub mod api;
+pub mod auth;
 pub mod clickhouse;
 pub mod config;
 pub mod domain;
@@ -14,3 +15,4 @@ pub mod local_engine;
 pub mod metrics;
 pub mod startup;
 pub mod telemetry;
+pub mod usage;

@@ -2,9 +2,9 @@
 //! until a shutdown signal, then drains.
 //!
 //! Shutdown order matters for "nothing lost": stop taking requests → let in-flight requests
-//! finish → close the log (its thread fsyncs and exits) → the shipper sends everything durable
-//! to ClickHouse (bounded by `shutdown_timeout`; whatever is left stays in the log for the
-//! next start) → stop the local engine, if we started it.
+//! finish → append the last usage rows → close both logs (their threads fsync and exit) → the
+//! shippers send everything durable to ClickHouse (bounded by `shutdown_timeout`; whatever is
+//! left stays in the log for the next start) → stop the local engine, if we started it.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -17,12 +17,20 @@ use tokio::sync::watch;
 
 use crate::{
     analytics::Analytics,
-    api::{self, events::EventsApi, health::HealthApi, raw_events::RawEventsApi, stats::StatsApi},
-    clickhouse::schema,
+    api::{
+        self, admin::AdminApi, events::EventsApi, health::HealthApi, observe::Observer,
+        raw_events::RawEventsApi, stats::StatsApi,
+    },
+    auth::{Auth, KeyStore},
+    clickhouse::schema::{self, Retention},
     config::{ClickHouseTarget, Settings},
-    ingest::{shipper::Shipper, wal, Ingest},
+    ingest::{
+        shipper::{EventRows, JsonRows, Shipper},
+        wal, Ingest,
+    },
     local_engine::LocalEngine,
     metrics::Metrics,
+    usage::{self, UsageLog},
 };
 
 pub struct Application {
@@ -30,6 +38,10 @@ pub struct Application {
     addr: SocketAddr,
     routes: poem::endpoint::BoxEndpoint<'static>,
     wal_thread: std::thread::JoinHandle<()>,
+    usage_wal_thread: std::thread::JoinHandle<()>,
+    usage_flusher: tokio::task::JoinHandle<()>,
+    usage_stop: watch::Sender<bool>,
+    key_refresh: tokio::task::JoinHandle<()>,
     shipper: std::thread::JoinHandle<()>,
     stopping: watch::Sender<bool>,
     engine: Option<LocalEngine>,
@@ -65,7 +77,10 @@ impl Application {
         let schema = SchemaSetup {
             apply: settings.clickhouse.apply_schema,
             database: settings.clickhouse.database.clone(),
-            retention_days: settings.retention_days,
+            retention: Retention {
+                events_days: settings.retention_days,
+                usage_days: settings.usage.retention_days,
+            },
         };
         let schema_ready = if answers_within(&client, settings.clickhouse_startup_wait).await {
             schema.prepare(&client).await?;
@@ -83,13 +98,23 @@ impl Application {
             settings.wal.fsync,
             metrics.clone(),
         )?;
+        let usage_metrics = Arc::new(Metrics::default());
+        let usage_wal = wal::open(
+            &settings.wal.dir.join("usage"),
+            settings.wal.segment_bytes.min(8 << 20),
+            settings.usage.max_pending_bytes,
+            settings.wal.fsync,
+            usage_metrics.clone(),
+        )?;
         let (committed_tx, committed) = watch::channel(wal.start.lsn);
+        let (usage_committed_tx, _) = watch::channel(usage_wal.start.lsn);
         let (stopping, stopping_rx) = watch::channel(false);
-        // The shipper gets a thread and runtime of its own: it reads the log with blocking file
-        // I/O and compresses large batches, and neither may stall request handling.
-        let shipper = Shipper {
+        // The shippers get a thread and runtime of their own: they read the logs with blocking
+        // file I/O and compress large batches, and neither may stall request handling.
+        let events_shipper = Shipper {
+            format: EventRows::default(),
             client: crate::clickhouse::client(&url, &settings.clickhouse),
-            schema: (!schema_ready).then_some(schema),
+            schema: (!schema_ready).then_some(schema.clone()),
             settings: settings.flush.clone(),
             wal_dir: wal.dir.clone(),
             start: wal.start,
@@ -97,6 +122,20 @@ impl Application {
             committed: committed_tx,
             shared: wal.shared.clone(),
             metrics: metrics.clone(),
+            stopping: stopping_rx.clone(),
+            drain_timeout: settings.shutdown_timeout,
+        };
+        let usage_shipper = Shipper {
+            format: JsonRows { table: "usage_log" },
+            client: crate::clickhouse::client(&url, &settings.clickhouse),
+            schema: (!schema_ready).then_some(schema),
+            settings: settings.flush.clone(),
+            wal_dir: usage_wal.dir.clone(),
+            start: usage_wal.start,
+            durable: usage_wal.durable.clone(),
+            committed: usage_committed_tx,
+            shared: usage_wal.shared.clone(),
+            metrics: usage_metrics.clone(),
             stopping: stopping_rx,
             drain_timeout: settings.shutdown_timeout,
         };
@@ -106,12 +145,42 @@ impl Application {
             .context("starting the shipper runtime")?;
         let shipper = std::thread::Builder::new()
             .name("shipper".into())
-            .spawn(move || runtime.block_on(shipper.run()))
+            .spawn(move || {
+                runtime.block_on(async {
+                    tokio::join!(events_shipper.run(), usage_shipper.run());
+                })
+            })
             .context("starting the shipper thread")?;
+
+        let usage_log = Arc::new(UsageLog::new(settings.instance_id.clone()));
+        let (usage_stop, usage_stop_rx) = watch::channel(false);
+        let usage_flusher = tokio::spawn(usage::run_flusher(
+            usage_log.clone(),
+            usage_wal.handle,
+            settings.usage.flush_interval,
+            usage_stop_rx,
+        ));
+
+        let store = Arc::new(KeyStore::new(
+            client.clone(),
+            settings.rate_limits,
+            Some(settings.wal.dir.join("api-keys.json")),
+        ));
+        let key_refresh = tokio::spawn(store.clone().refresh_forever(settings.key_refresh));
+        if settings.admin_key.is_none() {
+            tracing::warn!(
+                "ADTRACK_ADMIN_KEY is not set: no bootstrap admin key, so no tenant can be created"
+            );
+        }
+        let auth = Arc::new(Auth::new(
+            store.clone(),
+            settings.admin_key.as_deref(),
+            settings.key_refresh,
+        ));
 
         let ingest = Ingest {
             wal: wal.handle.clone(),
-            committed,
+            committed: committed.clone(),
             metrics: metrics.clone(),
             limits: settings.limits,
             retention: Duration::from_secs(u64::from(settings.retention_days) * 86_400),
@@ -119,22 +188,36 @@ impl Application {
             wait_timeout: settings.wait_timeout,
         };
         let routes = api::routes(
-            EventsApi {
-                ingest,
-                tenant: settings.default_tenant.clone(),
+            api::Apis {
+                events: EventsApi { ingest },
+                health: HealthApi {
+                    clickhouse: client.clone(),
+                    wal: wal.handle,
+                    metrics: metrics.clone(),
+                    usage: crate::api::health::UsageStatus {
+                        metrics: usage_metrics,
+                        log: usage_log.clone(),
+                        shared: usage_wal.shared.clone(),
+                    },
+                },
+                stats: StatsApi {
+                    analytics: Analytics::new(client.clone(), settings.analytics),
+                },
+                raw_events: RawEventsApi {
+                    analytics: Analytics::new(client.clone(), settings.analytics),
+                },
+                admin: AdminApi {
+                    store,
+                    client,
+                    durable: wal.durable.clone(),
+                    committed,
+                    wait_timeout: settings.wait_timeout,
+                },
             },
-            HealthApi {
-                clickhouse: client.clone(),
-                wal: wal.handle,
+            Observer {
                 metrics,
-            },
-            StatsApi {
-                analytics: Analytics::new(client.clone(), settings.analytics),
-                tenant: settings.default_tenant.clone(),
-            },
-            RawEventsApi {
-                analytics: Analytics::new(client, settings.analytics),
-                tenant: settings.default_tenant.clone(),
+                auth,
+                usage: usage_log,
             },
             settings.limits.max_body_bytes,
         );
@@ -144,6 +227,10 @@ impl Application {
             addr,
             routes,
             wal_thread: wal.thread,
+            usage_wal_thread: usage_wal.thread,
+            usage_flusher,
+            usage_stop,
+            key_refresh,
             shipper,
             stopping,
             engine,
@@ -168,11 +255,20 @@ impl Application {
             .run_with_graceful_shutdown(self.routes, shutdown, Some(Duration::from_secs(10)))
             .await
             .context("the HTTP server failed")?;
-        // The routes (and with them every log handle) are dropped: the log thread ends.
-        tokio::task::spawn_blocking(move || self.wal_thread.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the write-ahead log thread panicked"))?;
-        tracing::info!("draining the write-ahead log into ClickHouse");
+        self.key_refresh.abort();
+        // The last usage rows go into the usage log; then its handle is dropped.
+        self.usage_stop.send_replace(true);
+        let _ = self.usage_flusher.await;
+        // The routes (and with them every log handle) are dropped: the log threads end.
+        let (wal_thread, usage_wal_thread) = (self.wal_thread, self.usage_wal_thread);
+        tokio::task::spawn_blocking(move || {
+            let events = wal_thread.join();
+            let usage = usage_wal_thread.join();
+            events.and(usage)
+        })
+        .await?
+        .map_err(|_| anyhow::anyhow!("a write-ahead log thread panicked"))?;
+        tracing::info!("draining the write-ahead logs into ClickHouse");
         self.stopping.send_replace(true);
         tokio::task::spawn_blocking(move || self.shipper.join())
             .await?
@@ -190,13 +286,13 @@ impl Application {
 pub struct SchemaSetup {
     pub apply: bool,
     pub database: String,
-    pub retention_days: u32,
+    pub retention: Retention,
 }
 
 impl SchemaSetup {
     pub async fn prepare(&self, client: &clickhouse::Client) -> anyhow::Result<()> {
         if self.apply {
-            schema::apply(client, &self.database, self.retention_days).await?;
+            schema::apply(client, &self.database, self.retention).await?;
         }
         schema::verify(client)
             .await

@@ -214,7 +214,8 @@ async fn an_instance_killed_behind_nginx_costs_clients_nothing_and_clickhouse_no
         .to_string();
     assert!(generated_id.len() >= 16, "{generated_id:?}");
 
-    let load = Load::start(&nginx.base, 4, Duration::from_millis(3));
+    let key = provision_key(&nginx.base, TENANT).await;
+    let load = Load::start(&nginx.base, &key, 4, Duration::from_millis(3));
     let started = Instant::now();
     wait_until("load through nginx", Duration::from_secs(10), || {
         load.acked() >= 2000

@@ -1,13 +1,21 @@
 //! `POST /v1/events`: thin handler over `ingest::Ingest`.
 
+use std::sync::{atomic::Ordering, Arc};
+
+use poem::web::Data;
 use poem_openapi::{param::Query, payload::Json, ApiResponse, OpenApi};
 
 use super::{
     body::{EventsBody, ReadError, JSON, NDJSON},
+    guard::ApiKey,
     types::{ErrorBody, FieldErrorBody, IngestResult, RejectedEvent},
     ApiTags,
 };
-use crate::ingest::{AppendError, BodyError, Ingest, IngestError, Outcome};
+use crate::{
+    auth::{rate_limit::Exceeded, Principal},
+    ingest::{AppendError, BodyError, Ingest, IngestError, Outcome},
+    usage::RequestUsage,
+};
 
 /// Seconds a client should wait before retrying when the service cannot take events now.
 const RETRY_AFTER_SECS: u32 = 5;
@@ -37,6 +45,16 @@ pub enum IngestResponse {
     /// No event of the request was valid; `rejected` says why for each one.
     #[oai(status = 422)]
     Invalid(Json<IngestResult>),
+    /// The key is over its events-per-second limit (each valid event takes one token).
+    /// Nothing from this request was accepted; retry after `Retry-After` seconds.
+    #[oai(status = 429)]
+    EventsRateLimited(
+        Json<ErrorBody>,
+        #[oai(header = "Retry-After")] u64,
+        #[oai(header = "X-RateLimit-Limit")] u32,
+        #[oai(header = "X-RateLimit-Remaining")] u64,
+        #[oai(header = "X-RateLimit-Reset")] u64,
+    ),
     /// The service cannot make events durable now (write-ahead log over its disk budget while
     /// ClickHouse is unreachable, or a disk error). Nothing from this request was accepted;
     /// retry after `Retry-After` seconds.
@@ -46,7 +64,6 @@ pub enum IngestResponse {
 
 pub struct EventsApi {
     pub ingest: Ingest,
-    pub tenant: String,
 }
 
 #[OpenApi]
@@ -59,27 +76,69 @@ impl EventsApi {
     #[oai(path = "/v1/events", method = "post", tag = "ApiTags::Ingest")]
     async fn post_events(
         &self,
+        auth: ApiKey,
         body: EventsBody,
         /// Answer only after the events are committed in ClickHouse (200), instead of once
         /// they are durable on the service's disk (202).
         wait: Query<Option<bool>>,
+        usage: Data<&Arc<RequestUsage>>,
     ) -> IngestResponse {
-        self.handle(body, wait.0.unwrap_or(false)).await
+        let response = self.handle(&auth.0, body, wait.0.unwrap_or(false)).await;
+        if let IngestResponse::Committed(Json(r))
+        | IngestResponse::Accepted(Json(r))
+        | IngestResponse::Invalid(Json(r)) = &response
+        {
+            usage.events_accepted.store(r.accepted, Ordering::Relaxed);
+            usage
+                .events_rejected
+                .store(r.rejected.len() as u32, Ordering::Relaxed);
+        }
+        response
     }
 }
 
 impl EventsApi {
-    async fn handle(&self, body: EventsBody, wait: bool) -> IngestResponse {
+    async fn handle(&self, caller: &Principal, body: EventsBody, wait: bool) -> IngestResponse {
+        let Principal::Key(key) = caller else {
+            unreachable!("the guard lets only tenant keys with the ingest scope through");
+        };
         let (text, format) = match body.0 {
             Ok(body) => body,
             Err(err) => return read_error(err),
         };
-        match self.ingest.ingest(&self.tenant, &text, format, wait).await {
+        let ingested = self
+            .ingest
+            .ingest(
+                &key.key.tenant,
+                &text,
+                format,
+                wait,
+                Some(&key.limiter.events),
+            )
+            .await;
+        match ingested {
             Ok(outcome) => outcome_response(outcome, wait),
             Err(IngestError::Body(err)) => body_error(err),
             Err(IngestError::Log(err)) => log_error(&self.ingest, err),
+            Err(IngestError::RateLimited(over)) => events_rate_limited(over),
         }
     }
+}
+
+fn events_rate_limited(over: Exceeded) -> IngestResponse {
+    IngestResponse::EventsRateLimited(
+        Json(ErrorBody::new(
+            "rate_limited",
+            format!(
+                "this API key is over its events rate limit ({}/s); nothing from this request was accepted, retry after {} s",
+                over.quota.limit, over.retry_after_secs
+            ),
+        )),
+        over.retry_after_secs,
+        over.quota.limit,
+        over.quota.remaining,
+        over.quota.reset_secs,
+    )
 }
 
 fn outcome_response(outcome: Outcome, wait: bool) -> IngestResponse {

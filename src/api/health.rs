@@ -6,8 +6,60 @@ use poem_openapi::{
 };
 
 use super::{types::HealthBody, ApiTags};
-use crate::{ingest::wal::WalHandle, metrics::Metrics};
-use std::sync::Arc;
+use crate::{
+    ingest::wal::{Shared, WalHandle},
+    metrics::Metrics,
+    usage::UsageLog,
+};
+use std::{
+    fmt::Write,
+    sync::{atomic::Ordering, Arc},
+};
+
+/// The usage log's figures for `/metrics`.
+pub struct UsageStatus {
+    pub metrics: Arc<Metrics>,
+    pub log: Arc<UsageLog>,
+    pub shared: Arc<Shared>,
+}
+
+impl UsageStatus {
+    fn render(&self, out: &mut String) {
+        let m = &self.metrics;
+        let series = [
+            (
+                "adtrack_usage_rows_written_total",
+                "counter",
+                "Usage-log rows committed to ClickHouse.",
+                m.flushed_rows.load(Ordering::Relaxed),
+            ),
+            (
+                "adtrack_usage_rows_dropped_total",
+                "counter",
+                "Usage-log rows dropped because the usage log was over its disk budget or closed.",
+                self.log.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "adtrack_usage_rows_dead_lettered_total",
+                "counter",
+                "Usage-log rows ClickHouse refused (in the usage_log dead-letter file).",
+                m.dead_lettered_events.load(Ordering::Relaxed),
+            ),
+            (
+                "adtrack_usage_log_pending_bytes",
+                "gauge",
+                "Bytes of usage-log rows not yet committed to ClickHouse.",
+                self.shared.pending_bytes.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+}
 
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
@@ -23,6 +75,7 @@ pub struct HealthApi {
     pub clickhouse: clickhouse::Client,
     pub wal: WalHandle,
     pub metrics: Arc<Metrics>,
+    pub usage: UsageStatus,
 }
 
 #[OpenApi]
@@ -70,6 +123,8 @@ impl HealthApi {
     /// durations, ClickHouse errors, request latency.
     #[oai(path = "/metrics", method = "get", tag = "ApiTags::Health")]
     async fn metrics(&self) -> PlainText<String> {
-        PlainText(self.metrics.render(self.wal.pending_bytes()))
+        let mut text = self.metrics.render(self.wal.pending_bytes());
+        self.usage.render(&mut text);
+        PlainText(text)
     }
 }

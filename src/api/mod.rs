@@ -1,8 +1,10 @@
 //! The HTTP API: thin poem-openapi handlers, one file per resource, plus the OpenAPI
 //! document (`/openapi.json`) and Swagger UI (`/docs`).
 
+pub mod admin;
 pub mod body;
 pub mod events;
+pub mod guard;
 pub mod health;
 pub mod observe;
 pub mod raw_events;
@@ -23,26 +25,42 @@ pub enum ApiTags {
     Analytics,
     /// Reading raw events: list, one by id, export
     Events,
+    /// Tenants, API keys, the usage log, and deleting an end user's data
+    Admin,
+}
+
+/// The APIs of the service.
+pub struct Apis {
+    pub events: events::EventsApi,
+    pub health: health::HealthApi,
+    pub stats: stats::StatsApi,
+    pub raw_events: raw_events::RawEventsApi,
+    pub admin: admin::AdminApi,
 }
 
 /// Builds every route of the service.
-pub fn routes(
-    events: events::EventsApi,
-    health: health::HealthApi,
-    stats: stats::StatsApi,
-    raw_events: raw_events::RawEventsApi,
-    body_limit: usize,
-) -> BoxEndpoint<'static> {
-    let metrics = health.metrics.clone();
+pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> BoxEndpoint<'static> {
+    let Apis {
+        events,
+        health,
+        stats,
+        raw_events,
+        admin,
+    } = apis;
     let service = OpenApiService::new(
         // GET and POST /v1/events live in two APIs; SharedPaths documents them as one path.
-        shared_paths::SharedPaths((events, raw_events, stats, health)),
+        shared_paths::SharedPaths((events, raw_events, stats, admin, health)),
         "adtrack",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "Ad-event ingestion and analytics. `202 Accepted` means durable on disk; \
-             re-sent events (same `event_id`) never count twice.",
+         re-sent events (same `event_id`) never count twice.\n\n\
+         Every `/v1` request needs `Authorization: Bearer <key>`. A key belongs to one tenant \
+         and has scopes: `ingest` (POST /v1/events), `read` (stats and raw events), `admin` \
+         (its tenant's keys, usage, and user-data deletion). Missing or invalid key: 401; \
+         wrong scope or tenant: 403; over the key's rate limit: 429 with `Retry-After` and \
+         `X-RateLimit-Limit/-Remaining/-Reset` (limits are per instance).",
     );
     let spec = service.spec_endpoint();
     let docs = service.swagger_ui();
@@ -53,6 +71,6 @@ pub fn routes(
         .data(body::BodyLimit(body_limit))
         // A bug must cost one request a 500, not the connection (and never other requests).
         .with(poem::middleware::CatchPanic::new())
-        .around(move |ep, req| observe::observe(ep, req, metrics.clone()))
+        .around(move |ep, req| observe::observe(ep, req, observer.clone()))
         .boxed()
 }

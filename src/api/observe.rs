@@ -1,11 +1,25 @@
 //! Around every request: the request id (`X-Request-Id`, taken from the client or nginx when
-//! present, generated otherwise, always returned) and the latency histogram by route.
+//! present, generated otherwise, always returned), the guard (API key, scope, rate limit), the
+//! latency histogram by route, and the request's row in the usage log.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    pin::Pin,
+    sync::{atomic::Ordering, Arc},
+    task::{Context, Poll},
+    time::Instant,
+};
 
-use poem::{Endpoint, IntoResponse, Request, Response, Result};
+use bytes::Bytes;
+use http_body::{Body as _, Frame};
+use http_body_util::combinators::BoxBody;
+use poem::{Body, Endpoint, IntoResponse, Request, Response, Result};
 
-use crate::metrics::Metrics;
+use super::guard;
+use crate::{
+    auth::{Auth, Principal},
+    metrics::Metrics,
+    usage::{RequestUsage, UsageLog, UsageRow},
+};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -13,9 +27,21 @@ pub const REQUEST_ID: &str = "x-request-id";
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// What the layer around the routes needs.
+#[derive(Clone)]
+pub struct Observer {
+    pub metrics: Arc<Metrics>,
+    pub auth: Arc<Auth>,
+    pub usage: Arc<UsageLog>,
+}
+
 /// Routes with a fixed path, reported as themselves; others by their template.
 const STATIC_ROUTES: &[&str] = &[
     "/v1/events",
+    "/v1/admin/tenants",
+    "/v1/admin/keys",
+    "/v1/admin/usage",
+    "/v1/admin/usage/hourly",
     "/v1/events/export",
     "/v1/query",
     "/v1/stats/summary",
@@ -35,6 +61,13 @@ pub fn route_of(path: &str) -> &'static str {
     if path.starts_with("/v1/events/") && path.matches('/').count() == 3 {
         return "/v1/events/{event_id}";
     }
+    if path.starts_with("/v1/admin/keys/") && path.matches('/').count() == 4 {
+        return "/v1/admin/keys/{key_id}";
+    }
+    if path.starts_with("/v1/users/") && path.ends_with("/events") && path.matches('/').count() == 4
+    {
+        return "/v1/users/{user_id}/events";
+    }
     if path == "/docs" || path.starts_with("/docs/") {
         return "/docs";
     }
@@ -49,31 +82,163 @@ fn usable(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-pub async fn observe<E: Endpoint>(
-    ep: E,
-    mut req: Request,
-    metrics: Arc<Metrics>,
-) -> Result<Response> {
+pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -> Result<Response> {
+    let arrived = chrono::Utc::now();
     let started = Instant::now();
+    let seq = observer.usage.next_seq();
     let id = match req.header(REQUEST_ID) {
         Some(id) if usable(id) => id.to_string(),
         _ => uuid::Uuid::new_v4().simple().to_string(),
     };
-    req.extensions_mut().insert(RequestId(id.clone()));
     let route = route_of(req.uri().path());
     let method = req.method().clone();
+    let usage = Arc::new(RequestUsage::default());
+    if let Some(len) = req.header("content-length").and_then(|v| v.parse().ok()) {
+        usage.bytes_in.store(len, Ordering::Relaxed);
+    }
+    req.extensions_mut().insert(RequestId(id.clone()));
+    req.extensions_mut().insert(usage.clone());
 
-    let mut resp = match ep.call(req).await {
-        Ok(resp) => resp.into_response(),
-        Err(err) => err.into_response(),
+    let access = guard::access(&method, route, req.uri().path());
+    let (mut resp, principal, quota) = match guard::check(&observer.auth, &req, access).await {
+        Err(resp) => (resp, None, None),
+        Ok(caller) => {
+            let (principal, quota) = caller.unzip();
+            if let Some(p) = &principal {
+                req.extensions_mut().insert(p.clone());
+            }
+            let resp = match ep.call(req).await {
+                Ok(resp) => resp.into_response(),
+                Err(err) => err.into_response(),
+            };
+            (resp, principal, quota.flatten())
+        }
     };
+    if let Some(quota) = &quota {
+        if !resp.headers().contains_key("x-ratelimit-limit") {
+            guard::set_quota_headers(&mut resp, quota);
+        }
+    }
     if let Ok(value) = id.parse() {
         resp.headers_mut().insert(REQUEST_ID, value);
     }
     let status = resp.status().as_u16();
-    metrics.observe_request(route, method.as_str(), status, started.elapsed());
-    tracing::debug!(request_id = %id, %method, route, status, elapsed_us = started.elapsed().as_micros() as u64, "request");
-    Ok(resp)
+    let elapsed = started.elapsed();
+    observer
+        .metrics
+        .observe_request(route, method.as_str(), status, elapsed);
+    tracing::debug!(request_id = %id, %method, route, status, elapsed_us = elapsed.as_micros() as u64, "request");
+
+    let row = PendingRow {
+        log: observer.usage,
+        time: arrived,
+        started,
+        request_id: id,
+        seq,
+        principal,
+        method: method.as_str().to_string(),
+        route,
+        status,
+        usage,
+    };
+    Ok(count_body(resp, row))
+}
+
+/// A request's usage row, written once the size of its response is known.
+struct PendingRow {
+    log: Arc<UsageLog>,
+    time: chrono::DateTime<chrono::Utc>,
+    started: Instant,
+    request_id: String,
+    seq: u64,
+    principal: Option<Principal>,
+    method: String,
+    route: &'static str,
+    status: u16,
+    usage: Arc<RequestUsage>,
+}
+
+impl PendingRow {
+    fn write(self, bytes_out: u64) {
+        let (tenant, key_id) = match &self.principal {
+            Some(p) => (p.tenant().unwrap_or(""), p.key_id()),
+            None => ("", ""),
+        };
+        self.log.record(&UsageRow {
+            time: self.time,
+            request_id: &self.request_id,
+            instance_id: &self.log.instance_id,
+            seq: self.seq,
+            tenant,
+            key_id,
+            method: &self.method,
+            route: self.route,
+            status: self.status,
+            latency_us: self.started.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            bytes_in: self.usage.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            events_accepted: self.usage.events_accepted.load(Ordering::Relaxed),
+            events_rejected: self.usage.events_rejected.load(Ordering::Relaxed),
+        });
+    }
+}
+
+/// Writes the usage row now when the body's size is known, else when a streamed body ends.
+fn count_body(mut resp: Response, row: PendingRow) -> Response {
+    let body: BoxBody<Bytes, std::io::Error> = resp.take_body().into();
+    if let Some(size) = body.size_hint().exact() {
+        row.write(size);
+        resp.set_body(Body::from(body));
+        return resp;
+    }
+    resp.set_body(Body::from(BoxBody::new(CountingBody {
+        inner: body,
+        sent: 0,
+        row: Some(row),
+    })));
+    resp
+}
+
+/// A streamed response body that writes its request's usage row when it ends (or the client
+/// goes away), with the bytes actually sent.
+struct CountingBody {
+    inner: BoxBody<Bytes, std::io::Error>,
+    sent: u64,
+    row: Option<PendingRow>,
+}
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, std::io::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.sent += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountingBody {
+    fn drop(&mut self) {
+        if let Some(row) = self.row.take() {
+            row.write(self.sent);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -87,6 +252,15 @@ mod tests {
         assert_eq!(route_of("/v1/events/export"), "/v1/events/export");
         assert_eq!(route_of("/docs/index.css"), "/docs");
         assert_eq!(route_of("/wp-admin/../../etc"), "other");
+        assert_eq!(
+            route_of("/v1/admin/keys/adt_0123"),
+            "/v1/admin/keys/{key_id}"
+        );
+        assert_eq!(
+            route_of("/v1/users/u-42/events"),
+            "/v1/users/{user_id}/events"
+        );
+        assert_eq!(route_of("/v1/users/a/b/events"), "other");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{
+    guard::ApiKey,
     stats::{
         error_body, only_params, parse_error_body, parse_filters, AnalyticsResponse, ErrorKind,
         QueryErrorBody,
@@ -209,7 +210,6 @@ const CHUNK_BYTES: usize = 64 * 1024;
 
 pub struct RawEventsApi {
     pub analytics: Analytics,
-    pub tenant: String,
 }
 
 #[OpenApi]
@@ -221,9 +221,11 @@ impl RawEventsApi {
     /// above the first page and never shift or repeat later pages.
     #[oai(path = "/v1/events", method = "get", tag = "ApiTags::Events")]
     #[tracing::instrument(skip_all, name = "events.list")]
+    #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
         req: &Request,
+        auth: ApiKey,
         /// Only events whose corrected event time is at or after this (RFC 3339).
         from: Query<Option<DateTime<FixedOffset>>>,
         /// Only events whose corrected event time is before this (RFC 3339).
@@ -245,7 +247,7 @@ impl RawEventsApi {
                 .map(|c| Cursor::decode(c, "cursor"))
                 .transpose()?;
             let sql = raw::page(
-                &self.tenant,
+                auth.tenant(),
                 bounds(from.0, to.0)?,
                 &filters,
                 after,
@@ -282,9 +284,11 @@ impl RawEventsApi {
     /// served again at its new receive time, so consumers should keep `event_id` idempotent.
     #[oai(path = "/v1/events/export", method = "get", tag = "ApiTags::Events")]
     #[tracing::instrument(skip_all, name = "events.export")]
+    #[allow(clippy::too_many_arguments)]
     async fn export(
         &self,
         req: &Request,
+        auth: ApiKey,
         /// Only events whose corrected event time is at or after this (RFC 3339).
         from: Query<Option<DateTime<FixedOffset>>>,
         /// Only events whose corrected event time is before this (RFC 3339).
@@ -317,7 +321,7 @@ impl RawEventsApi {
             let settings = self.analytics.settings();
             let until_ms = Utc::now().timestamp_millis() - settings.export_settle_ms as i64;
             let sql = raw::export(
-                &self.tenant,
+                auth.tenant(),
                 bounds(from.0, to.0)?,
                 &filters,
                 after,
@@ -350,14 +354,14 @@ impl RawEventsApi {
     /// One event by its `event_id`.
     #[oai(path = "/v1/events/:event_id", method = "get", tag = "ApiTags::Events")]
     #[tracing::instrument(skip_all, name = "events.get")]
-    async fn get(&self, event_id: Path<String>) -> AnalyticsResponse<StoredEvent> {
+    async fn get(&self, auth: ApiKey, event_id: Path<String>) -> AnalyticsResponse<StoredEvent> {
         let run = async {
             let id = Uuid::try_parse(&event_id.0).map_err(|_| {
                 InvalidInput::new("invalid_event_id", "event_id", "event_id must be a UUID")
             })?;
             let row = self
                 .analytics
-                .statement(&raw::get(&self.tenant, &id))
+                .statement(&raw::get(auth.tenant(), &id))
                 .fetch_optional::<EventRow>()
                 .await
                 .map_err(|e| self.analytics.error(e))?;

@@ -22,7 +22,7 @@ use poem_openapi::{
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 
-use super::ApiTags;
+use super::{guard::ApiKey, ApiTags};
 use crate::analytics::{
     engine::MetricValue, model::parse_time_zone, Aggregates, Analytics, AnalyticsError,
     AnalyticsQuery, Bucket, Dimension, Filter, GroupResult, InvalidInput, Metric, TimeRange,
@@ -490,7 +490,6 @@ const COMMON: [&str; 4] = ["from", "to", "metrics", "filter"];
 
 pub struct StatsApi {
     pub analytics: Analytics,
-    pub tenant: String,
 }
 
 type Response<T> = AnalyticsResponse<T>;
@@ -505,6 +504,7 @@ impl StatsApi {
     async fn summary(
         &self,
         req: &Request,
+        auth: ApiKey,
         /// Start of the range on the corrected event time, inclusive (RFC 3339).
         from: Query<DateTime<FixedOffset>>,
         /// End of the range, exclusive (RFC 3339).
@@ -520,7 +520,7 @@ impl StatsApi {
         let run = async {
             only_params(req, &COMMON)?;
             let q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
-            let out = self.analytics.run(&self.tenant, &q).await?;
+            let out = self.analytics.run(auth.tenant(), &q).await?;
             let totals = out
                 .groups
                 .first()
@@ -549,6 +549,7 @@ impl StatsApi {
     async fn timeseries(
         &self,
         req: &Request,
+        auth: ApiKey,
         /// Start of the range, inclusive (RFC 3339).
         from: Query<DateTime<FixedOffset>>,
         /// End of the range, exclusive (RFC 3339).
@@ -569,7 +570,7 @@ impl StatsApi {
             if let Some(tz) = &time_zone.0 {
                 q.time_zone = parse_time_zone(tz, "time_zone")?;
             }
-            let out = self.analytics.run(&self.tenant, &q).await?;
+            let out = self.analytics.run(auth.tenant(), &q).await?;
             let points = out
                 .groups
                 .first()
@@ -600,6 +601,7 @@ impl StatsApi {
     async fn breakdown(
         &self,
         req: &Request,
+        auth: ApiKey,
         /// Start of the range, inclusive (RFC 3339).
         from: Query<DateTime<FixedOffset>>,
         /// End of the range, exclusive (RFC 3339).
@@ -629,7 +631,7 @@ impl StatsApi {
             q.order_by = order_by.0.unwrap_or(q.metrics[0]);
             q.limit = Some(limit.0.unwrap_or(10));
             q.other = other.0.unwrap_or(false);
-            let out = self.analytics.run(&self.tenant, &q).await?;
+            let out = self.analytics.run(auth.tenant(), &q).await?;
             Ok::<_, AnalyticsError>(BreakdownResult {
                 from: q.range.from(),
                 to: q.range.to(),
@@ -657,11 +659,11 @@ impl StatsApi {
     /// time range, optional buckets in a time zone, top-N groups and an other group.
     #[oai(path = "/v1/query", method = "post", tag = "ApiTags::Analytics")]
     #[tracing::instrument(skip_all, name = "stats.query")]
-    async fn query(&self, body: QueryBody) -> Response<QueryResult> {
+    async fn query(&self, auth: ApiKey, body: QueryBody) -> Response<QueryResult> {
         let run = async {
             let request = body.0?;
             let q = self.model_of(&request)?;
-            let out = self.analytics.run(&self.tenant, &q).await?;
+            let out = self.analytics.run(auth.tenant(), &q).await?;
             let names: Vec<String> = q.group_by.iter().map(Dimension::name).collect();
             let group = |g: &GroupResult| QueryGroupResult {
                 group: names.iter().cloned().zip(g.keys.iter().cloned()).collect(),

@@ -16,13 +16,29 @@ pub const INIT_SQL: &[(&str, &str)] = &[
         "02_events.sql",
         include_str!("../../clickhouse-init/02_events.sql"),
     ),
+    (
+        "03_keys.sql",
+        include_str!("../../clickhouse-init/03_keys.sql"),
+    ),
+    (
+        "04_usage_log.sql",
+        include_str!("../../clickhouse-init/04_usage_log.sql"),
+    ),
 ];
 
-/// The statements of the init files for `database` and a retention of `retention_days`.
+/// How long rows are kept: events (by their own timestamp) and the usage log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub events_days: u32,
+    pub usage_days: u32,
+}
+
+/// The statements of the init files for `database` and `retention`.
 ///
-/// The files name the database `adtrack` and the TTL `INTERVAL 30 DAY` (what the docker image
-/// runs as-is); both are rewritten here. `database` is a checked identifier (see config).
-pub fn statements(database: &str, retention_days: u32) -> Vec<String> {
+/// The files name the database `adtrack` and the TTLs `INTERVAL 30 DAY` (events) and
+/// `INTERVAL 90 DAY` (usage log), what the docker image runs as-is; all are rewritten here.
+/// `database` is a checked identifier (see config).
+pub fn statements(database: &str, retention: Retention) -> Vec<String> {
     INIT_SQL
         .iter()
         .flat_map(|(_, sql)| split_statements(sql))
@@ -32,7 +48,14 @@ pub fn statements(database: &str, retention_days: u32) -> Vec<String> {
                 &format!("DATABASE IF NOT EXISTS {database}"),
             )
             .replace(" adtrack.", &format!(" {database}."))
-            .replace("INTERVAL 30 DAY", &format!("INTERVAL {retention_days} DAY"))
+            .replace(
+                "INTERVAL 30 DAY",
+                &format!("INTERVAL {} DAY", retention.events_days),
+            )
+            .replace(
+                "INTERVAL 90 DAY",
+                &format!("INTERVAL {} DAY", retention.usage_days),
+            )
         })
         .collect()
 }
@@ -52,16 +75,44 @@ fn split_statements(sql: &str) -> Vec<String> {
 }
 
 /// Applies the init SQL. Every statement is `IF NOT EXISTS`, so this is safe on every start
-/// and from several instances at once.
-pub async fn apply(client: &Client, database: &str, retention_days: u32) -> anyhow::Result<()> {
+/// and from several instances at once. Tables made under another retention get their TTL
+/// changed to the configured one.
+pub async fn apply(client: &Client, database: &str, retention: Retention) -> anyhow::Result<()> {
     // The database may not exist yet, so DDL runs without a default database.
     let server = client.clone().with_database("default");
-    for stmt in statements(database, retention_days) {
+    for stmt in statements(database, retention) {
         server
             .query(&stmt)
             .execute()
             .await
             .with_context(|| format!("applying schema statement: {}", first_line(&stmt)))?;
+    }
+    let ttls = [
+        ("events", "toDateTime(timestamp)", retention.events_days),
+        ("usage_log", "toDateTime(time)", retention.usage_days),
+    ];
+    for (table, column, days) in ttls {
+        let engine = server
+            .query("SELECT engine_full FROM system.tables WHERE database = ? AND name = ?")
+            .bind(database)
+            .bind(table)
+            .fetch_one::<String>()
+            .await
+            .with_context(|| format!("reading the TTL of `{table}`"))?;
+        if !engine.contains(&format!("toIntervalDay({days})")) {
+            tracing::info!(
+                table,
+                days,
+                "changing the table's TTL to the configured retention"
+            );
+            server
+                .query(&format!(
+                    "ALTER TABLE {database}.{table} MODIFY TTL {column} + INTERVAL {days} DAY"
+                ))
+                .execute()
+                .await
+                .with_context(|| format!("changing the TTL of `{table}`"))?;
+        }
     }
     Ok(())
 }
@@ -103,17 +154,33 @@ mod tests {
 
     #[test]
     fn statements_follow_the_database_and_retention() {
-        let stmts = statements("test_db", 7);
-        assert_eq!(stmts.len(), 2);
+        let stmts = statements(
+            "test_db",
+            Retention {
+                events_days: 7,
+                usage_days: 365,
+            },
+        );
+        assert_eq!(stmts.len(), 5);
         assert!(stmts[0].contains("CREATE DATABASE IF NOT EXISTS test_db"));
         assert!(stmts[1].contains("CREATE TABLE IF NOT EXISTS test_db.events"));
         assert!(stmts[1].contains("INTERVAL 7 DAY"));
+        assert!(stmts[4].contains("CREATE TABLE IF NOT EXISTS test_db.usage_log"));
+        assert!(stmts[4].contains("INTERVAL 365 DAY"));
         assert!(!stmts.iter().any(|s| s.contains("adtrack")));
+        // Statements are split at `;`: one inside a string would cut a statement in two.
+        for stmt in &stmts {
+            assert_eq!(stmt.matches('\'').count() % 2, 0, "a quote is cut: {stmt}");
+        }
     }
 
     #[test]
     fn the_table_declares_every_encoded_column() {
-        let table = &statements("adtrack", 30)[1];
+        let retention = Retention {
+            events_days: 30,
+            usage_days: 90,
+        };
+        let table = &statements("adtrack", retention)[1];
         for (name, ty) in COLUMNS {
             let decl = format!("{name} ");
             let line = table

@@ -15,7 +15,12 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{config::Limits, domain::TimeRules, metrics::Metrics};
+use crate::{
+    auth::rate_limit::{Exceeded, TokenBucket},
+    config::Limits,
+    domain::TimeRules,
+    metrics::Metrics,
+};
 pub use parse::{BodyError, BodyFormat, Rejection};
 pub use wal::AppendError;
 
@@ -34,6 +39,10 @@ pub enum IngestError {
     Body(BodyError),
     #[error(transparent)]
     Log(#[from] AppendError),
+    /// The key's events-per-second bucket cannot take this request's valid events; nothing
+    /// from it was accepted.
+    #[error("over the events rate limit")]
+    RateLimited(Exceeded),
 }
 
 /// Shared by all ingest handlers.
@@ -49,14 +58,16 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Validates the events of `body` for `tenant`, makes the valid ones durable, and (with
-    /// `wait`) waits until ClickHouse has them.
+    /// Validates the events of `body` for `tenant`, takes one token per valid event from
+    /// `events_limit`, makes the valid ones durable, and (with `wait`) waits until ClickHouse
+    /// has them.
     pub async fn ingest(
         &self,
         tenant: &str,
         body: &str,
         format: BodyFormat,
         wait: bool,
+        events_limit: Option<&TokenBucket>,
     ) -> Result<Outcome, IngestError> {
         let rules = TimeRules {
             received_at_ms: chrono::Utc::now().timestamp_millis(),
@@ -75,6 +86,12 @@ impl Ingest {
                 rejected: sorted.rejected,
                 committed: false,
             });
+        }
+
+        if let Some(bucket) = events_limit {
+            bucket
+                .take(accepted as u32)
+                .map_err(IngestError::RateLimited)?;
         }
 
         let mut rows = Vec::with_capacity(accepted * 160);

@@ -30,7 +30,93 @@ use crate::{
     metrics::Metrics,
 };
 
-pub struct Shipper {
+/// What the shipper needs to know about the rows of its table.
+pub trait RowFormat: Send + 'static {
+    /// `INSERT INTO <table> FORMAT <format>`.
+    fn insert_sql(&self) -> String;
+    /// Where each row of `rows` starts and ends (to split a batch ClickHouse refused).
+    fn row_bounds(&self, rows: &[u8]) -> Vec<std::ops::Range<usize>>;
+    /// The rows for a person reading the dead-letter file: (field name, rows as JSON).
+    fn describe(&self, rows: &[u8]) -> (&'static str, serde_json::Value);
+    /// The dead-letter file's name starts with this.
+    fn dead_letter_name(&self) -> &'static str;
+    /// Sees every batch once before it is sent.
+    fn inspect(&mut self, _rows: &[u8], _metrics: &Metrics) {}
+}
+
+/// Events, as `rowbinary` encodes them.
+#[derive(Default)]
+pub struct EventRows {
+    recent: RecentIds,
+}
+
+impl RowFormat for EventRows {
+    fn insert_sql(&self) -> String {
+        rowbinary::insert_sql("events")
+    }
+
+    fn row_bounds(&self, rows: &[u8]) -> Vec<std::ops::Range<usize>> {
+        rowbinary::row_bounds(rows).unwrap_or_default()
+    }
+
+    fn describe(&self, rows: &[u8]) -> (&'static str, serde_json::Value) {
+        let events = rowbinary::decode_all(rows).unwrap_or_default();
+        ("events", serde_json::json!(events))
+    }
+
+    fn dead_letter_name(&self) -> &'static str {
+        "dead-letter"
+    }
+
+    fn inspect(&mut self, rows: &[u8], metrics: &Metrics) {
+        self.recent.count(rows, metrics);
+    }
+}
+
+/// Rows of any table as `JSONEachRow` (one JSON object per line).
+pub struct JsonRows {
+    pub table: &'static str,
+}
+
+impl RowFormat for JsonRows {
+    fn insert_sql(&self) -> String {
+        format!("INSERT INTO {} FORMAT JSONEachRow", self.table)
+    }
+
+    fn row_bounds(&self, rows: &[u8]) -> Vec<std::ops::Range<usize>> {
+        let mut bounds = Vec::new();
+        let mut start = 0;
+        for (i, b) in rows.iter().enumerate() {
+            if *b == b'\n' {
+                bounds.push(start..i + 1);
+                start = i + 1;
+            }
+        }
+        if start < rows.len() {
+            bounds.push(start..rows.len());
+        }
+        bounds
+    }
+
+    fn describe(&self, rows: &[u8]) -> (&'static str, serde_json::Value) {
+        let parsed: Vec<serde_json::Value> = rows
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                serde_json::from_slice(line)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(line).into())
+            })
+            .collect();
+        ("rows", serde_json::json!(parsed))
+    }
+
+    fn dead_letter_name(&self) -> &'static str {
+        self.table
+    }
+}
+
+pub struct Shipper<F: RowFormat> {
+    pub format: F,
     pub client: clickhouse::Client,
     /// Set when the service started without ClickHouse: the schema is applied and checked
     /// before the first insert.
@@ -56,7 +142,7 @@ struct Batch {
     started: Option<Instant>,
 }
 
-impl Shipper {
+impl<F: RowFormat> Shipper<F> {
     pub async fn run(mut self) {
         let mut reader = WalReader::new(&self.wal_dir, self.start);
         let mut batch = Batch {
@@ -66,8 +152,7 @@ impl Shipper {
             end: self.start,
             started: None,
         };
-        let insert_sql = rowbinary::insert_sql("events");
-        let mut recent = RecentIds::default();
+        let insert_sql = self.format.insert_sql();
         let mut drain_deadline: Option<Instant> = None;
 
         loop {
@@ -105,7 +190,7 @@ impl Shipper {
                 .started
                 .is_some_and(|t| t.elapsed() >= self.settings.interval);
             if batch.count > 0 && (full || due || stopping) {
-                recent.count(&batch.rows, &self.metrics);
+                self.format.inspect(&batch.rows, &self.metrics);
                 let committed = self.flush(&insert_sql, &mut batch, drain_deadline).await;
                 if !committed {
                     // Only while stopping: the drain time ran out before ClickHouse took it.
@@ -217,7 +302,7 @@ impl Shipper {
                     self.metrics
                         .clickhouse_errors_data
                         .fetch_add(1, Ordering::Relaxed);
-                    let bounds = rowbinary::row_bounds(&rows).unwrap_or_default();
+                    let bounds = self.format.row_bounds(&rows);
                     if bounds.len() > 1 {
                         let mid = bounds[bounds.len() / 2].start;
                         pending.push(rows.slice(mid..));
@@ -242,18 +327,22 @@ impl Shipper {
     }
 
     fn dead_letter(&self, rows: &[u8], err: &clickhouse::error::Error, lsn: u64) {
-        let events = rowbinary::decode_all(rows).unwrap_or_default();
-        let count = events.len().max(1);
-        let line = serde_json::json!({
+        let (field, described) = self.format.describe(rows);
+        let count = described.as_array().map_or(0, Vec::len).max(1);
+        let mut line = serde_json::json!({
             "at": chrono::Utc::now().to_rfc3339(),
             "reason": err.to_string(),
             "code": error_code(err),
             "wal_lsn": lsn,
-            "events": events,
-            "raw_rowbinary_hex": if events.is_empty() { Some(hex(rows)) } else { None },
         });
+        if described.as_array().is_some_and(|rows| !rows.is_empty()) {
+            line[field] = described;
+        } else {
+            line["raw_hex"] = hex(rows).into();
+        }
         let path = self.settings.dead_letter_dir.join(format!(
-            "dead-letter-{}.ndjson",
+            "{}-{}.ndjson",
+            self.format.dead_letter_name(),
             chrono::Utc::now().format("%Y%m%d")
         ));
         let written = std::fs::create_dir_all(&self.settings.dead_letter_dir)
@@ -269,10 +358,10 @@ impl Shipper {
             });
         match written {
             Ok(()) => {
-                tracing::error!(events = count, file = %path.display(), reason = %err, "ClickHouse refused events; written to the dead-letter file")
+                tracing::error!(rows = count, file = %path.display(), reason = %err, "ClickHouse refused rows; written to the dead-letter file")
             }
             Err(io) => {
-                tracing::error!(events = count, error = %io, dead_letter = %line, "ClickHouse refused events and the dead-letter file could not be written")
+                tracing::error!(rows = count, error = %io, dead_letter = %line, "ClickHouse refused rows and the dead-letter file could not be written")
             }
         }
         self.metrics

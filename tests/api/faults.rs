@@ -20,9 +20,10 @@ async fn kill_9_under_load_loses_and_doubles_nothing() {
 
     let mut all_acked = HashSet::new();
     let mut service = ServiceProcess::start(&env).await;
+    let key = provision_key(&service.base, TENANT).await;
     // Two crashes, at different points of the flush cycle.
     for pause_ms in [1200, 1750] {
-        let load = Load::start(&service.base, 4, Duration::ZERO);
+        let load = Load::start(&service.base, &key, 4, Duration::ZERO);
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         service.kill9();
         let (acked, _) = load.finish().await;
@@ -55,7 +56,8 @@ async fn clickhouse_down_under_load_loses_nothing_and_clients_see_202_or_503() {
         .with_url(&clickhouse.url)
         .with_database(&database);
 
-    let load = Load::start(&service.base, 3, Duration::ZERO);
+    let key = provision_key(&service.base, TENANT).await;
+    let load = Load::start(&service.base, &key, 3, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(500)).await;
     clickhouse.kill();
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -169,23 +171,37 @@ async fn log_segments_are_deleted_once_clickhouse_has_their_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_starts_and_accepts_while_clickhouse_is_down() {
-    // Nothing listens on this port yet.
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let tmp = tempfile::tempdir().unwrap();
     let database = unique_database("starts_down");
     let mut env = base_env(&url, &database, tmp.path());
     env.insert("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS".into(), "1".into());
-    let settings = adtrack::config::Settings::from_lookup(|k| env.get(k).cloned()).unwrap();
-    let app = adtrack::startup::Application::build(settings)
-        .await
-        .unwrap();
-    let base = format!("http://{}", app.addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    let http = reqwest::Client::new();
+    let build = || async {
+        let settings = adtrack::config::Settings::from_lookup(|k| env.get(k).cloned()).unwrap();
+        let app = adtrack::startup::Application::build(settings)
+            .await
+            .unwrap();
+        let base = format!("http://{}", app.addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        (base, stop, server)
+    };
+
+    // A first run with ClickHouse up creates a key; the instance keeps a snapshot of the keys.
+    let ch_dir = tempfile::tempdir().unwrap();
+    let mut clickhouse = local_clickhouse::LocalClickHouse::start_on(ch_dir.path(), port);
+    let (base, stop, server) = build().await;
+    let key = provision_key(&base, TENANT).await;
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    clickhouse.kill();
+
+    // Restarted while ClickHouse is down: it still knows the key, and accepts into its log.
+    let (base, stop, server) = build().await;
+    let http = client_with_key(&key);
 
     let batch = events(50);
     let r = http
@@ -207,9 +223,8 @@ async fn the_service_starts_and_accepts_while_clickhouse_is_down() {
         .unwrap();
     assert_eq!(ready.status(), 503);
 
-    // ClickHouse comes up (empty: the shipper creates the database and table).
-    let ch_dir = tempfile::tempdir().unwrap();
-    let _clickhouse = local_clickhouse::LocalClickHouse::start_on(ch_dir.path(), port);
+    // ClickHouse comes back; the shipper checks the schema and sends the log.
+    clickhouse.restart();
     let db = clickhouse::Client::default()
         .with_url(&url)
         .with_database(&database);

@@ -25,6 +25,10 @@ use uuid::Uuid;
 pub mod local_clickhouse;
 
 pub const JSON: &str = "application/json";
+/// The bootstrap admin key of every test app.
+pub const ADMIN_KEY: &str = "test-bootstrap-admin-key-0123456789abcdef";
+/// The tenant whose key `TestApp::http` sends, unless a test names another.
+pub const TENANT: &str = "acme";
 pub const NDJSON: &str = "application/x-ndjson";
 
 /// A fresh database name per test (tests run in parallel in one process).
@@ -58,6 +62,9 @@ pub fn base_env(clickhouse_url: &str, database: &str, data: &Path) -> HashMap<St
     set("ADTRACK_WAL_SEGMENT_BYTES", "4194304".to_string());
     set("ADTRACK_RETRY_MAX_BACKOFF_MS", "500".to_string());
     set("ADTRACK_SHUTDOWN_TIMEOUT_SECS", "10".to_string());
+    set("ADTRACK_ADMIN_KEY", ADMIN_KEY.to_string());
+    set("ADTRACK_KEY_REFRESH_MS", "500".to_string());
+    set("ADTRACK_USAGE_FLUSH_MS", "50".to_string());
     set(
         "LOG_LEVEL",
         std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()),
@@ -67,7 +74,11 @@ pub fn base_env(clickhouse_url: &str, database: &str, data: &Path) -> HashMap<St
 
 pub struct TestApp {
     pub base: String,
+    /// Sends `key` with every request.
     pub http: reqwest::Client,
+    /// A key of `tenant` with every scope and no rate limit.
+    pub key: String,
+    pub tenant: String,
     pub db: clickhouse::Client,
     pub database: String,
     pub env: HashMap<String, String>,
@@ -83,6 +94,11 @@ pub async fn spawn_app(test: &str) -> TestApp {
 
 /// Starts the app with extra environment overrides.
 pub async fn spawn_app_with(test: &str, overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_for(test, TENANT, overrides).await
+}
+
+/// Starts the app, with `http` sending a key of `tenant`.
+pub async fn spawn_app_for(test: &str, tenant: &str, overrides: &[(&str, &str)]) -> TestApp {
     let tmp = tempfile::tempdir().unwrap();
     let url = local_clickhouse::shared_url();
     let database = unique_database(test);
@@ -91,7 +107,7 @@ pub async fn spawn_app_with(test: &str, overrides: &[(&str, &str)]) -> TestApp {
         env.insert(k.to_string(), v.to_string());
     }
     let data = tmp.path().to_path_buf();
-    start(env, database, data, Some(tmp)).await
+    start(env, database, data, Some(tmp), tenant, None).await
 }
 
 async fn start(
@@ -99,6 +115,8 @@ async fn start(
     database: String,
     data: PathBuf,
     tmp: Option<tempfile::TempDir>,
+    tenant: &str,
+    key: Option<String>,
 ) -> TestApp {
     let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("valid test settings");
     adtrack::telemetry::init(&settings.log_level, false);
@@ -109,9 +127,15 @@ async fn start(
     let task = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
+    let key = match key {
+        Some(key) => key,
+        None => provision_key(&base, tenant).await,
+    };
     TestApp {
+        http: client_with_key(&key),
+        key,
+        tenant: tenant.to_string(),
         base,
-        http: reqwest::Client::new(),
         db: clickhouse::Client::default()
             .with_url(url)
             .with_database(&database),
@@ -144,6 +168,8 @@ impl TestApp {
             self.database.clone(),
             self.data.clone(),
             tmp,
+            &self.tenant.clone(),
+            Some(self.key.clone()),
         )
         .await
     }
@@ -201,6 +227,58 @@ impl TestApp {
         let text = self.get("/metrics").await.text;
         metric_value(&text, name)
     }
+}
+
+/// A client that sends `key` as `Authorization: Bearer`.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Creates `tenant` (if new) through the admin API of the service at `base`, and a key of it
+/// with every scope and no rate limit.
+pub async fn provision_key(base: &str, tenant: &str) -> String {
+    let admin = client_with_key(ADMIN_KEY);
+    let created = admin
+        .post(format!("{base}/v1/admin/tenants"))
+        .json(&json!({"tenant_id": tenant, "name": tenant}))
+        .send()
+        .await
+        .expect("admin API answers");
+    assert!(
+        [201, 409].contains(&created.status().as_u16()),
+        "creating tenant {tenant}: {} {}",
+        created.status(),
+        created.text().await.unwrap_or_default()
+    );
+    create_key(
+        base,
+        tenant,
+        &["ingest", "read", "admin"],
+        json!({"requests_per_sec": 0, "events_per_sec": 0}),
+    )
+    .await
+}
+
+/// Creates a key of `tenant` with `scopes` and `rate_limit` (as the admin API takes it).
+pub async fn create_key(base: &str, tenant: &str, scopes: &[&str], rate_limit: Value) -> String {
+    let resp = client_with_key(ADMIN_KEY)
+        .post(format!("{base}/v1/admin/keys"))
+        .json(&json!({"tenant_id": tenant, "name": "test", "scopes": scopes, "rate_limit": rate_limit}))
+        .send()
+        .await
+        .expect("admin API answers");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 201, "creating a key: {body}");
+    body["key"].as_str().unwrap().to_string()
 }
 
 pub fn metric_value(text: &str, name: &str) -> f64 {
@@ -373,7 +451,7 @@ pub struct Load {
 }
 
 impl Load {
-    pub fn start(base: &str, clients: usize, pause: Duration) -> Load {
+    pub fn start(base: &str, key: &str, clients: usize, pause: Duration) -> Load {
         let acked = Arc::new(Mutex::new(HashSet::new()));
         let statuses = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -381,6 +459,7 @@ impl Load {
             .map(|_| {
                 let (acked, statuses, stop) = (acked.clone(), statuses.clone(), stop.clone());
                 let url = format!("{base}/v1/events");
+                let auth = format!("Bearer {key}");
                 tokio::spawn(async move {
                     let http = reqwest::Client::builder()
                         .timeout(Duration::from_secs(20))
@@ -390,6 +469,7 @@ impl Load {
                         let batch = events(20);
                         let sent = http
                             .post(&url)
+                            .header("authorization", &auth)
                             .header("content-type", JSON)
                             .body(Value::from(batch.clone()).to_string())
                             .send()

@@ -107,7 +107,7 @@ async fn stored_rows_carry_every_field_and_the_corrected_time() {
         .fetch_one()
         .await
         .unwrap();
-    assert_eq!(row.tenant, "default");
+    assert_eq!(row.tenant, TENANT);
     assert_eq!(row.event_type, "conversion");
     assert_eq!(row.campaign_id, "spring.sale:2026");
     assert_eq!(

@@ -56,12 +56,9 @@ pub async fn spawn_tenant(
     tenant: &str,
     extra: &[(&str, &str)],
 ) -> TestApp {
-    let mut env = vec![
-        ("ADTRACK_CLICKHOUSE_DATABASE", first.database.as_str()),
-        ("ADTRACK_DEFAULT_TENANT", tenant),
-    ];
+    let mut env = vec![("ADTRACK_CLICKHOUSE_DATABASE", first.database.as_str())];
     env.extend_from_slice(extra);
-    spawn_app_with(name, &env).await
+    spawn_app_for(name, tenant, &env).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,694 @@
+//! `/v1/admin/*` (tenants, API keys, the usage log) and `DELETE /v1/users/{user_id}/events`.
+//!
+//! The bootstrap admin key acts on any tenant (and alone creates tenants); a key with the
+//! `admin` scope acts on its own tenant only.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use poem_openapi::{
+    param::{Path, Query},
+    payload::Json,
+    types::ToJSON,
+    ApiResponse, Enum, Object, OpenApi,
+};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::{
+    guard::ApiKey,
+    stats::{parse_error_body, QueryErrorBody},
+    ApiTags,
+};
+use crate::{
+    auth::{
+        keys, store::format_time, ApiKey as StoredKey, KeyStore, LimitOverrides, Principal, Scopes,
+        Tenant,
+    },
+    ingest::wal::WalPos,
+};
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_request")]
+pub enum AdminResponse<T: ToJSON + Send + Sync> {
+    #[oai(status = 200)]
+    Ok(Json<T>),
+    /// Created. For a key, the response is the only time the key itself is shown.
+    #[oai(status = 201)]
+    Created(Json<T>),
+    /// The request is not valid; `field` names the parameter or body field.
+    #[oai(status = 400)]
+    BadRequest(Json<QueryErrorBody>),
+    /// The key may not act on this tenant, or only the bootstrap admin key may do this.
+    #[oai(status = 403)]
+    Forbidden(Json<QueryErrorBody>),
+    /// No such tenant, key or user data (for this tenant).
+    #[oai(status = 404)]
+    NotFound(Json<QueryErrorBody>),
+    /// The tenant exists already.
+    #[oai(status = 409)]
+    Conflict(Json<QueryErrorBody>),
+    /// ClickHouse is unavailable, or (deletion) events accepted earlier are still on their
+    /// way to it; retry.
+    #[oai(status = 503)]
+    Unavailable(Json<QueryErrorBody>),
+}
+
+fn bad_request<T: ToJSON + Send + Sync>(err: poem::Error) -> AdminResponse<T> {
+    AdminResponse::BadRequest(Json(parse_error_body(&err)))
+}
+
+fn error(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<QueryErrorBody> {
+    Json(QueryErrorBody {
+        error: code.to_string(),
+        message: message.into(),
+        field: field.map(str::to_string),
+        limit: None,
+    })
+}
+
+fn unavailable<T: ToJSON + Send + Sync>(err: anyhow::Error) -> AdminResponse<T> {
+    tracing::warn!(error = %format!("{err:#}"), "admin request failed");
+    AdminResponse::Unavailable(error(
+        "clickhouse_unavailable",
+        "ClickHouse did not answer; retry",
+        None,
+    ))
+}
+
+/// The tenant a request acts on: the key's own (a `tenant_id` naming another is refused), or
+/// for the bootstrap key the one named (required when `required`).
+fn acting_tenant<T: ToJSON + Send + Sync>(
+    caller: &Principal,
+    named: Option<&str>,
+    required: bool,
+) -> Result<Option<String>, AdminResponse<T>> {
+    match (caller.tenant(), named) {
+        (Some(own), Some(named)) if own != named => Err(AdminResponse::Forbidden(error(
+            "forbidden_tenant",
+            "this key may act on its own tenant only",
+            Some("tenant_id"),
+        ))),
+        (Some(own), _) => Ok(Some(own.to_string())),
+        (None, Some(named)) => Ok(Some(named.to_string())),
+        (None, None) if required => Err(AdminResponse::BadRequest(error(
+            "missing_parameter",
+            "the bootstrap admin key must name the tenant (`tenant_id`)",
+            Some("tenant_id"),
+        ))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn valid_tenant_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[derive(Debug, Object)]
+pub struct NewTenant {
+    /// 1–64 characters of `A-Z a-z 0-9 _ - .`; fixed for life.
+    pub tenant_id: String,
+    /// A display name (optional).
+    #[oai(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Object)]
+#[oai(rename = "Tenant")]
+pub struct TenantBody {
+    pub tenant_id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<Tenant> for TenantBody {
+    fn from(t: Tenant) -> Self {
+        TenantBody {
+            tenant_id: t.id,
+            name: t.name,
+            created_at: t.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum ScopeName {
+    Ingest,
+    Read,
+    Admin,
+}
+
+/// Per-key rate limits; an omitted field takes the deployment default, 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default, Object)]
+pub struct RateLimitBody {
+    pub requests_per_sec: Option<u32>,
+    pub requests_burst: Option<u32>,
+    pub events_per_sec: Option<u32>,
+    pub events_burst: Option<u32>,
+}
+
+#[derive(Debug, Object)]
+pub struct NewKey {
+    /// The key's tenant. Required with the bootstrap admin key; a tenant's admin key creates
+    /// keys of its own tenant only.
+    pub tenant_id: Option<String>,
+    /// What the key is for, e.g. `ios-sdk` (1–128 characters).
+    pub name: String,
+    /// At least one of `ingest`, `read`, `admin`.
+    pub scopes: Vec<ScopeName>,
+    #[oai(default)]
+    pub rate_limit: RateLimitBody,
+}
+
+/// A key as listed: never the key itself, which is shown once, at creation.
+#[derive(Debug, Object)]
+#[oai(rename = "ApiKey")]
+pub struct KeyBody {
+    /// The public id of the key (its first 16 characters), as in the usage log.
+    pub key_id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub rate_limit: RateLimitBody,
+    pub created_at: DateTime<Utc>,
+    #[oai(skip_serializing_if_is_none)]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<StoredKey> for KeyBody {
+    fn from(k: StoredKey) -> Self {
+        KeyBody {
+            key_id: k.id,
+            tenant_id: k.tenant,
+            name: k.name,
+            scopes: k.scopes.names().into_iter().map(str::to_string).collect(),
+            rate_limit: RateLimitBody {
+                requests_per_sec: k.limits.requests_per_sec,
+                requests_burst: k.limits.requests_burst,
+                events_per_sec: k.limits.events_per_sec,
+                events_burst: k.limits.events_burst,
+            },
+            created_at: k.created_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct CreatedKey {
+    /// The key. It is not stored and cannot be shown again: keep it now.
+    pub key: String,
+    #[oai(flatten)]
+    pub info: KeyBody,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+pub enum StatusClass {
+    #[oai(rename = "2xx")]
+    Success,
+    #[oai(rename = "3xx")]
+    Redirect,
+    #[oai(rename = "4xx")]
+    ClientError,
+    #[oai(rename = "5xx")]
+    ServerError,
+}
+
+impl StatusClass {
+    fn hundreds(self) -> u16 {
+        match self {
+            StatusClass::Success => 2,
+            StatusClass::Redirect => 3,
+            StatusClass::ClientError => 4,
+            StatusClass::ServerError => 5,
+        }
+    }
+}
+
+/// One request, as the usage log recorded it.
+#[derive(Debug, Object, clickhouse::Row, Deserialize)]
+pub struct UsageEntry {
+    /// When the request arrived (microseconds).
+    #[serde(with = "clickhouse::serde::chrono::datetime64::micros")]
+    pub time: DateTime<Utc>,
+    pub request_id: String,
+    pub instance_id: String,
+    /// Per-instance sequence number: orders one instance's requests exactly.
+    pub seq: u64,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+    pub latency_us: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub events_accepted: u32,
+    pub events_rejected: u32,
+}
+
+#[derive(Debug, Object)]
+pub struct UsagePage {
+    pub requests: Vec<UsageEntry>,
+}
+
+/// Requests of one key in one hour.
+#[derive(Debug, Object, clickhouse::Row, Deserialize)]
+pub struct UsageHour {
+    #[serde(with = "clickhouse::serde::chrono::datetime")]
+    pub hour: DateTime<Utc>,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub requests: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    pub rate_limited: u64,
+    pub events_accepted: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub avg_latency_us: f64,
+}
+
+#[derive(Debug, Object)]
+pub struct UsageHours {
+    pub hours: Vec<UsageHour>,
+}
+
+#[derive(Debug, Object)]
+pub struct UserDeletion {
+    pub tenant_id: String,
+    pub user_id: String,
+    /// Events of the user removed (each distinct event counted once).
+    pub deleted_events: u64,
+}
+
+pub struct AdminApi {
+    pub store: std::sync::Arc<KeyStore>,
+    pub client: clickhouse::Client,
+    /// Where the write-ahead log of events is durable up to, and what ClickHouse has.
+    pub durable: watch::Receiver<WalPos>,
+    pub committed: watch::Receiver<u64>,
+    pub wait_timeout: Duration,
+}
+
+const MAX_USAGE_ROWS: u32 = 10_000;
+
+#[OpenApi(prefix_path = "/v1")]
+impl AdminApi {
+    /// Create a tenant
+    ///
+    /// Bootstrap admin key only.
+    #[oai(path = "/admin/tenants", method = "post", tag = "ApiTags::Admin")]
+    async fn create_tenant(
+        &self,
+        auth: ApiKey,
+        body: Json<NewTenant>,
+    ) -> AdminResponse<TenantBody> {
+        if !matches!(auth.0, Principal::Operator) {
+            return AdminResponse::Forbidden(error(
+                "operator_only",
+                "only the bootstrap admin key creates tenants",
+                None,
+            ));
+        }
+        let NewTenant { tenant_id, name } = body.0;
+        if !valid_tenant_id(&tenant_id) {
+            return AdminResponse::BadRequest(error(
+                "invalid_tenant_id",
+                "tenant_id must be 1-64 characters of A-Z a-z 0-9 _ - .",
+                Some("tenant_id"),
+            ));
+        }
+        match self.store.create_tenant(&tenant_id, &name).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return AdminResponse::Conflict(error(
+                    "tenant_exists",
+                    format!("tenant {tenant_id:?} exists already"),
+                    Some("tenant_id"),
+                ))
+            }
+            Err(e) => return unavailable(e),
+        }
+        match self.store.tenant(&tenant_id).await {
+            Ok(Some(t)) => AdminResponse::Created(Json(t.into())),
+            Ok(None) => unavailable(anyhow::anyhow!("the new tenant is not readable")),
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// List tenants
+    ///
+    /// All tenants for the bootstrap admin key; its own for a tenant's admin key.
+    #[oai(path = "/admin/tenants", method = "get", tag = "ApiTags::Admin")]
+    async fn list_tenants(&self, auth: ApiKey) -> AdminResponse<Vec<TenantBody>> {
+        let tenants = match auth.0.tenant() {
+            Some(own) => self
+                .store
+                .tenant(own)
+                .await
+                .map(|t| t.into_iter().collect()),
+            None => self.store.list_tenants().await,
+        };
+        match tenants {
+            Ok(t) => AdminResponse::Ok(Json(t.into_iter().map(Into::into).collect())),
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// Create an API key
+    ///
+    /// The response holds the key; it is stored only as a hash and never shown again.
+    #[oai(path = "/admin/keys", method = "post", tag = "ApiTags::Admin")]
+    async fn create_key(&self, auth: ApiKey, body: Json<NewKey>) -> AdminResponse<CreatedKey> {
+        let body = body.0;
+        let tenant = match acting_tenant(&auth.0, body.tenant_id.as_deref(), true) {
+            Ok(t) => t.unwrap_or_default(),
+            Err(resp) => return resp,
+        };
+        if !(1..=128).contains(&body.name.chars().count()) {
+            return AdminResponse::BadRequest(error(
+                "invalid_name",
+                "name must be 1-128 characters",
+                Some("name"),
+            ));
+        }
+        let names: Vec<&str> = body
+            .scopes
+            .iter()
+            .map(|s| match s {
+                ScopeName::Ingest => "ingest",
+                ScopeName::Read => "read",
+                ScopeName::Admin => "admin",
+            })
+            .collect();
+        let scopes = Scopes::parse(&names).unwrap_or_default();
+        if scopes.is_empty() {
+            return AdminResponse::BadRequest(error(
+                "invalid_scopes",
+                "give at least one scope: ingest, read, admin",
+                Some("scopes"),
+            ));
+        }
+        match self.store.tenant(&tenant).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return AdminResponse::NotFound(error(
+                    "tenant_not_found",
+                    format!("no tenant {tenant:?}; create it first (POST /v1/admin/tenants)"),
+                    Some("tenant_id"),
+                ))
+            }
+            Err(e) => return unavailable(e),
+        }
+        let r = body.rate_limit;
+        let limits = LimitOverrides {
+            requests_per_sec: r.requests_per_sec,
+            requests_burst: r.requests_burst,
+            events_per_sec: r.events_per_sec,
+            events_burst: r.events_burst,
+        };
+        match self
+            .store
+            .create_key(&tenant, &body.name, scopes, limits)
+            .await
+        {
+            Ok((secret, key)) => {
+                tracing::info!(key_id = %key.id, tenant = %key.tenant, by = auth.0.key_id(), "API key created");
+                AdminResponse::Created(Json(CreatedKey {
+                    key: secret,
+                    info: key.into(),
+                }))
+            }
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// List API keys
+    ///
+    /// Revoked keys included (with `revoked_at`). Never shows the keys themselves.
+    #[oai(path = "/admin/keys", method = "get", tag = "ApiTags::Admin")]
+    async fn list_keys(
+        &self,
+        auth: ApiKey,
+        /// Only this tenant's keys (the bootstrap admin key sees every tenant without it).
+        tenant_id: Query<Option<String>>,
+    ) -> AdminResponse<Vec<KeyBody>> {
+        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
+            Ok(t) => t,
+            Err(resp) => return resp,
+        };
+        match self.store.list_keys(tenant.as_deref()).await {
+            Ok(keys) => AdminResponse::Ok(Json(keys.into_iter().map(Into::into).collect())),
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// Revoke an API key
+    ///
+    /// Takes effect at once on this instance and within `ADTRACK_KEY_REFRESH_MS` (2 s by
+    /// default) on every other. Revoking a revoked key changes nothing.
+    #[oai(
+        path = "/admin/keys/:key_id",
+        method = "delete",
+        tag = "ApiTags::Admin"
+    )]
+    async fn revoke_key(&self, auth: ApiKey, key_id: Path<String>) -> AdminResponse<KeyBody> {
+        let not_found = || {
+            AdminResponse::NotFound(error(
+                "key_not_found",
+                format!("no key {:?}", key_id.0),
+                Some("key_id"),
+            ))
+        };
+        if !keys::is_key_id(&key_id.0) {
+            return not_found();
+        }
+        match self.store.revoke(&key_id.0, auth.0.tenant()).await {
+            Ok(Some(key)) => {
+                tracing::info!(key_id = %key.id, by = auth.0.key_id(), "API key revoked");
+                AdminResponse::Ok(Json(key.into()))
+            }
+            Ok(None) => not_found(),
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// Usage log
+    ///
+    /// Requests as the usage log recorded them (every request, failures included), oldest
+    /// first: by arrival time, then instance and per-instance sequence number. Rows reach the
+    /// log within about a second.
+    #[oai(path = "/admin/usage", method = "get", tag = "ApiTags::Admin")]
+    #[allow(clippy::too_many_arguments)]
+    async fn usage(
+        &self,
+        auth: ApiKey,
+        /// Start of the range on arrival time, inclusive (RFC 3339).
+        from: Query<DateTime<Utc>>,
+        /// End of the range, exclusive (RFC 3339).
+        to: Query<DateTime<Utc>>,
+        /// Only this key's requests (its `key_id`).
+        key_id: Query<Option<String>>,
+        /// Only responses of this class.
+        status: Query<Option<StatusClass>>,
+        /// The tenant (bootstrap admin key only; without it every tenant, and requests without
+        /// a valid key).
+        tenant_id: Query<Option<String>>,
+        /// Most rows (default 1000, at most 10000).
+        limit: Query<Option<u32>>,
+    ) -> AdminResponse<UsagePage> {
+        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
+            Ok(t) => t,
+            Err(resp) => return resp,
+        };
+        let limit = limit.0.unwrap_or(1000);
+        if limit == 0 || limit > MAX_USAGE_ROWS {
+            return AdminResponse::BadRequest(error(
+                "invalid_limit",
+                format!("limit must be 1-{MAX_USAGE_ROWS}"),
+                Some("limit"),
+            ));
+        }
+        if to.0 <= from.0 {
+            return AdminResponse::BadRequest(error(
+                "invalid_time_range",
+                "`to` must be after `from`",
+                Some("to"),
+            ));
+        }
+        let (clause, binds) = usage_filter(tenant.as_deref(), key_id.0.as_deref(), status.0);
+        let sql = format!(
+            "SELECT time, request_id, instance_id, seq, tenant AS tenant_id, key_id, method, route, status, \
+             latency_us, bytes_in, bytes_out, events_accepted, events_rejected \
+             FROM usage_log FINAL WHERE time >= toDateTime64(?, 6, 'UTC') AND time < toDateTime64(?, 6, 'UTC'){clause} \
+             ORDER BY time, instance_id, seq LIMIT {limit}"
+        );
+        let mut query = self
+            .client
+            .query(&sql)
+            .bind(format_time(from.0))
+            .bind(format_time(to.0));
+        for b in binds {
+            query = query.bind(b);
+        }
+        match query.fetch_all::<UsageEntry>().await {
+            Ok(requests) => AdminResponse::Ok(Json(UsagePage { requests })),
+            Err(e) => unavailable(e.into()),
+        }
+    }
+
+    /// Usage per key per hour
+    ///
+    /// Requests, errors, rate-limited requests, accepted events and bytes of every key, by
+    /// hour (UTC).
+    #[oai(path = "/admin/usage/hourly", method = "get", tag = "ApiTags::Admin")]
+    async fn usage_hourly(
+        &self,
+        auth: ApiKey,
+        /// Start of the range, inclusive (RFC 3339).
+        from: Query<DateTime<Utc>>,
+        /// End of the range, exclusive (RFC 3339).
+        to: Query<DateTime<Utc>>,
+        /// Only this key.
+        key_id: Query<Option<String>>,
+        /// The tenant (bootstrap admin key only).
+        tenant_id: Query<Option<String>>,
+    ) -> AdminResponse<UsageHours> {
+        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
+            Ok(t) => t,
+            Err(resp) => return resp,
+        };
+        if to.0 <= from.0 {
+            return AdminResponse::BadRequest(error(
+                "invalid_time_range",
+                "`to` must be after `from`",
+                Some("to"),
+            ));
+        }
+        let (clause, binds) = usage_filter(tenant.as_deref(), key_id.0.as_deref(), None);
+        let sql = format!(
+            "SELECT toStartOfHour(time) AS hour, tenant AS tenant_id, key_id, count() AS requests, \
+             countIf(status BETWEEN 400 AND 499) AS client_errors, countIf(status >= 500) AS server_errors, \
+             countIf(status = 429) AS rate_limited, sum(events_accepted) AS events_accepted, \
+             sum(bytes_in) AS bytes_in, sum(bytes_out) AS bytes_out, avg(latency_us) AS avg_latency_us \
+             FROM usage_log FINAL WHERE time >= toDateTime64(?, 6, 'UTC') AND time < toDateTime64(?, 6, 'UTC'){clause} \
+             GROUP BY hour, tenant_id, key_id ORDER BY hour, tenant_id, key_id LIMIT 100000"
+        );
+        let mut query = self
+            .client
+            .query(&sql)
+            .bind(format_time(from.0))
+            .bind(format_time(to.0));
+        for b in binds {
+            query = query.bind(b);
+        }
+        match query.fetch_all::<UsageHour>().await {
+            Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
+            Err(e) => unavailable(e.into()),
+        }
+    }
+
+    /// Delete an end user's events
+    ///
+    /// Removes every event of `user_id` for the tenant (privacy requests) and answers once the
+    /// deletion is applied: events accepted before this request are first waited for, so none
+    /// of them reappears afterwards. The usage log records the route, never the user id.
+    #[oai(
+        path = "/users/:user_id/events",
+        method = "delete",
+        tag = "ApiTags::Admin"
+    )]
+    async fn delete_user_events(
+        &self,
+        auth: ApiKey,
+        user_id: Path<String>,
+        /// The tenant (bootstrap admin key only, and then required).
+        tenant_id: Query<Option<String>>,
+    ) -> AdminResponse<UserDeletion> {
+        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), true) {
+            Ok(t) => t.unwrap_or_default(),
+            Err(resp) => return resp,
+        };
+        let user = user_id.0;
+        if user.is_empty() || user.chars().count() > 128 {
+            return AdminResponse::BadRequest(error(
+                "invalid_user_id",
+                "user_id must be 1-128 characters",
+                Some("user_id"),
+            ));
+        }
+        // Everything acknowledged so far must be in ClickHouse first, or it would land after
+        // the deletion.
+        let target = self.durable.borrow().lsn;
+        let mut committed = self.committed.clone();
+        let caught_up =
+            tokio::time::timeout(self.wait_timeout, committed.wait_for(|&c| c >= target))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if !caught_up {
+            return AdminResponse::Unavailable(error(
+                "events_in_flight",
+                "events accepted earlier are not in ClickHouse yet; nothing was deleted, retry",
+                None,
+            ));
+        }
+        let deleted = match self
+            .client
+            .query("SELECT count() FROM events FINAL WHERE tenant = ? AND user_id = ?")
+            .bind(&tenant)
+            .bind(&user)
+            .fetch_one::<u64>()
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => return unavailable(e.into()),
+        };
+        if deleted > 0 {
+            let applied = self
+                .client
+                .query("ALTER TABLE events DELETE WHERE tenant = ? AND user_id = ?")
+                .bind(&tenant)
+                .bind(&user)
+                .with_setting("mutations_sync", "2")
+                .execute()
+                .await;
+            if let Err(e) = applied {
+                return unavailable(e.into());
+            }
+        }
+        tracing::info!(tenant = %tenant, deleted, by = auth.0.key_id(), "end-user events deleted");
+        AdminResponse::Ok(Json(UserDeletion {
+            tenant_id: tenant,
+            user_id: user,
+            deleted_events: deleted,
+        }))
+    }
+}
+
+/// The WHERE conditions after the time range, and their values in order.
+fn usage_filter(
+    tenant: Option<&str>,
+    key_id: Option<&str>,
+    status: Option<StatusClass>,
+) -> (String, Vec<String>) {
+    let mut clause = String::new();
+    let mut binds = Vec::new();
+    if let Some(t) = tenant {
+        clause.push_str(" AND tenant = ?");
+        binds.push(t.to_string());
+    }
+    if let Some(k) = key_id {
+        clause.push_str(" AND key_id = ?");
+        binds.push(k.to_string());
+    }
+    if let Some(s) = status {
+        let h = s.hundreds();
+        clause.push_str(&format!(" AND status BETWEEN {h}00 AND {h}99"));
+    }
+    (clause, binds)
+}
