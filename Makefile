@@ -10,8 +10,12 @@ VENV  := .venv
 
 .PHONY: run test test-rust test-python deps lint fmt bench-ingest bench-analytics clean-data
 
+# Without ADTRACK_ADMIN_KEY, a bootstrap admin key is made once and kept in data/admin-key;
+# `scripts/dev-key` uses it to create a tenant and an API key.
 run: deps
-	$(CARGO) run --release --bin adtrack
+	@mkdir -p data && [ -s data/admin-key ] || python3 -c 'import secrets; print(secrets.token_hex(32))' > data/admin-key
+	@echo "bootstrap admin key: $${ADTRACK_ADMIN_KEY:-$$(cat data/admin-key)} (create an API key: scripts/dev-key)"
+	ADTRACK_ADMIN_KEY="$${ADTRACK_ADMIN_KEY:-$$(cat data/admin-key)}" $(CARGO) run --release --bin adtrack
 
 test: deps
 	$(CARGO) test --all-targets

@@ -39,6 +39,8 @@ LOG_LEVEL=warn target/release/adtrack &
 pids+=($!)
 app="http://127.0.0.1:$app_port"
 wait_http "$app/health/ready"
+key=$(bench_key "$app" default)
+auth="authorization: Bearer $key"
 
 sql() { curl -fsS "$ch/?database=bench" --data-binary "$1"; }
 
@@ -94,9 +96,9 @@ run() { # $1 = state label
     for name in summary timeseries breakdown; do
         # A warm-up request checks the answer and warms caches. Under load a query may hit the
         # time guard (ADTRACK_ANALYTICS_MAX_EXECUTION_MS): the statuses column shows those 422s.
-        code=$(curl -s -o "$OUT/$name-$1.json" -w '%{http_code}' "${urls[$name]}")
+        code=$(curl -s -H "$auth" -o "$OUT/$name-$1.json" -w '%{http_code}' "${urls[$name]}")
         [ "$code" = 200 ] || { echo "$name: HTTP $code: $(cat "$OUT/$name-$1.json")"; exit 1; }
-        oha -c "$CONCURRENCY" -n "$REQUESTS" --no-tui --output-format json "${urls[$name]}" >"$OUT/oha-$name-$1.json"
+        oha -c "$CONCURRENCY" -n "$REQUESTS" --no-tui --output-format json -H "$auth" "${urls[$name]}" >"$OUT/oha-$name-$1.json"
         jq -r --arg n "$name" --arg s "$1" '
             "| \($n) | \($s) | \(.latencyPercentiles.p50 * 1000 | floor) ms | \(.latencyPercentiles.p95 * 1000 | floor) ms | \(.latencyPercentiles.p99 * 1000 | floor) ms | \(.summary.requestsPerSec * 10 | floor / 10) | \(.statusCodeDistribution | to_entries | map("\(.key)×\(.value)") | join(" ")) |"' \
             "$OUT/oha-$name-$1.json" >>"$OUT/table.md"

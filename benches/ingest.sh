@@ -53,6 +53,7 @@ LOG_LEVEL=warn target/release/adtrack &
 app_pid=$!
 pids+=($app_pid)
 wait_http "http://127.0.0.1:$app_port/health/ready"
+key=$(bench_key "http://127.0.0.1:$app_port" bench)
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$bare_port") 2>/dev/null && break; sleep 0.1; done
 
 # Peak RSS of the service, sampled while oha runs.
@@ -77,7 +78,7 @@ run() { # name server-pid url body extra-args...
     local name=$1 pid=$2 url=$3 body=$4; shift 4
     drained
     local before; before=$(cpu_ticks "$pid")
-    oha --no-tui --output-format json -m POST -H 'content-type: application/json' -D "$body" "$@" "$url" > "$OUT/$name.json"
+    oha --no-tui --output-format json -m POST -H 'content-type: application/json' -H "authorization: Bearer $key" -D "$body" "$@" "$url" > "$OUT/$name.json"
     local used=$(( $(cpu_ticks "$pid") - before ))
     jq -r --arg n "$name" --argjson ticks "$used" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), ($ticks * 10000 / ([.statusCodeDistribution[]]|add) | floor), (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
 }

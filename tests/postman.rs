@@ -76,12 +76,16 @@ async fn the_postman_collection_passes_against_the_live_service() {
         tmp.path(),
     );
     let service = ServiceProcess::start(&env).await;
+    let key = provision_key(&service.base, TENANT).await;
     let out = tokio::task::spawn_blocking(move || {
         run(
             Command::new(newman)
                 .arg("run")
                 .arg(postman_dir().join(COLLECTION))
                 .args(["--env-var", &format!("baseUrl={}", service.base)])
+                .args(["--env-var", &format!("apiKey={key}")])
+                .args(["--env-var", &format!("adminKey={ADMIN_KEY}")])
+                .args(["--env-var", &format!("tenantId={TENANT}")])
                 .args(["--reporters", "cli", "--color", "off", "--disable-unicode"])
                 .args(["--timeout-request", "30000"]),
             "newman",

@@ -11,9 +11,12 @@ event, a batch, NDJSON, gzip-free re-send of the same event, `?wait=true`, an in
 (422), malformed JSON (400) and a wrong content type (415). A few routes outside the document
 (`/openapi.json`, `/docs`) are added too.
 
-Collection variables: `baseUrl` (default http://127.0.0.1:8080) and `apiKey`, sent as
-`Authorization: Bearer {{apiKey}}` by collection-level auth (nothing is sent while it is
-empty). Operations the document marks as public (`security: []`) do not send it.
+Collection variables: `baseUrl` (default http://127.0.0.1:8080); `apiKey`, a key of one tenant
+with every scope (ingest, read, admin), sent as `Authorization: Bearer {{apiKey}}` by
+collection-level auth; `adminKey`, the bootstrap admin key (`ADTRACK_ADMIN_KEY`), sent only by
+the requests that need it (creating a tenant); `tenantId`, the tenant of `apiKey`. Operations
+the document marks as public (`security: []`) send no key. An "Auth" folder shows the 401 and
+403 answers.
 
 The output is deterministic (no generated ids or dates): the same document gives the same file,
 so a test can regenerate it and compare with the committed one. Standard library only.
@@ -57,6 +60,32 @@ NAMED_EXAMPLES = {
     "event_id": "{{eventId}}",
     "group_by": "country",
     "time_zone": "UTC",
+    # Not the example event's user: deleting it must not remove what later requests read.
+    "user_id": "u-forget-me",
+    "key_id": "{{newKeyId}}",
+}
+
+ADMIN_AUTH = {"type": "bearer", "bearer": [{"key": "token", "value": "{{adminKey}}", "type": "string"}]}
+
+# Operations whose request body is written here rather than derived from the schema: each
+# must succeed when the collection runs top to bottom.
+BODIES = {
+    ("post", "/v1/admin/tenants"): {"tenant_id": "postman-{{$timestamp}}-{{$randomInt}}",
+                                    "name": "Created by the Postman collection"},
+    ("post", "/v1/admin/keys"): {"tenant_id": "{{tenantId}}", "name": "postman",
+                                 "scopes": ["read"], "rate_limit": {"requests_per_sec": 100}},
+}
+# Requests sent with the bootstrap admin key instead of `apiKey`.
+OPERATOR_ONLY = {("post", "/v1/admin/tenants")}
+# Extra test lines, e.g. keeping a value for a later request.
+EXTRA_TESTS = {
+    ("post", "/v1/admin/keys"): [
+        "pm.test('the key is shown once, with its id', function () {",
+        "    var body = pm.response.json();",
+        "    pm.expect(body.key.indexOf(body.key_id)).to.eql(0);",
+        "    pm.collectionVariables.set('newKeyId', body.key_id);",
+        "});",
+    ],
 }
 
 # JavaScript that checks a value against a (dereferenced) OpenAPI schema: types, required
@@ -281,7 +310,7 @@ def raw_json(value):
 
 
 def request(name, method, path, description, tests, query=(), headers=(), body=None,
-            language="json", prerequest=None, public=False):
+            language="json", prerequest=None, public=False, auth=None):
     req = {
         "method": method,
         "header": [{"key": k, "value": v} for k, v in headers],
@@ -292,6 +321,8 @@ def request(name, method, path, description, tests, query=(), headers=(), body=N
         req["body"] = {"mode": "raw", "raw": body, "options": {"raw": {"language": language}}}
     if public:
         req["auth"] = {"type": "noauth"}
+    elif auth is not None:
+        req["auth"] = auth
     events = []
     if prerequest:
         events.append(script("prerequest", prerequest))
@@ -382,8 +413,12 @@ def query_value(value):
 def generic(method, path, op, spec, public):
     """A request for an operation without hand-written examples: parameters from the schema,
     the lowest documented 2xx expected."""
+    template = path
     statuses = sorted(int(s) for s in op.get("responses", {}) if s.isdigit())
     ok = [s for s in statuses if 200 <= s < 300]
+    # Creating answers 201 where the operation documents it.
+    if method == "post" and 201 in ok:
+        ok = [201]
     status = ok[0] if ok else statuses[0]
     params = op.get("parameters", [])
     for p in params:
@@ -396,13 +431,38 @@ def generic(method, path, op, spec, public):
     ]
     headers, body = [], None
     content = op.get("requestBody", {}).get("content", {})
-    if "application/json" in content:
+    key = (method, template)
+    json_type = next((ct for ct in sorted(content) if ct.startswith("application/json")), None)
+    if json_type:
         headers = [("Content-Type", "application/json")]
-        body = raw_json(example_of(content["application/json"].get("schema", {}), spec))
+        example = BODIES.get(key) or example_of(content[json_type].get("schema", {}), spec)
+        body = raw_json(example)
     description = (op.get("summary", "") + "\n\n" + op.get("description", "")).strip()
+    tests = tests_for(status, documented(op, status), spec, EXTRA_TESTS.get(key, ()))
     return request(op.get("summary") or f"{method.upper()} {path}", method.upper(), path,
-                   description, tests_for(status, documented(op, status), spec), query=query,
-                   headers=headers, body=body, public=public)
+                   description, tests, query=query, headers=headers, body=body, public=public,
+                   auth=ADMIN_AUTH if key in OPERATOR_ONLY else None)
+
+
+def auth_examples():
+    """What a caller without the right key sees."""
+    def refused(name, status, error, description, auth):
+        return request(name, "GET", "/v1/events", description, [
+            f"pm.test('status is {status}', function () {{ pm.response.to.have.status({status}); }});",
+            f"pm.test('error is {error}', function () {{",
+            f"    pm.expect(pm.response.json().error).to.eql('{error}');",
+            "});",
+        ], query=[("limit", "1")], auth=auth)
+    return [
+        refused("No key (401)", 401, "missing_api_key", "Every `/v1` request needs "
+                "`Authorization: Bearer <key>`.", {"type": "noauth"}),
+        refused("Unknown key (401)", 401, "invalid_api_key", "Unknown, malformed and revoked "
+                "keys get the same answer.", {"type": "bearer", "bearer": [
+                    {"key": "token", "value": "adt_000000000000_not-a-key", "type": "string"}]}),
+        refused("Bootstrap admin key reading events (403)", 403, "insufficient_scope",
+                "The bootstrap admin key manages tenants and keys; it reads no event data.",
+                ADMIN_AUTH),
+    ]
 
 
 def extras():
@@ -446,6 +506,7 @@ def build(spec):
                 if any(other["name"] == item["name"] for other in folder):
                     item["name"] += f" ({method.upper()} {path})"
                 folder.append(item)
+    folders.setdefault("Auth", []).extend(auth_examples())
     folders.setdefault("Documentation", []).extend(extras())
     # Ingest first (it sets `eventId` for later requests), then the document's tag order,
     # the documentation routes last.
@@ -457,14 +518,19 @@ def build(spec):
         "info": {
             "name": info.get("title", "adtrack"),
             "description": "Generated by `_test/postman/generate.py` from `/openapi.json` "
-                           "(do not edit by hand). Variables: `baseUrl`, `apiKey` (sent as "
-                           "Bearer token when set).\n\n" + info.get("description", ""),
+                           "(do not edit by hand). Variables: `baseUrl`; `apiKey`, a key with "
+                           "every scope (sent as Bearer token); `adminKey`, the bootstrap admin "
+                           "key (for creating tenants); `tenantId`, the tenant of `apiKey`."
+                           "\n\n" + info.get("description", ""),
             "schema": SCHEMA_URL,
         },
         "auth": {"type": "bearer", "bearer": [{"key": "token", "value": "{{apiKey}}", "type": "string"}]},
         "variable": [
             {"key": "baseUrl", "value": DEFAULT_BASE_URL, "type": "string"},
             {"key": "apiKey", "value": "", "type": "string"},
+            {"key": "adminKey", "value": "", "type": "string"},
+            {"key": "tenantId", "value": "", "type": "string"},
+            {"key": "newKeyId", "value": "adt_000000000000", "type": "string"},
             {"key": "eventId", "value": "6f1c1f0e-8a53-4c1e-9d2a-5b7e8f9a0b1c", "type": "string"},
         ],
         "event": [

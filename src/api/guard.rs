@@ -69,33 +69,51 @@ async fn authenticated(req: &Request, _: Bearer) -> Option<Principal> {
     req.extensions().get::<Principal>().cloned()
 }
 
-/// The caller may go on (`Ok`, with the rate-limit state for the headers) or is answered
-/// here (`Err`).
-pub async fn check(
-    auth: &Auth,
-    req: &Request,
-    access: Access,
-) -> Result<Option<(Principal, Option<Quota>)>, Response> {
+/// What the guard decided about a request.
+pub struct Checked {
+    /// The authenticated caller, also when refused for scope or rate (for the usage log).
+    pub principal: Option<Principal>,
+    /// Go on (with the rate-limit state for the headers), or this answer.
+    pub outcome: Result<Option<Quota>, Response>,
+}
+
+pub async fn check(auth: &Auth, req: &Request, access: Access) -> Checked {
     if access == Access::Public {
-        return Ok(None);
+        return Checked {
+            principal: None,
+            outcome: Ok(None),
+        };
     }
     let principal = match auth.authenticate(req.header(header::AUTHORIZATION)).await {
         Ok(p) => p,
-        Err(err) => return Err(auth_error(&err)),
-    };
-    if let Access::Scope(scope) = access {
-        if !principal.has(scope) {
-            return Err(forbidden(&principal, scope));
+        Err(err) => {
+            return Checked {
+                principal: None,
+                outcome: Err(auth_error(&err)),
+            }
         }
-    }
+    };
+    // Every request of a key counts against its limit, refused ones included.
     let quota = match &principal {
         Principal::Operator => None,
         Principal::Key(key) => match key.limiter.requests.take(1) {
             Ok(q) => Some(q),
-            Err(over) => return Err(rate_limited(&over, "requests")),
+            Err(over) => {
+                return Checked {
+                    principal: Some(principal),
+                    outcome: Err(rate_limited(&over, "requests")),
+                }
+            }
         },
     };
-    Ok(Some((principal, quota)))
+    let outcome = match access {
+        Access::Scope(scope) if !principal.has(scope) => Err(forbidden(&principal, scope)),
+        _ => Ok(quota),
+    };
+    Checked {
+        principal: Some(principal),
+        outcome,
+    }
 }
 
 fn auth_error(err: &AuthError) -> Response {

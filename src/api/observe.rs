@@ -100,10 +100,11 @@ pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -
     req.extensions_mut().insert(usage.clone());
 
     let access = guard::access(&method, route, req.uri().path());
-    let (mut resp, principal, quota) = match guard::check(&observer.auth, &req, access).await {
-        Err(resp) => (resp, None, None),
-        Ok(caller) => {
-            let (principal, quota) = caller.unzip();
+    let checked = guard::check(&observer.auth, &req, access).await;
+    let principal = checked.principal;
+    let (mut resp, quota) = match checked.outcome {
+        Err(resp) => (resp, None),
+        Ok(quota) => {
             if let Some(p) = &principal {
                 req.extensions_mut().insert(p.clone());
             }
@@ -111,7 +112,7 @@ pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -
                 Ok(resp) => resp.into_response(),
                 Err(err) => err.into_response(),
             };
-            (resp, principal, quota.flatten())
+            (resp, quota)
         }
     };
     if let Some(quota) = &quota {

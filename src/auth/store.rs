@@ -6,6 +6,8 @@
 //! another instance keeps working. A key the cache does not know (created on another instance
 //! a moment ago) is looked up directly, at most once a second per id.
 //!
+//! Keys are never deleted, only revoked, so a reload only adds and updates cached keys.
+//!
 //! The cache is also written to a snapshot file (hashes only, never a key), so an instance
 //! restarted while ClickHouse is down still recognises its clients and keeps accepting events
 //! into its log.
@@ -13,7 +15,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -85,7 +87,7 @@ pub struct KeyStore {
     client: clickhouse::Client,
     defaults: RateLimits,
     cache: RwLock<HashMap<String, Arc<CachedKey>>>,
-    misses: Mutex<HashMap<String, Instant>>,
+    misses: tokio::sync::Mutex<HashMap<String, Instant>>,
     snapshot: Option<PathBuf>,
 }
 
@@ -102,7 +104,7 @@ impl KeyStore {
             client,
             defaults,
             cache: RwLock::default(),
-            misses: Mutex::default(),
+            misses: tokio::sync::Mutex::default(),
             snapshot,
         };
         if let Some(keys) = store.read_snapshot() {
@@ -118,15 +120,15 @@ impl KeyStore {
         if let Some(hit) = self.read_cache().get(id) {
             return Ok(Some(hit.clone()));
         }
-        {
-            let mut misses = self.misses.lock().unwrap_or_else(|e| e.into_inner());
-            if misses.get(id).is_some_and(|t| t.elapsed() < MISS_TTL) {
-                return Ok(None);
-            }
-            if misses.len() > 10_000 {
-                misses.retain(|_, t| t.elapsed() < MISS_TTL);
-            }
-            misses.insert(id.to_string(), Instant::now());
+        // One lookup at a time: requests arriving together with a new key wait for the first
+        // one's answer instead of racing it (and a key answered "unknown" within the last
+        // second is not asked for again).
+        let mut misses = self.misses.lock().await;
+        if let Some(hit) = self.read_cache().get(id) {
+            return Ok(Some(hit.clone()));
+        }
+        if misses.get(id).is_some_and(|t| t.elapsed() < MISS_TTL) {
+            return Ok(None);
         }
         let rows = tokio::time::timeout(
             LOOKUP_TIMEOUT,
@@ -139,6 +141,10 @@ impl KeyStore {
         .map_err(|_| StoreError::Unavailable(anyhow::anyhow!("key lookup timed out")))?
         .map_err(|e| StoreError::Unavailable(e.into()))?;
         let Some(key) = rows.into_iter().next().and_then(|r| r.into_key().ok()) else {
+            if misses.len() > 10_000 {
+                misses.retain(|_, t| t.elapsed() < MISS_TTL);
+            }
+            misses.insert(id.to_string(), Instant::now());
             return Ok(None);
         };
         Ok(Some(self.put(key)))
@@ -322,18 +328,21 @@ impl KeyStore {
         entry
     }
 
-    /// Replaces the cache with `keys`; true if anything changed.
+    /// Puts `keys` into the cache; true if anything changed. A cached key missing from
+    /// `keys` stays: keys are never deleted, only revoked, and an answer without them (an
+    /// engine still loading its tables after a restart) must not lock clients out.
     fn replace(&self, keys: Vec<ApiKey>) -> bool {
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        let mut changed = keys.len() != cache.len();
-        let mut next = HashMap::with_capacity(keys.len());
+        let mut changed = false;
         for key in keys {
             let previous = cache.get(&key.id);
-            changed |= previous.is_none_or(|p| p.key != key);
+            if previous.is_some_and(|p| p.key == key) {
+                continue;
+            }
+            changed = true;
             let entry = self.cached(key, previous);
-            next.insert(entry.key.id.clone(), entry);
+            cache.insert(entry.key.id.clone(), entry);
         }
-        *cache = next;
         changed
     }
 

@@ -1,5 +1,6 @@
 //! Black-box tests: the real app over HTTP, checked against what ClickHouse stores.
 
+mod auth;
 mod faults;
 mod helpers;
 mod idempotency;

@@ -41,6 +41,37 @@ impl Drop for Service {
     }
 }
 
+const ADMIN_KEY: &str = "loader-test-bootstrap-admin-key-0123456789";
+
+/// Creates a tenant and a key of it without rate limits, through the admin API.
+async fn create_key(base: &str) -> String {
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        http.post(format!("{base}{path}"))
+            .header("authorization", format!("Bearer {ADMIN_KEY}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let r = post(
+        "/v1/admin/tenants",
+        serde_json::json!({"tenant_id": "loader"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = post(
+        "/v1/admin/keys",
+        serde_json::json!({"tenant_id": "loader", "name": "loader", "scopes": ["ingest"],
+                           "rate_limit": {"requests_per_sec": 0, "events_per_sec": 0}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    body["key"].as_str().unwrap().to_string()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -60,6 +91,7 @@ async fn start_service(clickhouse: &str, database: &str, data: &Path) -> Service
         .env("ADTRACK_DEAD_LETTER_DIR", data.join("dead-letter"))
         .env("ADTRACK_WAL_SEGMENT_BYTES", "4194304")
         .env("ADTRACK_FLUSH_INTERVAL_MS", "100")
+        .env("ADTRACK_ADMIN_KEY", ADMIN_KEY)
         .env("LOG_LEVEL", log("TEST_LOG"))
         .stdout(Stdio::null())
         .spawn()
@@ -121,12 +153,15 @@ async fn the_loader_drives_the_service_and_clickhouse_holds_each_event_once() {
     let clickhouse = local_clickhouse::shared_url();
     let database = format!("t_loader_{}", std::process::id());
     let service = start_service(&clickhouse, &database, tmp.path()).await;
+    let key = create_key(&service.base).await;
 
     let json = run_loader(
         "json",
         &[
             "--url",
             &service.base,
+            "--api-key",
+            &key,
             "--events",
             "6000",
             "--rate",
@@ -149,6 +184,8 @@ async fn the_loader_drives_the_service_and_clickhouse_holds_each_event_once() {
         &[
             "--url",
             &service.base,
+            "--api-key",
+            &key,
             "--events",
             "500",
             "--rate",
