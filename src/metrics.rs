@@ -86,7 +86,7 @@ impl Histogram {
 }
 
 /// (route template, method, status).
-type RequestKey = (&'static str, String, u16);
+type RequestKey = (&'static str, &'static str, u16);
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -136,7 +136,7 @@ impl Metrics {
         status: u16,
         elapsed: Duration,
     ) {
-        let key = (route, method.to_string(), status);
+        let key = (route, static_method(method), status);
         if let Some(h) = self
             .requests
             .read()
@@ -261,6 +261,12 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The method as a label value: a bounded set, and no allocation per request.
+fn static_method(method: &str) -> &'static str {
+    const KNOWN: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("OTHER")
 }
 
 #[cfg(test)]

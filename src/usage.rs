@@ -64,6 +64,9 @@ fn micros<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Err
 
 pub struct UsageLog {
     pub instance_id: String,
+    /// 16 random hex digits of this run: generated request ids are this and the sequence
+    /// number (unique without a random draw per request).
+    id_prefix: String,
     seq: AtomicU64,
     buffer: Mutex<Buffer>,
     pub dropped: AtomicU64,
@@ -77,8 +80,10 @@ struct Buffer {
 
 impl UsageLog {
     pub fn new(instance_id: String) -> Self {
+        let random = uuid::Uuid::new_v4().simple().to_string();
         UsageLog {
             instance_id,
+            id_prefix: random[..16].to_string(),
             seq: AtomicU64::new(0),
             buffer: Mutex::default(),
             dropped: AtomicU64::new(0),
@@ -88,6 +93,11 @@ impl UsageLog {
     /// The next sequence number of this instance (taken when a request arrives).
     pub fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A request id for a request that came without one (32 hex digits, like a UUID's).
+    pub fn request_id(&self, seq: u64) -> String {
+        format!("{}{seq:016x}", self.id_prefix)
     }
 
     pub fn record(&self, row: &UsageRow<'_>) {
@@ -196,5 +206,9 @@ mod tests {
         );
         assert_eq!(lines[1]["events_rejected"], 1);
         assert_eq!(log.take().count, 0);
+        let (a, b) = (log.request_id(1), log.request_id(2));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert_ne!(a, UsageLog::new("host-1".into()).request_id(1));
     }
 }

@@ -88,7 +88,7 @@ pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -
     let seq = observer.usage.next_seq();
     let id = match req.header(REQUEST_ID) {
         Some(id) if usable(id) => id.to_string(),
-        _ => uuid::Uuid::new_v4().simple().to_string(),
+        _ => observer.usage.request_id(seq),
     };
     let route = route_of(req.uri().path());
     let method = req.method().clone();

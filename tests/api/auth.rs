@@ -245,6 +245,27 @@ async fn every_endpoint_checks_the_scope_and_the_tenant_of_its_key() {
         .map(|(m, _, template, ..)| format!("{m} {template}"))
         .collect();
     assert_eq!(documented, tested, "every /v1 operation is in the matrix");
+    // Swagger UI's "Authorize" uses the declared scheme; every /v1 operation requires it and
+    // documents the guard's answers.
+    let scheme = &doc["components"]["securitySchemes"]["apiKey"];
+    assert_eq!(
+        (scheme["type"].as_str(), scheme["scheme"].as_str()),
+        (Some("http"), Some("bearer"))
+    );
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+            assert_eq!(secured, path.starts_with("/v1"), "{method} {path} security");
+            if secured {
+                for status in ["401", "403", "429"] {
+                    assert!(
+                        op["responses"][status].is_object(),
+                        "{method} {path} documents {status}"
+                    );
+                }
+            }
+        }
+    }
 
     let callers: [(&str, Option<&str>); 7] = [
         ("no key", None),

@@ -9,9 +9,10 @@
   template, run in front of two stub upstreams on loopback, retries a POST answered 503 on the
   other instance, passes gzip bodies, Content-Encoding and Authorization through untouched,
   generates/forwards X-Request-Id, logs JSON, and answers its own errors in JSON.
-- ClickHouse cluster schema: same columns, partitioning, sorting key, TTL and settings as the
-  single-node table; sharded by the event's identity; applied to a local engine when one is
-  installed.
+- ClickHouse cluster schema: every single-node table has a cluster variant with the same
+  columns, partitioning, sorting key, TTL and settings; events and the usage log are sharded by
+  the identity of a row, tenants and API keys are a full copy on every node; the files split
+  cleanly on `;`; all of it applied to a local engine when one is installed.
 - Dockerfile: hadolint when installed, and always a reasoned check (multi-stage, non-root,
   healthcheck, pinned bases, apt hygiene, container defaults, a Rust version new enough for
   the locked dependencies); .dockerignore keeps the build context small and free of secrets.
@@ -783,10 +784,33 @@ def _strip_sql_comments(sql: str) -> str:
     return "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
 
 
+_CREATE_WITH_COLUMNS = r"CREATE TABLE IF NOT EXISTS\s+(\S+)(?:\s+ON CLUSTER\s+(\S+))?\s*\("
+SINGLE_NODE_SQL = sorted((ROOT / "clickhouse-init").glob("0*.sql"))
+CLUSTER_SQL = sorted(CLUSTER.glob("0*.sql"))
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of a schema file, split the way the service splits them: `--` comments
+    stripped, then on every `;`."""
+    return [st.strip() for st in _strip_sql_comments(sql).split(";") if st.strip()]
+
+
+def _tables(*paths: Path) -> dict[str, dict]:
+    """The CREATE TABLE statements with a column list in `paths`, by table name."""
+    tables = {}
+    for path in paths:
+        for st in _statements(path.read_text()):
+            if re.match(_CREATE_WITH_COLUMNS, st):
+                parts = _table_parts(st)
+                assert parts["name"] not in tables, f"{rel(path)}: {parts['name']} defined twice"
+                tables[parts["name"]] = parts
+    return tables
+
+
 def _table_parts(sql: str) -> dict:
     """Column definitions and table clauses of the one CREATE TABLE in `sql`."""
     sql = _strip_sql_comments(sql)
-    m = re.search(r"CREATE TABLE IF NOT EXISTS\s+(\S+)(?:\s+ON CLUSTER\s+(\S+))?\s*\(", sql)
+    m = re.search(_CREATE_WITH_COLUMNS, sql)
     assert m, "no CREATE TABLE with a column list"
     depth, i = 1, m.end()
     while depth:
@@ -835,6 +859,112 @@ def test_cluster_distributed_table_is_what_adtrack_uses_and_shards_by_event_iden
     assert re.search(r"CREATE DATABASE IF NOT EXISTS adtrack ON CLUSTER adtrack_cluster;", db)
 
 
+def _distributed_tables() -> dict[str, dict]:
+    """The Distributed tables of the cluster files, by name: the local table they copy and
+    their engine arguments."""
+    found = {}
+    for path in CLUSTER_SQL:
+        for st in _statements(path.read_text()):
+            m = re.fullmatch(
+                r"CREATE TABLE IF NOT EXISTS (adtrack\.\w+) ON CLUSTER (\w+)\s+AS (adtrack\.\w+)\s+"
+                r"ENGINE = Distributed\((\w+), (\w+), (\w+), (.+)\)",
+                st,
+            )
+            if m:
+                found[m.group(1)] = {
+                    "cluster": m.group(2),
+                    "as": m.group(3),
+                    "engine_cluster": m.group(4),
+                    "local": f"{m.group(5)}.{m.group(6)}",
+                    "sharding_key": m.group(7),
+                }
+    return found
+
+
+def test_every_single_node_table_has_a_cluster_variant():
+    """Under its own name, as a full copy on every node, or as a Distributed table over a
+    `_local` table: either way the service finds every table it uses under the same name."""
+    single = _tables(*SINGLE_NODE_SQL)
+    cluster = _tables(*CLUSTER_SQL)
+    distributed = _distributed_tables()
+    assert set(single) == {"adtrack.events", "adtrack.tenants", "adtrack.api_keys", "adtrack.usage_log"}
+    for name in single:
+        if name in distributed:
+            assert distributed[name]["as"] == distributed[name]["local"] == f"{name}_local"
+            assert f"{name}_local" in cluster, f"{name}: Distributed over a table no file creates"
+        else:
+            assert name in cluster, f"{name} has no cluster variant in {rel(CLUSTER)}"
+    for name, parts in cluster.items():
+        assert parts["cluster"] == "adtrack_cluster", f"{name}: not ON CLUSTER adtrack_cluster"
+        assert parts["ENGINE"].startswith("ReplicatedReplacingMergeTree("), name
+    for name, d in distributed.items():
+        assert d["cluster"] == d["engine_cluster"] == "adtrack_cluster", name
+
+
+@pytest.mark.parametrize("table", ["tenants", "api_keys"])
+def test_cluster_key_tables_are_a_full_copy_on_every_node(table: str):
+    single = _tables(ROOT / "clickhouse-init" / "03_keys.sql")[f"adtrack.{table}"]
+    cluster = _tables(CLUSTER / "04_keys.sql")[f"adtrack.{table}"]
+    assert cluster["columns"] == single["columns"], "column lists differ"
+    for key in ("PARTITION BY", "ORDER BY", "TTL", "SETTINGS"):
+        assert cluster[key] == single[key], f"{key} differs"
+    assert single["ENGINE"] == "ReplacingMergeTree(updated_at)"
+    # One Keeper path for all nodes (no {shard}): every node is a replica of the same table.
+    assert cluster["ENGINE"] == (
+        f"ReplicatedReplacingMergeTree('/clickhouse/tables/all/adtrack/{table}', '{{replica}}', updated_at)"
+    )
+    assert f"adtrack.{table}" not in _distributed_tables(), "read whole by every instance: not sharded"
+
+
+def test_cluster_replica_names_are_unique_across_all_nodes():
+    """The key tables share one Keeper path across shards, so `{replica}` must differ on every
+    node, not only between the replicas of one shard."""
+    import xml.etree.ElementTree as ET
+
+    macros = ET.parse(CLUSTER / "config" / "macros.xml").getroot()
+    assert macros.find("macros/replica").get("from_env") == "CLICKHOUSE_REPLICA"
+    remote = ET.parse(CLUSTER / "config" / "remote_servers.xml").getroot()
+    hosts = [r.findtext("host") for r in remote.findall("remote_servers/adtrack_cluster/shard/replica")]
+    services = compose_services(CLUSTER / "docker-compose.cluster.yml")
+    replicas = [services[h]["environment"]["CLICKHOUSE_REPLICA"] for h in hosts]
+    assert len(replicas) == 4 and len(set(replicas)) == len(replicas), replicas
+
+
+def test_cluster_usage_log_local_matches_the_single_node_table():
+    single = _tables(ROOT / "clickhouse-init" / "04_usage_log.sql")["adtrack.usage_log"]
+    local = _tables(CLUSTER / "05_usage_log.sql")["adtrack.usage_log_local"]
+    assert local["columns"] == single["columns"], "column lists differ"
+    for key in ("PARTITION BY", "ORDER BY", "TTL", "SETTINGS"):
+        assert local[key] == single[key], f"{key} differs"
+    assert single["ENGINE"] == "ReplacingMergeTree"
+    assert local["ENGINE"] == (
+        "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/adtrack/usage_log_local', '{replica}')"
+    )
+    assert local["cluster"] == "adtrack_cluster"
+
+
+def test_cluster_usage_log_is_distributed_by_request_identity():
+    usage = _distributed_tables()["adtrack.usage_log"]
+    assert usage["local"] == "adtrack.usage_log_local"
+    assert usage["sharding_key"] == "cityHash64(instance_id, seq)", "a replayed row must reach its first copy's shard"
+    # Every column of the sharding key is in the sorting key: copies that meet on a shard
+    # also collapse there.
+    order_by = _tables(ROOT / "clickhouse-init" / "04_usage_log.sql")["adtrack.usage_log"]["ORDER BY"]
+    assert {"instance_id", "seq"} <= set(re.findall(r"\w+", order_by))
+    assert _distributed_tables()["adtrack.events"]["sharding_key"] == "cityHash64(tenant, event_id)"
+
+
+@pytest.mark.parametrize("path", SINGLE_NODE_SQL + CLUSTER_SQL, ids=rel)
+def test_cluster_and_single_node_schema_files_split_cleanly_on_semicolons(path: Path):
+    """The service (and the engine test below) strip `--` comments and split on `;`: a `;` or
+    `--` inside a string literal or COMMENT would cut a statement in two."""
+    statements = _statements(path.read_text())
+    assert statements
+    for st in statements:
+        assert st.count("'") % 2 == 0, f"{rel(path)}: unbalanced quotes in {st[:80]!r}"
+        assert re.match(r"CREATE (DATABASE|TABLE) IF NOT EXISTS ", st), st[:80]
+
+
 def test_cluster_config_names_the_same_cluster_and_nodes():
     import xml.etree.ElementTree as ET
 
@@ -869,7 +999,9 @@ def test_cluster_config_names_the_same_cluster_and_nodes():
 
 
 CHDB_SCRIPT = r"""
-import json, os, sys, xml.etree.ElementTree as ET
+import json, os, sys, traceback, xml.etree.ElementTree as ET
+# The engine's threads keep the process alive after an uncaught error: report it and leave.
+sys.excepthook = lambda *e: (traceback.print_exception(*e), sys.stderr.flush(), os._exit(1))
 from chdb import session
 root, work = sys.argv[1], sys.argv[2]
 cfgdir = os.path.join(root, "clickhouse-init", "cluster", "config")
@@ -888,21 +1020,29 @@ q = lambda sql: str(s.query(sql, "TSV")).strip()
 def statements(path):
     sql = "\n".join(l.split("--")[0] for l in open(path).read().splitlines())
     return [x.strip() for x in sql.split(";") if x.strip()]
-for f in ("01_database.sql", "02_events_local.sql", "03_events_distributed.sql"):
+for f in ("01_database.sql", "02_events_local.sql", "03_events_distributed.sql", "04_keys.sql", "05_usage_log.sql"):
     for st in statements(os.path.join(root, "clickhouse-init", "cluster", f)):
         q(st.replace(" ON CLUSTER adtrack_cluster", ""))
+# The single-node tables, for comparison, in the database `single`.
 q("CREATE DATABASE single")
-q(statements(os.path.join(root, "clickhouse-init", "02_events.sql"))[0].replace("adtrack.events", "single.events"))
+for f in ("02_events.sql", "03_keys.sql", "04_usage_log.sql"):
+    for st in statements(os.path.join(root, "clickhouse-init", f)):
+        q(st.replace(" adtrack.", " single."))
 cols = lambda db, t: q(f"SELECT name, type, comment FROM system.columns WHERE database='{db}' AND table='{t}' ORDER BY position")
+name_types = lambda db, t: [l.split("\t")[:2] for l in cols(db, t).splitlines()]
 keys = lambda db, t: q(f"SELECT partition_key, sorting_key, primary_key FROM system.tables WHERE database='{db}' AND name='{t}'")
+ttl = lambda db, t: q(f"SELECT extract(engine_full, 'TTL .*') FROM system.tables WHERE database='{db}' AND name='{t}'")
+# cluster table -> single-node table it must match (columns with comments, keys, TTL and settings)
+pairs = {"events_local": "events", "tenants": "tenants", "api_keys": "api_keys", "usage_log_local": "usage_log"}
 out = {
     "clusters": q("SELECT shard_num, replica_num, host_name FROM system.clusters WHERE cluster='adtrack_cluster' ORDER BY 1, 2").splitlines(),
-    "local_cols_equal": cols("adtrack", "events_local") == cols("single", "events"),
-    "dist_cols_equal": [l.split("\t")[:2] for l in cols("adtrack", "events").splitlines()]
-        == [l.split("\t")[:2] for l in cols("single", "events").splitlines()],
-    "keys_equal": keys("adtrack", "events_local") == keys("single", "events"),
-    "replica": q("SELECT zookeeper_path, replica_name FROM system.replicas WHERE table = 'events_local'"),
-    "dist_engine": q("SELECT engine FROM system.tables WHERE database='adtrack' AND name='events'"),
+    "tables": sorted(q("SELECT name FROM system.tables WHERE database='adtrack'").splitlines()),
+    "cols_equal": {c: bool(cols("adtrack", c)) and cols("adtrack", c) == cols("single", s) for c, s in pairs.items()},
+    "keys_equal": {c: keys("adtrack", c) == keys("single", s) for c, s in pairs.items()},
+    "ttl_equal": {c: ttl("adtrack", c) == ttl("single", s) for c, s in pairs.items()},
+    "dist_cols_equal": {d: bool(name_types("adtrack", d)) and name_types("adtrack", d) == name_types("single", d) for d in ("events", "usage_log")},
+    "replicas": q("SELECT table, zookeeper_path, replica_name FROM system.replicas WHERE database='adtrack' ORDER BY table").splitlines(),
+    "dist_engine": {d: q(f"SELECT engine_full FROM system.tables WHERE database='adtrack' AND name='{d}'").replace("\\'", "") for d in ("events", "usage_log")},
 }
 print("RESULT " + json.dumps(out), flush=True)
 os._exit(0)
@@ -910,9 +1050,10 @@ os._exit(0)
 
 
 def test_cluster_schema_applies_to_a_clickhouse_engine(tmp_path: Path):
-    """The three files (ON CLUSTER removed: one node, Keeper replaced by the in-process test
+    """The cluster files (ON CLUSTER removed: one node, Keeper replaced by the in-process test
     keeper) run on the local ClickHouse engine with the cluster's remote_servers and macros,
-    and give the single-node table's columns and keys."""
+    and give the single-node tables' columns, keys, TTL and settings: events and the usage log
+    as a local table behind a Distributed one, tenants and API keys as a full copy."""
     if importlib.util.find_spec("chdb") is None:
         pytest.skip("the local ClickHouse engine (chdb) is not installed in this Python")
     result = subprocess.run(
@@ -925,9 +1066,19 @@ def test_cluster_schema_applies_to_a_clickhouse_engine(tmp_path: Path):
     assert lines, result.stderr[-3000:]
     out = json.loads(lines[0][len("RESULT ") :])
     assert out["clusters"] == ["1\t1\tch-s1-r1", "1\t2\tch-s1-r2", "2\t1\tch-s2-r1", "2\t2\tch-s2-r2"]
-    assert out["local_cols_equal"] and out["dist_cols_equal"] and out["keys_equal"], out
-    assert out["replica"] == "/clickhouse/tables/01/adtrack/events_local\tch-s1-r1"
-    assert out["dist_engine"] == "Distributed"
+    assert out["tables"] == ["api_keys", "events", "events_local", "tenants", "usage_log", "usage_log_local"]
+    for check in ("cols_equal", "keys_equal", "ttl_equal", "dist_cols_equal"):
+        assert all(out[check].values()), (check, out[check])
+    assert out["replicas"] == [
+        "api_keys\t/clickhouse/tables/all/adtrack/api_keys\tch-s1-r1",
+        "events_local\t/clickhouse/tables/01/adtrack/events_local\tch-s1-r1",
+        "tenants\t/clickhouse/tables/all/adtrack/tenants\tch-s1-r1",
+        "usage_log_local\t/clickhouse/tables/01/adtrack/usage_log_local\tch-s1-r1",
+    ]
+    assert out["dist_engine"] == {
+        "events": "Distributed(adtrack_cluster, adtrack, events_local, cityHash64(tenant, event_id))",
+        "usage_log": "Distributed(adtrack_cluster, adtrack, usage_log_local, cityHash64(instance_id, seq))",
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1151,3 +1302,10 @@ def test_workflows_pass_actionlint():
         [actionlint, "-no-color", *map(str, WORKFLOWS)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_cluster_schema_job_mounts_every_cluster_sql_file():
+    schema = compose_services(CLUSTER / "docker-compose.cluster.yml")["schema"]
+    mounted = {v.split(":")[0].removeprefix("./") for v in schema.get("volumes", [])}
+    files = {p.name for p in CLUSTER.glob("*.sql")}
+    assert files <= mounted, f"not mounted into the schema job: {sorted(files - mounted)}"
