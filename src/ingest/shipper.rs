@@ -115,6 +115,9 @@ impl RowFormat for JsonRows {
     }
 }
 
+/// How often an open batch takes in what the log has made durable since.
+const POLL: Duration = Duration::from_millis(20);
+
 pub struct Shipper<F: RowFormat> {
     pub format: F,
     pub client: clickhouse::Client,
@@ -212,10 +215,20 @@ impl<F: RowFormat> Shipper<F> {
             let wait = batch.started.map_or(self.settings.interval, |t| {
                 self.settings.interval.saturating_sub(t.elapsed())
             });
-            tokio::select! {
-                _ = self.durable.changed() => {}
-                _ = self.stopping.changed() => {}
-                _ = tokio::time::sleep(wait) => {}
+            if batch.count == 0 {
+                tokio::select! {
+                    _ = self.durable.changed() => {}
+                    _ = self.stopping.changed() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            } else {
+                // A batch is open: look at the log again every POLL rather than at each of its
+                // (thousands per second) group commits; reading more often gains nothing, the
+                // batch is sent at its deadline or when full.
+                tokio::select! {
+                    _ = self.stopping.changed() => {}
+                    _ = tokio::time::sleep(wait.min(POLL)) => {}
+                }
             }
         }
     }

@@ -451,11 +451,28 @@ fn scan_segment(path: &Path) -> anyhow::Result<Scan> {
 pub struct WalReader {
     dir: PathBuf,
     pos: WalPos,
-    file: Option<BufReader<File>>,
-    /// The durable position the read buffer was filled under. The buffer may hold bytes
-    /// past it (preallocated zeros, or a group still being written) that are stale once the
-    /// log moves on, so it is dropped whenever the durable position changes.
-    buffered_under: WalPos,
+    file: Option<BufReader<DurablePart>>,
+}
+
+/// A segment file that yields no byte past `end`: the durable position while the segment is
+/// the one being written. So the read buffer never holds bytes that may still change
+/// (preallocated zeros, a group being written), and a read costs only what is new.
+struct DurablePart {
+    file: File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for DurablePart {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let room = self.end.saturating_sub(self.pos).min(buf.len() as u64) as usize;
+        if room == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read(&mut buf[..room])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 impl WalReader {
@@ -464,7 +481,6 @@ impl WalReader {
             dir: dir.to_path_buf(),
             pos: start,
             file: None,
-            buffered_under: start,
         }
     }
 
@@ -475,25 +491,28 @@ impl WalReader {
     /// The next record before `durable`, its payload appended to `out`; `None` when
     /// everything durable has been read.
     pub fn next(&mut self, durable: WalPos, out: &mut Vec<u8>) -> anyhow::Result<Option<Record>> {
-        if durable != self.buffered_under {
-            if let Some(file) = self.file.as_mut() {
-                // Seeking a BufReader discards its buffer (to the position we are at anyway).
-                file.seek(SeekFrom::Start(self.pos.offset))?;
-            }
-            self.buffered_under = durable;
-        }
         loop {
             if self.pos.segment > durable.segment
                 || (self.pos.segment == durable.segment && self.pos.offset >= durable.offset)
             {
                 return Ok(None);
             }
+            let end = if self.pos.segment == durable.segment {
+                durable.offset
+            } else {
+                u64::MAX
+            };
             if self.file.is_none() {
                 let path = segment_path(&self.dir, self.pos.segment);
                 match File::open(&path) {
                     Ok(mut file) => {
                         file.seek(SeekFrom::Start(self.pos.offset))?;
-                        self.file = Some(BufReader::with_capacity(1 << 20, file));
+                        let part = DurablePart {
+                            file,
+                            pos: self.pos.offset,
+                            end,
+                        };
+                        self.file = Some(BufReader::with_capacity(1 << 20, part));
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         self.next_segment();
@@ -503,6 +522,7 @@ impl WalReader {
                 }
             }
             let reader = self.file.as_mut().expect("opened above");
+            reader.get_mut().end = end;
             match read_record(reader, out)? {
                 ReadOutcome::Record { lsn, rows, len } => {
                     self.pos.offset += (HEADER_LEN + len) as u64;
