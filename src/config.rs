@@ -80,6 +80,16 @@ pub struct AnalyticsSettings {
     pub export_settle_ms: u64,
 }
 
+/// A value that must not appear in logs: `{:?}` shows `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The usage log: one row per request, through its own write-ahead log into ClickHouse.
 #[derive(Debug, Clone, Copy)]
 pub struct UsageSettings {
@@ -109,7 +119,7 @@ pub struct Settings {
     pub clickhouse_startup_wait: Duration,
     /// The bootstrap admin key (`ADTRACK_ADMIN_KEY`): creates tenants and their keys. Unset:
     /// no operator key (keys with the `admin` scope still manage their own tenant).
-    pub admin_key: Option<String>,
+    pub admin_key: Option<Secret>,
     /// How often every instance reloads the API keys (bounds how long a revoked key works).
     pub key_refresh: Duration,
     /// Default per-key rate limits (a key may override them); a rate of 0 is unlimited.
@@ -240,7 +250,7 @@ impl Settings {
                 "ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS",
                 parse("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS", "10")?,
             )?),
-            admin_key: var("ADTRACK_ADMIN_KEY").map(|k| k.trim().to_string()),
+            admin_key: var("ADTRACK_ADMIN_KEY").map(|k| Secret(k.trim().to_string())),
             key_refresh: Duration::from_millis(num(
                 "ADTRACK_KEY_REFRESH_MS",
                 parse("ADTRACK_KEY_REFRESH_MS", "2000")?,
@@ -336,7 +346,7 @@ impl Settings {
         if self.wal.segment_bytes < 4096 {
             bail!("ADTRACK_WAL_SEGMENT_BYTES must be at least 4096");
         }
-        if self.admin_key.as_ref().is_some_and(|k| k.len() < 32) {
+        if self.admin_key.as_ref().is_some_and(|k| k.0.len() < 32) {
             bail!("ADTRACK_ADMIN_KEY must be at least 32 characters (e.g. `openssl rand -hex 32`)");
         }
         if self.instance_id.is_empty() || self.instance_id.len() > 128 {
@@ -420,7 +430,7 @@ mod tests {
         assert_eq!(s.limits.max_event_bytes, 16 * 1024);
         assert_eq!(s.retention_days, 30);
         assert!(s.wal.fsync);
-        assert_eq!(s.admin_key, None);
+        assert!(s.admin_key.is_none());
         assert_eq!(s.usage.retention_days, 90);
         assert_eq!(s.rate_limits.requests_per_sec, 1000);
         assert_ne!(s.instance_id, settings(&[]).unwrap().instance_id);
@@ -474,8 +484,13 @@ mod tests {
         let err = settings(&[("ADTRACK_ADMIN_KEY", "secret")]).unwrap_err();
         assert!(err.to_string().contains("ADTRACK_ADMIN_KEY"), "{err}");
         let key = "k".repeat(32);
+        let debug = format!("{:?}", settings(&[("ADTRACK_ADMIN_KEY", &key)]).unwrap());
+        assert!(!debug.contains(&key), "the admin key is printed: {debug}");
         assert_eq!(
-            settings(&[("ADTRACK_ADMIN_KEY", &key)]).unwrap().admin_key,
+            settings(&[("ADTRACK_ADMIN_KEY", &key)])
+                .unwrap()
+                .admin_key
+                .map(|k| k.0),
             Some(key)
         );
     }
