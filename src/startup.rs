@@ -212,6 +212,9 @@ impl Application {
                     durable: wal.durable.clone(),
                     committed,
                     wait_timeout: settings.wait_timeout,
+                    default_limits: settings.rate_limits,
+                    settle: settings.flush.interval * 2,
+                    deletions: tokio::sync::Mutex::new(()),
                 },
             },
             Observer {

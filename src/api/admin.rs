@@ -22,8 +22,8 @@ use super::{
 };
 use crate::{
     auth::{
-        keys, store::format_time, ApiKey as StoredKey, KeyStore, LimitOverrides, Principal, Scopes,
-        Tenant,
+        keys, store::format_time, ApiKey as StoredKey, KeyStore, LimitOverrides, Principal,
+        RateLimits, Scopes, Tenant,
     },
     ingest::wal::WalPos,
 };
@@ -293,6 +293,13 @@ pub struct AdminApi {
     pub durable: watch::Receiver<WalPos>,
     pub committed: watch::Receiver<u64>,
     pub wait_timeout: Duration,
+    /// Limits a key gets without overrides; a tenant's admin key may only lower them.
+    pub default_limits: RateLimits,
+    /// Events other instances acknowledged reach ClickHouse within about this long (their
+    /// flush interval); a deletion looks again after it.
+    pub settle: Duration,
+    /// One deletion at a time per instance: each is a mutation of the whole table.
+    pub deletions: tokio::sync::Mutex<()>,
 }
 
 const MAX_USAGE_ROWS: u32 = 10_000;
@@ -406,6 +413,13 @@ impl AdminApi {
             Err(e) => return unavailable(e),
         }
         let r = body.rate_limit;
+        if let Some(field) = over_the_defaults(&auth.0, &r, self.default_limits) {
+            return AdminResponse::Forbidden(error(
+                "forbidden_rate_limit",
+                "only the bootstrap admin key may give a key limits above the deployment's defaults (or 0, unlimited)",
+                Some(&format!("rate_limit.{field}")),
+            ));
+        }
         let limits = LimitOverrides {
             requests_per_sec: r.requests_per_sec,
             requests_burst: r.requests_burst,
@@ -596,8 +610,11 @@ impl AdminApi {
     /// Delete an end user's events
     ///
     /// Removes every event of `user_id` for the tenant (privacy requests) and answers once the
-    /// deletion is applied: events accepted before this request are first waited for, so none
-    /// of them reappears afterwards. The usage log records the route, never the user id.
+    /// deletion is applied. Events this instance acknowledged before the request are waited
+    /// for first; a second pass after the flush interval removes those other instances had
+    /// acknowledged but not yet sent (unless their ClickHouse connection is down for longer:
+    /// repeat the request then). One deletion runs at a time per instance. The usage log
+    /// records the route, never the user id.
     #[oai(
         path = "/users/:user_id/events",
         method = "delete",
@@ -637,28 +654,17 @@ impl AdminApi {
                 None,
             ));
         }
-        let deleted = match self
-            .client
-            .query("SELECT count() FROM events FINAL WHERE tenant = ? AND user_id = ?")
-            .bind(&tenant)
-            .bind(&user)
-            .fetch_one::<u64>()
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => return unavailable(e.into()),
-        };
-        if deleted > 0 {
-            let applied = self
-                .client
-                .query("ALTER TABLE events DELETE WHERE tenant = ? AND user_id = ?")
-                .bind(&tenant)
-                .bind(&user)
-                .with_setting("mutations_sync", "2")
-                .execute()
-                .await;
-            if let Err(e) = applied {
-                return unavailable(e.into());
+        let _one_at_a_time = self.deletions.lock().await;
+        // Twice: the second pass, after other instances' flush interval, removes events they
+        // acknowledged before this request and had not sent to ClickHouse yet.
+        let mut deleted = 0;
+        for pass in 0..2 {
+            if pass == 1 {
+                tokio::time::sleep(self.settle).await;
+            }
+            match self.delete_user(&tenant, &user).await {
+                Ok(n) => deleted += n,
+                Err(e) => return unavailable(e),
             }
         }
         tracing::info!(tenant = %tenant, deleted, by = auth.0.key_id(), "end-user events deleted");
@@ -668,6 +674,59 @@ impl AdminApi {
             deleted_events: deleted,
         }))
     }
+}
+
+impl AdminApi {
+    /// Deletes the events of `user` of `tenant` and returns how many there were.
+    async fn delete_user(&self, tenant: &str, user: &str) -> anyhow::Result<u64> {
+        let found = self
+            .client
+            .query("SELECT count() FROM events FINAL WHERE tenant = ? AND user_id = ?")
+            .bind(tenant)
+            .bind(user)
+            .fetch_one::<u64>()
+            .await?;
+        if found > 0 {
+            self.client
+                .query("ALTER TABLE events DELETE WHERE tenant = ? AND user_id = ?")
+                .bind(tenant)
+                .bind(user)
+                .with_setting("mutations_sync", "2")
+                .execute()
+                .await?;
+        }
+        Ok(found)
+    }
+}
+
+/// The first override a tenant's admin key may not set: above the default, or 0 (unlimited)
+/// where the default is a limit. The bootstrap key may set any.
+fn over_the_defaults(
+    caller: &Principal,
+    r: &RateLimitBody,
+    defaults: RateLimits,
+) -> Option<&'static str> {
+    if matches!(caller, Principal::Operator) {
+        return None;
+    }
+    let fields = [
+        (
+            "requests_per_sec",
+            r.requests_per_sec,
+            defaults.requests_per_sec,
+        ),
+        ("requests_burst", r.requests_burst, defaults.requests_burst),
+        ("events_per_sec", r.events_per_sec, defaults.events_per_sec),
+        ("events_burst", r.events_burst, defaults.events_burst),
+    ];
+    fields.into_iter().find_map(|(name, asked, default)| {
+        let allowed = match asked {
+            None => true,
+            Some(_) if default == 0 => true,
+            Some(v) => v != 0 && v <= default,
+        };
+        (!allowed).then_some(name)
+    })
 }
 
 /// The WHERE conditions after the time range, and their values in order.

@@ -16,7 +16,7 @@ use poem_openapi::{
 use tokio::io::AsyncReadExt;
 
 use super::types::{EventDoc, EventOrBatchDoc};
-use crate::ingest::BodyFormat;
+use crate::{ingest::BodyFormat, usage::RequestUsage};
 
 pub const JSON: &str = "application/json";
 pub const NDJSON: &str = "application/x-ndjson";
@@ -109,6 +109,12 @@ async fn read(
         .read_to_end(&mut raw)
         .await
         .map_err(|e| ReadError::Io(e.to_string()))?;
+    if let Some(usage) = request.extensions().get::<std::sync::Arc<RequestUsage>>() {
+        // What came over the wire (compressed, if it was), also without a Content-Length.
+        usage
+            .bytes_in
+            .store(raw.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     if raw.len() > limit {
         return Err(ReadError::TooLarge { limit });
     }

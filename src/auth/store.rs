@@ -123,7 +123,9 @@ impl KeyStore {
         // One lookup at a time: requests arriving together with a new key wait for the first
         // one's answer instead of racing it (and a key answered "unknown" within the last
         // second is not asked for again).
-        let mut misses = self.misses.lock().await;
+        let mut misses = tokio::time::timeout(LOOKUP_TIMEOUT, self.misses.lock())
+            .await
+            .map_err(|_| StoreError::Unavailable(anyhow::anyhow!("key lookups are backed up")))?;
         if let Some(hit) = self.read_cache().get(id) {
             return Ok(Some(hit.clone()));
         }
@@ -313,6 +315,9 @@ impl KeyStore {
         let limits = key.limits.apply(self.defaults);
         let limiter = match previous {
             Some(p) if p.key == key => return p.clone(),
+            // Revocation is final: an older answer (a reload that started before the
+            // revocation) must not bring the key back.
+            Some(p) if p.key.revoked_at.is_some() && key.revoked_at.is_none() => return p.clone(),
             // Same limits: keep the buckets (a reload must not refill them).
             Some(p) if p.limiter.limits == limits => p.limiter.clone(),
             _ => Arc::new(KeyLimiter::new(limits)),
@@ -336,7 +341,9 @@ impl KeyStore {
         let mut changed = false;
         for key in keys {
             let previous = cache.get(&key.id);
-            if previous.is_some_and(|p| p.key == key) {
+            if previous.is_some_and(|p| {
+                p.key == key || p.key.revoked_at.is_some() && key.revoked_at.is_none()
+            }) {
                 continue;
             }
             changed = true;
@@ -464,5 +471,44 @@ mod hash_hex {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::KeyHash, D::Error> {
         let text = String::deserialize(d)?;
         super::keys::from_hex(&text).ok_or_else(|| serde::de::Error::custom("not a key hash"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(revoked: bool) -> ApiKey {
+        ApiKey {
+            id: "adt_0123456789ab".into(),
+            hash: [7; 32],
+            tenant: "acme".into(),
+            name: "k".into(),
+            scopes: Scopes::of(&[super::super::Scope::Ingest]),
+            limits: LimitOverrides::default(),
+            created_at: DateTime::from_timestamp_micros(1).unwrap(),
+            revoked_at: revoked.then(|| DateTime::from_timestamp_micros(2).unwrap()),
+        }
+    }
+
+    #[test]
+    fn an_older_answer_never_brings_a_revoked_key_back() {
+        let store = KeyStore::new(
+            clickhouse::Client::default(),
+            RateLimits {
+                requests_per_sec: 1,
+                requests_burst: 1,
+                events_per_sec: 1,
+                events_burst: 1,
+            },
+            None,
+        );
+        store.put(key(false));
+        store.put(key(true));
+        // A reload that read the table before the revocation answers late.
+        assert!(!store.replace(vec![key(false)]));
+        store.put(key(false));
+        let cached = store.read_cache().get("adt_0123456789ab").cloned().unwrap();
+        assert!(cached.key.revoked_at.is_some());
     }
 }

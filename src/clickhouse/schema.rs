@@ -48,14 +48,12 @@ pub fn statements(database: &str, retention: Retention) -> Vec<String> {
                 &format!("DATABASE IF NOT EXISTS {database}"),
             )
             .replace(" adtrack.", &format!(" {database}."))
-            .replace(
-                "INTERVAL 30 DAY",
-                &format!("INTERVAL {} DAY", retention.events_days),
-            )
-            .replace(
-                "INTERVAL 90 DAY",
-                &format!("INTERVAL {} DAY", retention.usage_days),
-            )
+            // Through placeholders, so that one replacement cannot feed the other (an
+            // events retention of 90 days must not become the usage log's).
+            .replace("INTERVAL 30 DAY", "INTERVAL {events} DAY")
+            .replace("INTERVAL 90 DAY", "INTERVAL {usage} DAY")
+            .replace("{events}", &retention.events_days.to_string())
+            .replace("{usage}", &retention.usage_days.to_string())
         })
         .collect()
 }
@@ -167,6 +165,15 @@ mod tests {
         assert!(stmts[1].contains("INTERVAL 7 DAY"));
         assert!(stmts[4].contains("CREATE TABLE IF NOT EXISTS test_db.usage_log"));
         assert!(stmts[4].contains("INTERVAL 365 DAY"));
+        let swapped = statements(
+            "test_db",
+            Retention {
+                events_days: 90,
+                usage_days: 30,
+            },
+        );
+        assert!(swapped[1].contains("INTERVAL 90 DAY"), "{}", swapped[1]);
+        assert!(swapped[4].contains("INTERVAL 30 DAY"), "{}", swapped[4]);
         assert!(!stmts.iter().any(|s| s.contains("adtrack")));
         // Statements are split at `;`: one inside a string would cut a statement in two.
         for stmt in &stmts {

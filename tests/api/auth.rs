@@ -505,6 +505,26 @@ async fn a_key_is_shown_once_and_the_admin_api_explains_bad_input() {
         (r.status, r.json["error"].as_str()),
         (409, Some("tenant_exists"))
     );
+    // A tenant's admin key may lower the deployment's limits, not lift them.
+    let admin = create_key(&app.base, TENANT, &["admin"], UNLIMITED()).await;
+    for (limit, status) in [
+        (json!({"requests_per_sec": 10}), 201),
+        (json!({"requests_per_sec": 0}), 403),
+        (json!({"events_per_sec": 1_000_000}), 403),
+    ] {
+        let r = send(
+            &app,
+            Some(&admin),
+            Method::POST,
+            "/v1/admin/keys",
+            Some(json!({"name": "sdk", "scopes": ["ingest"], "rate_limit": limit})),
+        )
+        .await;
+        assert_eq!(r.status, status, "{limit}: {}", r.text);
+        if status == 403 {
+            assert_eq!(r.json["error"], "forbidden_rate_limit");
+        }
+    }
     let r = send(
         &app,
         Some(ADMIN_KEY),
@@ -864,7 +884,17 @@ async fn usage_rows_of_the_last_moments_are_written_on_a_graceful_stop() {
 
 #[tokio::test]
 async fn deleting_a_users_events_removes_them_for_the_tenant_only() {
-    let app = spawn_app("delete_user").await;
+    // Flushes every 200 ms, so its second pass comes 400 ms after the first.
+    let app = spawn_app_with("delete_user", &[("ADTRACK_FLUSH_INTERVAL_MS", "200")]).await;
+    // Another instance of the same tenant, whose events reach ClickHouse after the first pass.
+    let second = spawn_app_with(
+        "delete_user_second",
+        &[
+            ("ADTRACK_CLICKHOUSE_DATABASE", app.database.as_str()),
+            ("ADTRACK_FLUSH_INTERVAL_MS", "300"),
+        ],
+    )
+    .await;
     let other = spawn_app_for(
         "delete_user_other",
         "globex",
@@ -900,6 +930,13 @@ async fn deleting_a_users_events_removes_them_for_the_tenant_only() {
             .status,
         202
     );
+    assert_eq!(
+        second
+            .post(Value::from(of_user("u-1", 2)).to_string(), JSON)
+            .await
+            .status,
+        202
+    );
 
     let r = send(
         &app,
@@ -910,7 +947,10 @@ async fn deleting_a_users_events_removes_them_for_the_tenant_only() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.json["deleted_events"], 3);
+    assert_eq!(
+        r.json["deleted_events"], 5,
+        "this instance's 3 and the other's 2"
+    );
     let count = |tenant: &str, user: &str| {
         let db = app.db.clone();
         let (tenant, user) = (tenant.to_string(), user.to_string());
