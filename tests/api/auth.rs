@@ -1020,3 +1020,43 @@ async fn the_ttl_follows_the_retention_setting() {
     assert!(events_ttl.contains("toIntervalDay(12)"), "{events_ttl}");
     assert!(!events_ttl.contains("toIntervalDay(7)"), "{events_ttl}");
 }
+
+#[tokio::test]
+async fn no_spelling_of_a_path_gets_past_the_scope_check() {
+    let app = spawn_app("auth_paths").await;
+    let read = create_key(&app.base, TENANT, &["read"], UNLIMITED()).await;
+    let ingest = create_key(&app.base, TENANT, &["ingest"], UNLIMITED()).await;
+    let spellings = [
+        "/v1/events/",
+        "//v1/events",
+        "/v1//events",
+        "/v1/./events",
+        "/v1/x/../events",
+        "/v1/%65vents",
+        "/v1/events%2F",
+        "/V1/events",
+    ];
+    for path in spellings {
+        // A read key must not write events under any spelling of the ingest path...
+        let r = send(&app, Some(&read), Method::POST, path, Some(event())).await;
+        assert!(
+            !(200..300).contains(&r.status),
+            "read key POST {path}: {}",
+            r.status
+        );
+        // ...nor an ingest key read, nor anyone without a key do either.
+        let r = send(&app, Some(&ingest), Method::GET, path, None).await;
+        assert!(
+            !(200..300).contains(&r.status),
+            "ingest key GET {path}: {}",
+            r.status
+        );
+        let r = send(&app, None, Method::POST, path, Some(event())).await;
+        assert!(
+            !(200..300).contains(&r.status),
+            "no key POST {path}: {}",
+            r.status
+        );
+    }
+    assert_eq!(app.count_final().await, 0);
+}
