@@ -126,7 +126,8 @@ struct ColumnRow {
     ty: String,
 }
 
-/// Checks that `events` has exactly the columns, in the order, that rows are encoded with.
+/// Checks that `events` has exactly the columns, in the order, that rows are encoded with,
+/// and that the key and usage tables exist.
 pub async fn verify(client: &Client) -> anyhow::Result<()> {
     let columns = client
         .query("SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = 'events' ORDER BY position")
@@ -142,6 +143,18 @@ pub async fn verify(client: &Client) -> anyhow::Result<()> {
         .collect();
     if found != COLUMNS {
         bail!("table `events` has columns {found:?}, expected {COLUMNS:?}");
+    }
+    let present: Vec<String> = client
+        .query("SELECT name FROM system.tables WHERE database = currentDatabase() AND name IN ('tenants', 'api_keys', 'usage_log')")
+        .fetch_all()
+        .await
+        .context("listing the tables")?;
+    let missing: Vec<&str> = ["tenants", "api_keys", "usage_log"]
+        .into_iter()
+        .filter(|t| !present.iter().any(|p| p == t))
+        .collect();
+    if !missing.is_empty() {
+        bail!("tables {missing:?} do not exist (clickhouse-init/03_keys.sql, 04_usage_log.sql)");
     }
     Ok(())
 }

@@ -1060,3 +1060,21 @@ async fn no_spelling_of_a_path_gets_past_the_scope_check() {
     }
     assert_eq!(app.count_final().await, 0);
 }
+
+#[tokio::test]
+async fn readiness_needs_the_key_and_usage_tables() {
+    let app = spawn_app("ready_tables").await;
+    assert_eq!(app.get("/health/ready").await.status, 200);
+    app.db
+        .query("DROP TABLE usage_log")
+        .execute()
+        .await
+        .unwrap();
+    let ready = app.get("/health/ready").await;
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.json["reason"].as_str().unwrap().contains("usage_log"),
+        "{}",
+        ready.text
+    );
+}
