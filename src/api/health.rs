@@ -93,8 +93,8 @@ impl HealthApi {
 
     /// Readiness
     ///
-    /// 200 only when ClickHouse answers, the `events` table has the expected schema, and the
-    /// write-ahead log is usable.
+    /// 200 only when ClickHouse answers, the `events` table has the expected schema, the key
+    /// and usage-log tables exist, and the write-ahead log is usable.
     #[oai(path = "/health/ready", method = "get", tag = "ApiTags::Health")]
     async fn ready(&self) -> ReadyResponse {
         let reason = if !self.wal.is_healthy() {
