@@ -14,7 +14,7 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
@@ -107,6 +107,7 @@ impl KeyStore {
             misses: tokio::sync::Mutex::default(),
             snapshot,
         };
+        store.remove_unfinished_snapshots();
         if let Some(keys) = store.read_snapshot() {
             tracing::info!(keys = keys.len(), "API keys loaded from the local snapshot");
             store.replace(keys);
@@ -353,6 +354,23 @@ impl KeyStore {
         changed
     }
 
+    /// Temporary files a crash left behind while writing the snapshot.
+    fn remove_unfinished_snapshots(&self) {
+        let Some(path) = &self.snapshot else { return };
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        let prefix = format!("{}.tmp-", Path::new(name).with_extension("").display());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     fn read_snapshot(&self) -> Option<Vec<ApiKey>> {
         let text = std::fs::read_to_string(self.snapshot.as_ref()?).ok()?;
         serde_json::from_str(&text).ok()
@@ -489,6 +507,29 @@ mod tests {
             created_at: DateTime::from_timestamp_micros(1).unwrap(),
             revoked_at: revoked.then(|| DateTime::from_timestamp_micros(2).unwrap()),
         }
+    }
+
+    #[test]
+    fn the_snapshot_survives_a_restart_and_leftovers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api-keys.json");
+        let leftover = dir.path().join("api-keys.tmp-0123");
+        std::fs::write(&leftover, b"{").unwrap();
+        let defaults = RateLimits {
+            requests_per_sec: 1,
+            requests_burst: 1,
+            events_per_sec: 1,
+            events_burst: 1,
+        };
+        let store = KeyStore::new(clickhouse::Client::default(), defaults, Some(path.clone()));
+        assert!(!leftover.exists(), "a crash's temporary file is removed");
+        store.put(key(false));
+        store.persist();
+        let again = KeyStore::new(clickhouse::Client::default(), defaults, Some(path));
+        assert_eq!(
+            again.read_cache().get("adt_0123456789ab").unwrap().key,
+            key(false)
+        );
     }
 
     #[test]
