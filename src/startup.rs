@@ -175,7 +175,6 @@ impl Application {
         let auth = Arc::new(Auth::new(
             store.clone(),
             settings.admin_key.as_ref().map(|k| k.0.as_str()),
-            settings.key_refresh,
         ));
 
         let ingest = Ingest {

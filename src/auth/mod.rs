@@ -10,7 +10,7 @@ pub mod keys;
 pub mod rate_limit;
 pub mod store;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -128,15 +128,13 @@ pub enum AuthError {
 pub struct Auth {
     pub store: Arc<KeyStore>,
     bootstrap: Option<keys::KeyHash>,
-    pub refresh: Duration,
 }
 
 impl Auth {
-    pub fn new(store: Arc<KeyStore>, bootstrap_key: Option<&str>, refresh: Duration) -> Self {
+    pub fn new(store: Arc<KeyStore>, bootstrap_key: Option<&str>) -> Self {
         Auth {
             store,
             bootstrap: bootstrap_key.map(keys::hash),
-            refresh,
         }
     }
 
