@@ -331,19 +331,12 @@ impl AdminApi {
             ));
         }
         match self.store.create_tenant(&tenant_id, &name).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return AdminResponse::Conflict(error(
-                    "tenant_exists",
-                    format!("tenant {tenant_id:?} exists already"),
-                    Some("tenant_id"),
-                ))
-            }
-            Err(e) => return unavailable(e),
-        }
-        match self.store.tenant(&tenant_id).await {
             Ok(Some(t)) => AdminResponse::Created(Json(t.into())),
-            Ok(None) => unavailable(anyhow::anyhow!("the new tenant is not readable")),
+            Ok(None) => AdminResponse::Conflict(error(
+                "tenant_exists",
+                format!("tenant {tenant_id:?} exists already"),
+                Some("tenant_id"),
+            )),
             Err(e) => unavailable(e),
         }
     }
@@ -535,21 +528,18 @@ impl AdminApi {
                 Some("to"),
             ));
         }
-        let (clause, binds) = usage_filter(tenant.as_deref(), key_id.0.as_deref(), status.0);
-        let sql = format!(
-            "SELECT time, request_id, instance_id, seq, tenant AS tenant_id, key_id, method, route, status, \
-             latency_us, bytes_in, bytes_out, events_accepted, events_rejected \
-             FROM usage_log FINAL WHERE time >= toDateTime64(?, 6, 'UTC') AND time < toDateTime64(?, 6, 'UTC'){clause} \
-             ORDER BY time, instance_id, seq LIMIT {limit}"
+        let query = self.usage_query(
+            "SELECT time, request_id, instance_id, seq, tenant AS tenant_id, key_id, method, \
+             route, status, latency_us, bytes_in, bytes_out, events_accepted, events_rejected",
+            &format!("ORDER BY time, instance_id, seq LIMIT {limit}"),
+            UsageFilter {
+                from: from.0,
+                to: to.0,
+                tenant: tenant.as_deref(),
+                key_id: key_id.0.as_deref(),
+                status: status.0,
+            },
         );
-        let mut query = self
-            .client
-            .query(&sql)
-            .bind(format_time(from.0))
-            .bind(format_time(to.0));
-        for b in binds {
-            query = query.bind(b);
-        }
         match query.fetch_all::<UsageEntry>().await {
             Ok(requests) => AdminResponse::Ok(Json(UsagePage { requests })),
             Err(e) => unavailable(e.into()),
@@ -584,23 +574,21 @@ impl AdminApi {
                 Some("to"),
             ));
         }
-        let (clause, binds) = usage_filter(tenant.as_deref(), key_id.0.as_deref(), None);
-        let sql = format!(
+        let query = self.usage_query(
             "SELECT toStartOfHour(time) AS hour, tenant AS tenant_id, key_id, count() AS requests, \
-             countIf(status BETWEEN 400 AND 499) AS client_errors, countIf(status >= 500) AS server_errors, \
-             countIf(status = 429) AS rate_limited, sum(events_accepted) AS events_accepted, \
-             sum(bytes_in) AS bytes_in, sum(bytes_out) AS bytes_out, avg(latency_us) AS avg_latency_us \
-             FROM usage_log FINAL WHERE time >= toDateTime64(?, 6, 'UTC') AND time < toDateTime64(?, 6, 'UTC'){clause} \
-             GROUP BY hour, tenant_id, key_id ORDER BY hour, tenant_id, key_id LIMIT 100000"
+             countIf(status BETWEEN 400 AND 499) AS client_errors, \
+             countIf(status >= 500) AS server_errors, countIf(status = 429) AS rate_limited, \
+             sum(events_accepted) AS events_accepted, sum(bytes_in) AS bytes_in, \
+             sum(bytes_out) AS bytes_out, avg(latency_us) AS avg_latency_us",
+            "GROUP BY hour, tenant_id, key_id ORDER BY hour, tenant_id, key_id LIMIT 100000",
+            UsageFilter {
+                from: from.0,
+                to: to.0,
+                tenant: tenant.as_deref(),
+                key_id: key_id.0.as_deref(),
+                status: None,
+            },
         );
-        let mut query = self
-            .client
-            .query(&sql)
-            .bind(format_time(from.0))
-            .bind(format_time(to.0));
-        for b in binds {
-            query = query.bind(b);
-        }
         match query.fetch_all::<UsageHour>().await {
             Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
             Err(e) => unavailable(e.into()),
@@ -677,6 +665,39 @@ impl AdminApi {
 }
 
 impl AdminApi {
+    /// `select … FROM usage_log FINAL WHERE <filter> tail`, every value bound.
+    fn usage_query(
+        &self,
+        select: &str,
+        tail: &str,
+        filter: UsageFilter<'_>,
+    ) -> clickhouse::query::Query {
+        let mut clause = String::new();
+        if filter.tenant.is_some() {
+            clause.push_str(" AND tenant = ?");
+        }
+        if filter.key_id.is_some() {
+            clause.push_str(" AND key_id = ?");
+        }
+        if let Some(s) = filter.status {
+            let h = s.hundreds();
+            clause.push_str(&format!(" AND status BETWEEN {h}00 AND {h}99"));
+        }
+        let sql = format!(
+            "{select} FROM usage_log FINAL \
+             WHERE time >= toDateTime64(?, 6, 'UTC') AND time < toDateTime64(?, 6, 'UTC'){clause} {tail}"
+        );
+        let mut query = self
+            .client
+            .query(&sql)
+            .bind(format_time(filter.from))
+            .bind(format_time(filter.to));
+        for value in [filter.tenant, filter.key_id].into_iter().flatten() {
+            query = query.bind(value);
+        }
+        query
+    }
+
     /// Deletes the events of `user` of `tenant` and returns how many there were.
     async fn delete_user(&self, tenant: &str, user: &str) -> anyhow::Result<u64> {
         let found = self
@@ -729,25 +750,11 @@ fn over_the_defaults(
     })
 }
 
-/// The WHERE conditions after the time range, and their values in order.
-fn usage_filter(
-    tenant: Option<&str>,
-    key_id: Option<&str>,
+/// Which rows of the usage log a request reads.
+struct UsageFilter<'a> {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    tenant: Option<&'a str>,
+    key_id: Option<&'a str>,
     status: Option<StatusClass>,
-) -> (String, Vec<String>) {
-    let mut clause = String::new();
-    let mut binds = Vec::new();
-    if let Some(t) = tenant {
-        clause.push_str(" AND tenant = ?");
-        binds.push(t.to_string());
-    }
-    if let Some(k) = key_id {
-        clause.push_str(" AND key_id = ?");
-        binds.push(k.to_string());
-    }
-    if let Some(s) = status {
-        let h = s.hundreds();
-        clause.push_str(&format!(" AND status BETWEEN {h}00 AND {h}99"));
-    }
-    (clause, binds)
 }

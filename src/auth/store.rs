@@ -196,8 +196,7 @@ impl KeyStore {
             scopes,
             limits,
             // As stored (microseconds), so the reloaded key compares equal.
-            created_at: DateTime::from_timestamp_micros(Utc::now().timestamp_micros())
-                .unwrap_or_default(),
+            created_at: now_micros(),
             revoked_at: None,
         };
         self.write_key(&key, key.created_at).await?;
@@ -222,8 +221,7 @@ impl KeyStore {
             return Ok(None);
         }
         if key.revoked_at.is_none() {
-            let now =
-                DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap_or_default();
+            let now = now_micros();
             key.revoked_at = Some(now);
             // The new version must sort after the old one even within one microsecond.
             let version = now.max(key.created_at + chrono::Duration::microseconds(1));
@@ -258,15 +256,21 @@ impl KeyStore {
         Ok(rows.into_iter().filter_map(|r| r.into_key().ok()).collect())
     }
 
-    /// Creates a tenant; `Ok(false)` when it exists already.
-    pub async fn create_tenant(&self, id: &str, name: &str) -> anyhow::Result<bool> {
+    /// Creates a tenant; `Ok(None)` when it exists already.
+    pub async fn create_tenant(&self, id: &str, name: &str) -> anyhow::Result<Option<Tenant>> {
         if self.tenant(id).await?.is_some() {
-            return Ok(false);
+            return Ok(None);
         }
-        let now = format_time(Utc::now());
-        let row = serde_json::json!({"tenant_id": id, "name": name, "created_at": now, "updated_at": now});
+        // As stored (microseconds), so the answer matches what a later read shows.
+        let now = now_micros();
+        let stamp = format_time(now);
+        let row = serde_json::json!({"tenant_id": id, "name": name, "created_at": stamp, "updated_at": stamp});
         insert_json(&self.client, "tenants", &[row]).await?;
-        Ok(true)
+        Ok(Some(Tenant {
+            id: id.to_string(),
+            name: name.to_string(),
+            created_at: now,
+        }))
     }
 
     pub async fn tenant(&self, id: &str) -> anyhow::Result<Option<Tenant>> {
@@ -452,6 +456,12 @@ impl TenantRow {
             created_at: self.created_at,
         }
     }
+}
+
+/// Now, at the precision the tables store (microseconds), so what is cached or answered
+/// compares equal to what a later read returns.
+fn now_micros() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap_or_default()
 }
 
 /// `DateTime64(6)` as ClickHouse parses it from JSON.
