@@ -4,8 +4,10 @@
 #   summary     30 days, default metrics
 #   timeseries  hourly buckets over 7 days, Europe/Berlin
 #   breakdown   top 20 campaigns by impressions over 30 days, with the other row
-# once as loaded (many parts per day, FINAL has to merge) and once after OPTIMIZE FINAL (one part
-# per day: the state background merges reach for every day but the current one).
+# with the hourly summaries current, once as loaded (many parts per day) and once after
+# OPTIMIZE FINAL (one part per day: the state background merges reach for every day but the
+# current one); then, for comparison, a service with the summaries off (raw events with FINAL),
+# and the summaries service right after one day changed (that day read raw).
 #
 #   benches/analytics.sh                 # 10M events, 200 requests per case
 #   EVENTS=1000000 REQUESTS=50 benches/analytics.sh
@@ -36,6 +38,7 @@ app_port=$(free_port)
 ADTRACK_LISTEN="127.0.0.1:$app_port" ADTRACK_CLICKHOUSE_URL="$ch" \
 ADTRACK_CLICKHOUSE_DATABASE=bench ADTRACK_WAL_DIR="$tmp/wal" ADTRACK_DEAD_LETTER_DIR="$tmp/dl" \
 LOG_LEVEL=warn target/release/adtrack &
+app_pid=$!
 pids+=($!)
 app="http://127.0.0.1:$app_port"
 wait_http "$app/health/ready"
@@ -92,13 +95,40 @@ declare -A urls=(
     [breakdown]="$app/v1/stats/breakdown?$d30&group_by=campaign_id&order_by=impressions&limit=20&other=true"
 )
 
-run() { # $1 = state label
+# Partitions of `events` without a current hourly summary (see src/analytics/rollup.rs).
+unsummarized() {
+    sql "SELECT count() FROM (SELECT partition_id, groupBitXor(cityHash64(name)) AS fp FROM system.parts
+           WHERE database = 'bench' AND table = 'events' AND active GROUP BY partition_id) AS p
+         LEFT ANTI JOIN (SELECT toString(day) AS partition_id, argMax(fingerprint, generation) AS fp
+           FROM events_hourly_state GROUP BY day) AS s USING (partition_id, fp)"
+}
+wait_summarized() {
+    local t0=$SECONDS
+    while [ "$(unsummarized)" != 0 ]; do sleep 0.5; done
+    echo "summaries current after $((SECONDS - t0)) s ($(sql 'SELECT count() FROM events_hourly') summary rows)"
+}
+
+# Another service on the same database; $1 = ADTRACK_ROLLUP_REFRESH_MS. Sets $service (URL).
+another_service() {
+    local port
+    port=$(free_port)
+    ADTRACK_LISTEN="127.0.0.1:$port" ADTRACK_CLICKHOUSE_URL="$ch" ADTRACK_ROLLUP_REFRESH_MS=$1 \
+    ADTRACK_CLICKHOUSE_DATABASE=bench ADTRACK_WAL_DIR="$tmp/wal-$port" ADTRACK_DEAD_LETTER_DIR="$tmp/dl-$port" \
+    LOG_LEVEL=warn target/release/adtrack >/dev/null &
+    pids+=($!)
+    service="http://127.0.0.1:$port"
+    wait_http "$service/health/ready"
+}
+
+run() { # $1 = state label, $2 = service base URL (default: the one with summaries)
+    local base=${2:-$app}
     for name in summary timeseries breakdown; do
         # A warm-up request checks the answer and warms caches. Under load a query may hit the
         # time guard (ADTRACK_ANALYTICS_MAX_EXECUTION_MS): the statuses column shows those 422s.
-        code=$(curl -s -H "$auth" -o "$OUT/$name-$1.json" -w '%{http_code}' "${urls[$name]}")
+        local url=${urls[$name]/#$app/$base}
+        code=$(curl -s -H "$auth" -o "$OUT/$name-$1.json" -w '%{http_code}' "$url")
         [ "$code" = 200 ] || { echo "$name: HTTP $code: $(cat "$OUT/$name-$1.json")"; exit 1; }
-        oha -c "$CONCURRENCY" -n "$REQUESTS" --no-tui --output-format json -H "$auth" "${urls[$name]}" >"$OUT/oha-$name-$1.json"
+        oha -c "$CONCURRENCY" -n "$REQUESTS" --no-tui --output-format json -H "$auth" "$url" >"$OUT/oha-$name-$1.json"
         jq -r --arg n "$name" --arg s "$1" '
             "| \($n) | \($s) | \(.latencyPercentiles.p50 * 1000 | floor) ms | \(.latencyPercentiles.p95 * 1000 | floor) ms | \(.latencyPercentiles.p99 * 1000 | floor) ms | \(.summary.requestsPerSec * 10 | floor / 10) | \(.statusCodeDistribution | to_entries | map("\(.key)×\(.value)") | join(" ")) |"' \
             "$OUT/oha-$name-$1.json" >>"$OUT/table.md"
@@ -106,11 +136,24 @@ run() { # $1 = state label
 }
 
 : >"$OUT/table.md"
+wait_summarized
 parts=$(sql "SELECT count() FROM system.parts WHERE database = 'bench' AND table = 'events' AND active")
-run "as loaded ($parts parts)"
+run "as loaded ($parts parts), summaries"
 sql "OPTIMIZE TABLE events FINAL"
+wait_summarized
 parts=$(sql "SELECT count() FROM system.parts WHERE database = 'bench' AND table = 'events' AND active")
-run "merged ($parts parts)"
+run "merged ($parts parts), summaries"
+# For comparison, summaries off: every query reads raw events with FINAL.
+another_service 0
+run "merged ($parts parts), raw only" "$service"
+# Two days changed since their summaries (a re-sent copy of an event in each, as continuous
+# ingestion keeps today changing): a service that does not refresh them (the one that would
+# is stopped) reads those days raw.
+kill "$app_pid"
+another_service 3600000
+sql "INSERT INTO events SELECT * FROM events WHERE toDate(timestamp) IN (today(), today() - 2) LIMIT 1 BY toDate(timestamp)"
+echo "unsummarized partitions: $(unsummarized)"
+run "merged, 2 days changed" "$service"
 
 echo
 echo "$EVENTS events (+1% re-sent), $CONCURRENCY concurrent clients, $REQUESTS requests per case"

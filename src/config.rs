@@ -78,6 +78,9 @@ pub struct AnalyticsSettings {
     /// The export only serves events received at least this long ago, so that events still on
     /// their way to ClickHouse (write-ahead log, batching) are not skipped by a cursor.
     pub export_settle_ms: u64,
+    /// How often changed day partitions are summarized into hourly figures; zero turns the
+    /// summaries off (every query reads raw events).
+    pub rollup_refresh: Duration,
 }
 
 /// A value that must not appear in logs: `{:?}` shows `<redacted>`.
@@ -320,6 +323,10 @@ impl Settings {
                     "ADTRACK_EXPORT_SETTLE_MS",
                     parse("ADTRACK_EXPORT_SETTLE_MS", "10000")?,
                 )?,
+                rollup_refresh: Duration::from_millis(num(
+                    "ADTRACK_ROLLUP_REFRESH_MS",
+                    parse("ADTRACK_ROLLUP_REFRESH_MS", "2000")?,
+                )?),
             },
             log_level: parse("LOG_LEVEL", "info")?,
             log_json: match parse("ADTRACK_LOG_FORMAT", "text")?.as_str() {

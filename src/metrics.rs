@@ -102,6 +102,12 @@ pub struct Metrics {
     pub clickhouse_errors_data: AtomicU64,
     pub dead_lettered_events: AtomicU64,
     pub duplicate_events: AtomicU64,
+    /// Analytics requests answered (partly) from hourly summaries, and from raw events only.
+    pub analytics_from_summaries: AtomicU64,
+    pub analytics_from_raw: AtomicU64,
+    /// Day partitions summarized, and those without a current summary after the last refresh.
+    pub rollup_computed: AtomicU64,
+    pub rollup_stale_partitions: AtomicU64,
     /// Request latency by (route template, method, status).
     requests: RwLock<BTreeMap<RequestKey, Arc<Histogram>>>,
 }
@@ -121,6 +127,10 @@ impl Default for Metrics {
             clickhouse_errors_data: AtomicU64::new(0),
             dead_lettered_events: AtomicU64::new(0),
             duplicate_events: AtomicU64::new(0),
+            analytics_from_summaries: AtomicU64::new(0),
+            analytics_from_raw: AtomicU64::new(0),
+            rollup_computed: AtomicU64::new(0),
+            rollup_stale_partitions: AtomicU64::new(0),
             requests: RwLock::new(BTreeMap::new()),
         }
     }
@@ -229,6 +239,26 @@ impl Metrics {
             "adtrack_duplicate_events_total",
             "Re-sent events (same tenant and event_id) seen within two flush batches; all copies are inserted and collapse in ClickHouse.",
             &[("", &self.duplicate_events)],
+        );
+        counter(
+            &mut out,
+            "adtrack_analytics_queries_total",
+            "Aggregate queries, by whether hourly summaries answered them (with raw events of changed partitions and partial hours) or raw events alone.",
+            &[
+                ("source=\"summaries\"", &self.analytics_from_summaries),
+                ("source=\"raw\"", &self.analytics_from_raw),
+            ],
+        );
+        counter(
+            &mut out,
+            "adtrack_rollup_partitions_computed_total",
+            "Day partitions of events summarized into hourly figures.",
+            &[("", &self.rollup_computed)],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP adtrack_rollup_stale_partitions Day partitions that changed while being summarized in the last refresh (read raw until the next).\n# TYPE adtrack_rollup_stale_partitions gauge\nadtrack_rollup_stale_partitions {}",
+            self.rollup_stale_partitions.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

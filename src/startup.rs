@@ -16,7 +16,7 @@ use poem::{
 use tokio::sync::watch;
 
 use crate::{
-    analytics::Analytics,
+    analytics::{rollup::Rollup, Analytics},
     api::{
         self, admin::AdminApi, events::EventsApi, health::HealthApi, observe::Observer,
         raw_events::RawEventsApi, stats::StatsApi,
@@ -42,6 +42,7 @@ pub struct Application {
     usage_flusher: tokio::task::JoinHandle<()>,
     usage_stop: watch::Sender<bool>,
     key_refresh: tokio::task::JoinHandle<()>,
+    rollup_refresh: Option<tokio::task::JoinHandle<()>>,
     shipper: std::thread::JoinHandle<()>,
     stopping: watch::Sender<bool>,
     engine: Option<LocalEngine>,
@@ -167,6 +168,12 @@ impl Application {
             Some(settings.wal.dir.join("api-keys.json")),
         ));
         let key_refresh = tokio::spawn(store.clone().refresh_forever(settings.key_refresh));
+        let rollup_refresh = (!settings.analytics.rollup_refresh.is_zero()).then(|| {
+            tokio::spawn(
+                Rollup::new(client.clone())
+                    .refresh_forever(settings.analytics.rollup_refresh, metrics.clone()),
+            )
+        });
         if settings.admin_key.is_none() {
             tracing::warn!(
                 "ADTRACK_ADMIN_KEY is not set: no bootstrap admin key, so no tenant can be created"
@@ -200,10 +207,10 @@ impl Application {
                     },
                 },
                 stats: StatsApi {
-                    analytics: Analytics::new(client.clone(), settings.analytics),
+                    analytics: Analytics::new(client.clone(), settings.analytics, metrics.clone()),
                 },
                 raw_events: RawEventsApi {
-                    analytics: Analytics::new(client.clone(), settings.analytics),
+                    analytics: Analytics::new(client.clone(), settings.analytics, metrics.clone()),
                 },
                 admin: AdminApi {
                     store,
@@ -233,6 +240,7 @@ impl Application {
             usage_flusher,
             usage_stop,
             key_refresh,
+            rollup_refresh,
             shipper,
             stopping,
             engine,
@@ -258,6 +266,9 @@ impl Application {
             .await
             .context("the HTTP server failed")?;
         self.key_refresh.abort();
+        if let Some(task) = &self.rollup_refresh {
+            task.abort();
+        }
         // The last usage rows go into the usage log; then its handle is dropped.
         self.usage_stop.send_replace(true);
         let _ = self.usage_flusher.await;

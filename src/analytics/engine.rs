@@ -1,7 +1,10 @@
 //! Runs an [`AnalyticsQuery`]: checks the guards, sends the statements (concurrently when
 //! there are several), and assembles groups, gap-filled series and the other row.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{atomic::Ordering, Arc},
+};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -9,16 +12,20 @@ use serde::Deserialize;
 use super::{
     buckets,
     model::{Agg, AnalyticsQuery, Metric},
+    rollup::{self, Coverage, Rollup},
     sql::{self, Scope, Sql},
     AnalyticsError, GuardLimits, InvalidInput,
 };
-use crate::config::AnalyticsSettings;
+use crate::{config::AnalyticsSettings, metrics::Metrics};
 
-/// The analytics service: a ClickHouse client and the guards.
+/// The analytics service: a ClickHouse client, the guards, and the hourly summaries (when
+/// they are kept).
 #[derive(Clone)]
 pub struct Analytics {
     client: clickhouse::Client,
     settings: AnalyticsSettings,
+    rollup: Option<Rollup>,
+    metrics: Arc<Metrics>,
 }
 
 /// The aggregates of one group (or one bucket of it).
@@ -133,8 +140,38 @@ pub struct QueryOutput {
 }
 
 impl Analytics {
-    pub fn new(client: clickhouse::Client, settings: AnalyticsSettings) -> Self {
-        Analytics { client, settings }
+    pub fn new(
+        client: clickhouse::Client,
+        settings: AnalyticsSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let rollup = (!settings.rollup_refresh.is_zero()).then(|| Rollup::new(client.clone()));
+        Analytics {
+            client,
+            settings,
+            rollup,
+            metrics,
+        }
+    }
+
+    /// Where `q`'s rows come from: summaries where they can answer it, else `None` (raw).
+    async fn coverage(&self, q: &AnalyticsQuery) -> Option<Coverage> {
+        let coverage = match (&self.rollup, rollup::hours_for(q)) {
+            (Some(rollup), Some(hours)) => match rollup.coverage(hours).await {
+                Ok(c) => Some(c).filter(|c| !c.summaries.is_empty()),
+                Err(err) => {
+                    tracing::debug!(error = %err, "cannot read which summaries are current; reading raw events");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let counter = match coverage {
+            Some(_) => &self.metrics.analytics_from_summaries,
+            None => &self.metrics.analytics_from_raw,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        coverage
     }
 
     pub fn settings(&self) -> &AnalyticsSettings {
@@ -233,12 +270,14 @@ impl Analytics {
 
         // Up to three statements, concurrently: the (ranked) groups or series, the ranking
         // totals of bucketed groups, and the other row.
-        let main = sql::aggregate(q, tenant, Scope::Top(n), true);
+        let coverage = self.coverage(q).await;
+        let coverage = coverage.as_ref();
+        let main = sql::aggregate(q, tenant, Scope::Top(n), true, coverage);
         let ranking = (grouped && q.bucket.is_some())
-            .then(|| sql::aggregate(q, tenant, Scope::Top(n), false));
+            .then(|| sql::aggregate(q, tenant, Scope::Top(n), false, coverage));
         let other = q
             .other
-            .then(|| sql::aggregate(q, tenant, Scope::Other(n), true));
+            .then(|| sql::aggregate(q, tenant, Scope::Other(n), true, coverage));
         let (main, ranking, other) =
             tokio::try_join!(self.rows(Some(main)), self.rows(ranking), self.rows(other))?;
 

@@ -22,7 +22,9 @@
 //!
 //! - `FROM events FINAL`: the table is a ReplacingMergeTree, and copies of a re-sent event stay
 //!   visible until a merge. `do_not_merge_across_partitions_select_final = 1` keeps FINAL cheap;
-//!   it is exact because every copy of an event lands in the same partition.
+//!   it is exact because every copy of an event lands in the same partition. Counts and sums
+//!   by campaign and event type read the [`rollup`] (hourly summaries computed with `FINAL`)
+//!   for the partitions they are current for, and `events FINAL` for the rest.
 //! - `tenant = {tenant:String}` on every read, with the tenant the API layer was given.
 //! - Values reach ClickHouse only as query parameters (`{p3:String}`); identifiers only as
 //!   fixed SQL snippets chosen by enum (see [`sql`]); attribute keys are parameters too.
@@ -35,6 +37,7 @@ pub mod buckets;
 pub mod engine;
 pub mod model;
 pub mod raw;
+pub mod rollup;
 pub mod sql;
 
 pub use engine::{Aggregates, Analytics, GroupResult, QueryOutput};

@@ -8,12 +8,16 @@
 
 use clickhouse::Client;
 
-use super::model::{Agg, AggSet, AnalyticsQuery, Bucket, Dimension, Filter, Metric, TimeRange};
+use super::{
+    model::{Agg, AggSet, AnalyticsQuery, Bucket, Dimension, Filter, Metric, TimeRange},
+    rollup::Coverage,
+};
 
 /// A query parameter's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Param {
     Str(String),
+    Strs(Vec<String>),
     I64(i64),
     U64(u64),
 }
@@ -75,6 +79,10 @@ impl Sql {
         self.bind("String", Param::Str(value.to_string()))
     }
 
+    pub fn bind_strs(&mut self, values: &[String]) -> Expr {
+        self.bind("Array(String)", Param::Strs(values.to_vec()))
+    }
+
     pub fn bind_i64(&mut self, value: i64) -> Expr {
         self.bind("Int64", Param::I64(value))
     }
@@ -103,6 +111,7 @@ impl Sql {
             .iter()
             .fold(client.query(&self.text), |q, (name, value)| match value {
                 Param::Str(v) => q.param(name, v),
+                Param::Strs(v) => q.param(name, v),
                 Param::I64(v) => q.param(name, v),
                 Param::U64(v) => q.param(name, v),
             })
@@ -181,17 +190,23 @@ pub fn dimension(sql: &mut Sql, d: &Dimension) -> DimensionSql {
     }
 }
 
-/// The SQL of one aggregate; result columns are named as in [`AGG_COLUMNS`].
-fn agg_sql(agg: Agg) -> &'static str {
-    match agg {
-        Agg::Events => "count()",
-        Agg::Impressions => "countIf(event_type = 'impression')",
-        Agg::Clicks => "countIf(event_type = 'click')",
-        Agg::Conversions => "countIf(event_type = 'conversion')",
-        Agg::Spend => "sum(cost_micros)",
-        Agg::Revenue => "sum(revenue_micros)",
-        Agg::UsersExact => "uniqExactIf(user_id, user_id != '')",
-        Agg::UsersApprox => "uniqIf(user_id, user_id != '')",
+/// The SQL of one aggregate; result columns are named as in [`AGG_COLUMNS`]. Over summaries
+/// (`summed`) a row stands for `n` events.
+fn agg_sql(agg: Agg, summed: bool) -> &'static str {
+    match (agg, summed) {
+        (Agg::Events, false) => "count()",
+        (Agg::Impressions, false) => "countIf(event_type = 'impression')",
+        (Agg::Clicks, false) => "countIf(event_type = 'click')",
+        (Agg::Conversions, false) => "countIf(event_type = 'conversion')",
+        (Agg::Events, true) => "sum(n)",
+        (Agg::Impressions, true) => "sumIf(n, event_type = 'impression')",
+        (Agg::Clicks, true) => "sumIf(n, event_type = 'click')",
+        (Agg::Conversions, true) => "sumIf(n, event_type = 'conversion')",
+        (Agg::Spend, _) => "sum(cost_micros)",
+        (Agg::Revenue, _) => "sum(revenue_micros)",
+        // Summaries never serve distinct counts (see `rollup::hours_for`).
+        (Agg::UsersExact, _) => "uniqExactIf(user_id, user_id != '')",
+        (Agg::UsersApprox, _) => "uniqIf(user_id, user_id != '')",
     }
 }
 
@@ -208,11 +223,11 @@ pub const AGG_COLUMNS: [&str; 8] = [
 
 /// Every aggregate column, in [`AGG_COLUMNS`] order; those not needed are a constant 0 (so
 /// the row type is always the same, and unneeded columns are never read).
-fn aggregates(sql: &mut Sql, needed: AggSet) {
+fn aggregates(sql: &mut Sql, needed: AggSet, summed: bool) {
     for (agg, name) in Agg::ALL.iter().zip(AGG_COLUMNS) {
         sql.push(", ");
         if needed.contains(*agg) {
-            sql.push(agg_sql(*agg));
+            sql.push(agg_sql(*agg, summed));
         } else {
             sql.push("toUInt64(0)");
         }
@@ -222,19 +237,19 @@ fn aggregates(sql: &mut Sql, needed: AggSet) {
 
 /// What groups are ranked by: the metric itself, a ratio (-1 where it is undefined, so such
 /// groups come last), highest first.
-fn rank(metric: Metric) -> Expr {
+fn rank(metric: Metric, summed: bool) -> Expr {
     match metric.ratio() {
         Some((num, den)) => Expr(format!(
             "if({den} = 0, -1., {num} / {den})",
-            num = agg_sql(num),
-            den = agg_sql(den)
+            num = agg_sql(num, summed),
+            den = agg_sql(den, summed)
         )),
         None => {
             let agg = Agg::ALL
                 .into_iter()
                 .find(|a| metric.aggs().contains(*a))
                 .expect("a metric has an aggregate");
-            Expr::fixed(agg_sql(agg))
+            Expr::fixed(agg_sql(agg, summed))
         }
     }
 }
@@ -255,6 +270,63 @@ fn bucket_expr(sql: &mut Sql, bucket: Bucket, tz: &str) -> Expr {
     })
 }
 
+/// Raw columns as the summaries have them (a raw row is one event).
+const RAW_AS_SUMMARY: &str = "SELECT tenant, event_time, campaign_id, event_type, toUInt64(1) AS n, cost_micros, revenue_micros FROM events FINAL WHERE tenant = ";
+
+/// The table expression of an aggregate: `events FINAL`, or (with `coverage`) the union of
+/// the summaries of unchanged partitions over whole hours, their raw events in the partial
+/// hours at either end of `range`, and the raw events of every other partition. Either way
+/// the rows have the columns the filters and aggregates use; over the union a row stands for
+/// `n` events.
+fn source(sql: &mut Sql, tenant: &str, range: TimeRange, coverage: Option<&Coverage>) -> Expr {
+    let Some(c) = coverage else {
+        return Expr::fixed(FROM_EVENTS);
+    };
+    let tenant = sql.bind_str(tenant);
+    let (from, to) = (sql.bind_i64(range.from_ms), sql.bind_i64(range.to_ms));
+    let (hours_from, hours_to) = (sql.bind_i64(c.hours.0), sql.bind_i64(c.hours.1));
+    let in_range = format!(
+        "event_time >= fromUnixTimestamp64Milli({from}, 'UTC') AND event_time < fromUnixTimestamp64Milli({to}, 'UTC')",
+        from = from.0,
+        to = to.0
+    );
+    // Raw events of `partitions` (bound as a list) that also satisfy `extra`.
+    let raw = |sql: &mut Sql, partitions: &[String], extra: &str| {
+        let partitions = sql.bind_strs(partitions);
+        format!(
+            "{RAW_AS_SUMMARY}{tenant} AND _partition_id IN {partitions} AND {in_range}{extra}",
+            tenant = tenant.0,
+            partitions = partitions.0,
+        )
+    };
+    let mut branches = vec![];
+    if !c.summaries.is_empty() {
+        let summaries = sql.bind_strs(&c.summaries);
+        branches.push(format!(
+            "SELECT tenant, toDateTime64(hour, 3, 'UTC') AS event_time, campaign_id, event_type, events AS n, cost_micros, revenue_micros FROM events_hourly WHERE _partition_id IN {summaries} AND tenant = {tenant} AND hour >= toDateTime({hours_from}, 'UTC') AND hour < toDateTime({hours_to}, 'UTC')",
+            summaries = summaries.0,
+            tenant = tenant.0,
+            hours_from = hours_from.0,
+            hours_to = hours_to.0,
+        ));
+        if c.hours.0 * 1000 > range.from_ms || c.hours.1 * 1000 < range.to_ms {
+            let partial_hours = format!(
+                " AND (event_time < toDateTime64({}, 3, 'UTC') OR event_time >= toDateTime64({}, 3, 'UTC'))",
+                hours_from.0, hours_to.0
+            );
+            branches.push(raw(sql, &c.summarized, &partial_hours));
+        }
+    }
+    if !c.unsummarized.is_empty() {
+        branches.push(raw(sql, &c.unsummarized, ""));
+    }
+    if branches.is_empty() {
+        // No partitions at all: nothing to read either way.
+        return Expr::fixed(FROM_EVENTS);
+    }
+    Expr(format!(" FROM ({})", branches.join(" UNION ALL ")))
+}
+
 /// Which groups a statement covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -271,8 +343,18 @@ pub enum Scope {
 /// - `group_by`, no bucket: the top `n` groups, ranked, ties by their values;
 /// - `group_by` and bucket: one row per (bucket, group) of the top `n` groups;
 /// - [`Scope::Other`]: one row (per bucket) for every event outside the top `n` groups.
-pub fn aggregate(q: &AnalyticsQuery, tenant: &str, scope: Scope, with_buckets: bool) -> Sql {
+///
+/// With `coverage` the statement reads summaries where they are current (see [`source`]).
+pub fn aggregate(
+    q: &AnalyticsQuery,
+    tenant: &str,
+    scope: Scope,
+    with_buckets: bool,
+    coverage: Option<&Coverage>,
+) -> Sql {
     let mut sql = Sql::new();
+    let from = source(&mut sql, tenant, q.range, coverage);
+    let summed = from.0 != FROM_EVENTS;
     let bucket = q
         .bucket
         .filter(|_| with_buckets)
@@ -292,7 +374,7 @@ pub fn aggregate(q: &AnalyticsQuery, tenant: &str, scope: Scope, with_buckets: b
     );
     let filter = where_clause(&mut sql, tenant, Some(q.range), &q.filters);
     let grouped = !dims.is_empty();
-    let order = rank(q.order_by);
+    let order = rank(q.order_by, summed);
 
     sql.push("SELECT ");
     match &bucket {
@@ -308,15 +390,16 @@ pub fn aggregate(q: &AnalyticsQuery, tenant: &str, scope: Scope, with_buckets: b
         _ => sql.push("emptyArrayString()"),
     };
     sql.push(" AS keys");
-    aggregates(&mut sql, q.aggs());
-    sql.push(FROM_EVENTS).push(" WHERE ").push_expr(&filter);
+    aggregates(&mut sql, q.aggs(), summed);
+    sql.push_expr(&from).push(" WHERE ").push_expr(&filter);
 
     // Bucketed groups and the other row both need "the top n groups" as a set.
     let top_set = |sql: &mut Sql, n: u64| {
         let n = sql.bind_u64(n);
         Expr(format!(
-            "(SELECT {cols}{FROM_EVENTS} WHERE {filter} GROUP BY {cols} ORDER BY {rank} DESC, {strings} ASC LIMIT {n})",
+            "(SELECT {cols}{from} WHERE {filter} GROUP BY {cols} ORDER BY {rank} DESC, {strings} ASC LIMIT {n})",
             cols = columns.0,
+            from = from.0,
             filter = filter.0,
             rank = order.0,
             strings = strings.0,
@@ -408,7 +491,7 @@ mod tests {
         ] {
             let q = query(group_by, bucket);
             for scope in [Scope::Top(5), Scope::Other(5)] {
-                let sql = aggregate(&q, EVIL, scope, true);
+                let sql = aggregate(&q, EVIL, scope, true, None);
                 assert!(!sql.text().contains("DROP"), "{}", sql.text());
                 assert!(!sql.text().contains("Berlin"), "{}", sql.text());
                 assert!(!sql.text().contains('?'));
@@ -424,7 +507,7 @@ mod tests {
     fn every_read_is_final_and_scoped_to_the_tenant() {
         let q = query(vec![Dimension::CampaignId], Some(Bucket::Hour));
         for scope in [Scope::Top(5), Scope::Other(5)] {
-            let sql = aggregate(&q, "t1", scope, true);
+            let sql = aggregate(&q, "t1", scope, true, None);
             let text = sql.text();
             // The outer read and the ranking subquery.
             assert_eq!(text.matches("FROM events FINAL").count(), 2, "{text}");
@@ -435,14 +518,72 @@ mod tests {
     #[test]
     fn the_shapes_of_the_statements() {
         let q = query(vec![], None);
-        let text = aggregate(&q, "t", Scope::Top(0), false).text().to_string();
+        let text = aggregate(&q, "t", Scope::Top(0), false, None)
+            .text()
+            .to_string();
         assert!(!text.contains("GROUP BY"), "{text}");
         assert!(text.contains("uniqExactIf(user_id"), "{text}");
         assert!(!text.contains("sum(cost_micros)"), "{text}");
 
         let q = query(vec![Dimension::EventType], None);
-        let text = aggregate(&q, "t", Scope::Top(5), false).text().to_string();
+        let text = aggregate(&q, "t", Scope::Top(5), false, None)
+            .text()
+            .to_string();
         assert!(text.contains("GROUP BY event_type ORDER BY if("), "{text}");
         assert!(text.contains("DESC, keys ASC LIMIT {p"), "{text}");
+    }
+
+    #[test]
+    fn summaries_are_read_where_current_and_raw_events_elsewhere() {
+        let mut q = query(vec![Dimension::CampaignId], Some(Bucket::Hour));
+        q.metrics = vec![Metric::Ctr, Metric::Spend];
+        q.filters.clear();
+        q.range = TimeRange {
+            from_ms: 1_000,
+            to_ms: 86_400_000 - 1,
+        };
+        let coverage = Coverage {
+            hours: (3_600, 82_800),
+            summaries: vec!["19700101-7".into()],
+            summarized: vec!["19700101".into()],
+            unsummarized: vec!["19700102".into()],
+        };
+        for scope in [Scope::Top(5), Scope::Other(5)] {
+            let sql = aggregate(&q, EVIL, scope, true, Some(&coverage));
+            let text = sql.text();
+            assert!(!text.contains("DROP") && !text.contains("1970"), "{text}");
+            // Summaries, the partial hours of their days, the other days: in the outer read
+            // and in the ranking subquery.
+            assert_eq!(
+                text.matches("FROM events_hourly WHERE").count(),
+                2,
+                "{text}"
+            );
+            assert_eq!(text.matches("FROM events FINAL").count(), 4, "{text}");
+            assert_eq!(text.matches(" UNION ALL ").count(), 4, "{text}");
+            assert!(text.contains("sumIf(n, event_type = 'click')"), "{text}");
+            assert!(!text.contains("count"), "{text}");
+            for list in [
+                &coverage.summaries,
+                &coverage.summarized,
+                &coverage.unsummarized,
+            ] {
+                assert!(sql
+                    .params()
+                    .iter()
+                    .any(|(_, v)| *v == Param::Strs(list.clone())));
+            }
+        }
+        // Whole hours only: no raw branch for partial hours; nothing unsummarized: no raw at all.
+        q.range = TimeRange {
+            from_ms: 3_600_000,
+            to_ms: 82_800_000,
+        };
+        let coverage = Coverage {
+            unsummarized: vec![],
+            ..coverage
+        };
+        let sql = aggregate(&q, "t", Scope::Top(5), false, Some(&coverage));
+        assert!(!sql.text().contains("FROM events FINAL"), "{}", sql.text());
     }
 }

@@ -24,6 +24,10 @@ pub const INIT_SQL: &[(&str, &str)] = &[
         "04_usage_log.sql",
         include_str!("../../clickhouse-init/04_usage_log.sql"),
     ),
+    (
+        "05_rollup.sql",
+        include_str!("../../clickhouse-init/05_rollup.sql"),
+    ),
 ];
 
 /// How long rows are kept: events (by their own timestamp) and the usage log.

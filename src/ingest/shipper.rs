@@ -286,7 +286,7 @@ impl<F: RowFormat> Shipper<F> {
     fn committed(&mut self, batch: &mut Batch) {
         if let Err(err) = wal::checkpoint(&self.wal_dir, batch.end) {
             // The rows are in ClickHouse; a stale checkpoint only means a harmless replay.
-            tracing::warn!(error = %err, "could not record the WAL checkpoint");
+            tracing::warn!(error = %format!("{err:#}"), "could not record the WAL checkpoint");
         }
         self.shared
             .pending_bytes

@@ -6,4 +6,5 @@ mod helpers;
 mod idempotency;
 mod ingest;
 mod raw_events;
+mod rollup;
 mod stats;

@@ -384,6 +384,30 @@ pub fn check_metrics(ctx: &str, got: &Value, exp: &Exp, metrics: &[&str]) {
     }
 }
 
+/// The figures of every value of `dim` among `evs`, ranked as the API documents: by
+/// `order_by`, highest first, ties by the value.
+pub fn rank_groups<'a>(
+    evs: impl IntoIterator<Item = &'a Ev>,
+    dim: &str,
+    order_by: &str,
+) -> Vec<(String, Exp)> {
+    let mut groups: BTreeMap<String, Vec<&Ev>> = BTreeMap::new();
+    for e in evs {
+        groups.entry(e.dim(dim)).or_default().push(e);
+    }
+    let mut ranked: Vec<(String, Exp)> = groups
+        .into_iter()
+        .map(|(k, evs)| (k, Exp::of(evs)))
+        .collect();
+    ranked.sort_by(|a, b| {
+        b.1.rank(order_by)
+            .partial_cmp(&a.1.rank(order_by))
+            .unwrap()
+            .then_with(|| a.0.cmp(&b.0))
+    });
+    ranked
+}
+
 /// The start of `ms`'s bucket in `tz`, computed here by plain calendar arithmetic.
 pub fn bucket_of(bucket: &str, tz: Tz, ms: i64) -> i64 {
     let t = DateTime::<Utc>::from_timestamp_millis(ms).unwrap();
@@ -736,20 +760,7 @@ async fn every_endpoint_matches_figures_computed_from_a_seeded_data_set() {
         let (status, body) = get_query(&app, "/v1/stats/breakdown", &params).await;
         assert_eq!(status, 200, "{dim}: {body}");
         let keep = |e: &&Ev| filters.is_empty() || e.device == Some("mobile");
-        let mut groups: BTreeMap<String, Vec<&Ev>> = BTreeMap::new();
-        for e in of(0).filter(keep) {
-            groups.entry(e.dim(dim)).or_default().push(e);
-        }
-        let mut ranked: Vec<(String, Exp)> = groups
-            .iter()
-            .map(|(k, evs)| (k.clone(), Exp::of(evs.iter().copied())))
-            .collect();
-        ranked.sort_by(|a, b| {
-            b.1.rank(order_by)
-                .partial_cmp(&a.1.rank(order_by))
-                .unwrap()
-                .then_with(|| a.0.cmp(&b.0))
-        });
+        let ranked = rank_groups(of(0).filter(keep), dim, order_by);
         let rows = body["rows"].as_array().unwrap();
         let metrics: Vec<&str> = metrics.split(',').collect();
         assert_eq!(rows.len(), ranked.len().min(*limit), "{dim}");

@@ -1,0 +1,430 @@
+//! Hourly summaries of `events` (`clickhouse-init/05_rollup.sql`), kept exact.
+//!
+//! Reading 10 million raw events with `FINAL` for every dashboard request is slow; most
+//! dashboard queries only need counts and sums per hour, campaign and event type. So a
+//! background task ([`Rollup::refresh`]) summarizes `events FINAL` one day partition at a
+//! time into `events_hourly`, and a query that such a summary can answer reads it instead.
+//!
+//! **Exactness.** The table is a ReplacingMergeTree: until a merge, a re-sent event has
+//! several copies. A summary computed with `FINAL` counts each event once, but is only right
+//! while its partition has not changed. Every summary records the *fingerprint* of the parts
+//! it was computed from (their names, which ClickHouse changes on every insert, merge and
+//! mutation); a query uses a day's summary only while the partition's current fingerprint is
+//! that one, and reads the other partitions — and the parts of hours the range only partly
+//! covers — from `events FINAL`. An event committed before a query started is therefore always
+//! counted, once, whether it is new, a re-sent copy, or deleted.
+//!
+//! **Generations.** Each computation writes its own rollup partition `(day, generation)` and
+//! then publishes it in `events_hourly_state` (only if the parts did not change meanwhile).
+//! Superseded generations are dropped a minute after their successor was published (a query
+//! picks its partitions a moment before it runs); unpublished ones after ten minutes.
+//!
+//! On a cluster (`events` is a Distributed table, with no parts of its own) no partition is
+//! ever summarized and every query reads `events FINAL`, as before.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use chrono::{Offset, TimeZone};
+use clickhouse::Client;
+use serde::Deserialize;
+
+use super::model::{Agg, AnalyticsQuery, Bucket, Dimension};
+
+/// How long a superseded generation is kept after its successor was published.
+const SUPERSEDED_GRACE: Duration = Duration::from_secs(60);
+/// How long an unpublished generation may be in the making before it is dropped.
+const ABANDONED_AFTER: Duration = Duration::from_secs(600);
+/// ClickHouse `max_execution_time` of one partition's computation.
+const COMPUTE_LIMIT: Duration = Duration::from_secs(120);
+/// Low bits of a generation that are random (the rest is the time it was started, in µs).
+const GENERATION_RANDOM_BITS: u32 = 10;
+
+/// Where the rows of one query come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coverage {
+    /// Whole UTC hours `[from, to)` (Unix seconds) read from summaries.
+    pub hours: (i64, i64),
+    /// Rollup partitions (`"{day}-{generation}"`) with the current summary of a partition.
+    pub summaries: Vec<String>,
+    /// The events partitions those summarize (their events outside `hours` are read raw).
+    pub summarized: Vec<String>,
+    /// Events partitions without a current summary: read raw.
+    pub unsummarized: Vec<String>,
+}
+
+/// The whole hours of `q`'s range a summary may answer, if any: the query must need only
+/// counts and sums, filter and group by campaign and event type only, and its buckets (if
+/// any) must start on whole UTC hours in its time zone over the range.
+pub fn hours_for(q: &AnalyticsQuery) -> Option<(i64, i64)> {
+    let aggs = q.aggs();
+    if aggs.contains(Agg::UsersExact) || aggs.contains(Agg::UsersApprox) {
+        return None;
+    }
+    let summarized_dimension =
+        |d: &Dimension| matches!(d, Dimension::CampaignId | Dimension::EventType);
+    if !q.group_by.iter().all(summarized_dimension)
+        || !q.filters.iter().all(|f| summarized_dimension(&f.dimension))
+    {
+        return None;
+    }
+    let from = q.range.from_ms.div_euclid(3_600_000) * 3_600
+        + 3_600 * i64::from(q.range.from_ms.rem_euclid(3_600_000) != 0);
+    let to = q.range.to_ms.div_euclid(3_600_000) * 3_600;
+    if from >= to {
+        return None;
+    }
+    match q.bucket {
+        None => {}
+        Some(Bucket::Minute) => return None,
+        Some(Bucket::Hour | Bucket::Day | Bucket::Week | Bucket::Month) => {
+            // Local hours start on whole UTC hours only where the offset is whole hours.
+            let whole = (from..=to).step_by(3_600).all(|s| {
+                chrono::DateTime::from_timestamp(s, 0).is_some_and(|t| {
+                    q.time_zone
+                        .offset_from_utc_datetime(&t.naive_utc())
+                        .fix()
+                        .local_minus_utc()
+                        % 3_600
+                        == 0
+                })
+            });
+            if !whole {
+                return None;
+            }
+        }
+    }
+    Some((from, to))
+}
+
+/// One partition of `events`: its current fingerprint and its published summary, if any.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct PartitionRow {
+    partition_id: String,
+    fingerprint: u64,
+    /// 0 when the partition was never summarized.
+    generation: u64,
+    summarized_fingerprint: u64,
+    published_at_ms: i64,
+}
+
+impl PartitionRow {
+    fn is_current(&self) -> bool {
+        self.generation != 0 && self.summarized_fingerprint == self.fingerprint
+    }
+
+    fn rollup_partition(&self) -> String {
+        format!("{}-{}", self.partition_id, self.generation)
+    }
+}
+
+const PARTITIONS: &str = "\
+SELECT p.partition_id AS partition_id, p.fingerprint AS fingerprint, s.current AS generation,
+       s.summarized AS summarized_fingerprint, toUnixTimestamp64Milli(s.published) AS published_at_ms
+FROM (SELECT partition_id, groupBitXor(cityHash64(name)) AS fingerprint FROM system.parts
+      WHERE database = currentDatabase() AND table = 'events' AND active GROUP BY partition_id) AS p
+LEFT JOIN (SELECT toString(day) AS partition_id, max(generation) AS current,
+                  argMax(fingerprint, generation) AS summarized, argMax(computed_at, generation) AS published
+           FROM events_hourly_state GROUP BY day) AS s USING (partition_id)
+ORDER BY partition_id DESC
+SETTINGS join_use_nulls = 0";
+
+const FINGERPRINT: &str = "SELECT groupBitXor(cityHash64(name)) FROM system.parts \
+WHERE database = currentDatabase() AND table = 'events' AND active AND partition_id = ?";
+
+const COMPUTE: &str = "\
+INSERT INTO events_hourly (tenant, day, generation, hour, campaign_id, event_type, events, cost_micros, revenue_micros)
+SELECT tenant, {day:UInt32}, {generation:UInt64}, toStartOfHour(toDateTime(event_time, 'UTC')) AS hour,
+       campaign_id, event_type, count(), sum(cost_micros), sum(revenue_micros)
+FROM events FINAL WHERE _partition_id = {partition:String}
+GROUP BY tenant, hour, campaign_id, event_type";
+
+const PUBLISH: &str = "INSERT INTO events_hourly_state (day, generation, fingerprint, computed_at) \
+SELECT {day:UInt32}, {generation:UInt64}, {fingerprint:UInt64}, fromUnixTimestamp64Milli({now:Int64}, 'UTC')";
+
+const ROLLUP_PARTITIONS: &str = "SELECT DISTINCT partition_id FROM system.parts \
+WHERE database = currentDatabase() AND table = 'events_hourly' AND active";
+
+/// What one refresh did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Partitions summarized and published.
+    pub computed: usize,
+    /// Partitions that changed while they were being summarized (tried again next time).
+    pub changed: usize,
+    /// Partitions still without a current summary after this refresh.
+    pub stale: usize,
+    /// Old generations dropped.
+    pub dropped: usize,
+}
+
+/// The summaries of one database.
+#[derive(Clone)]
+pub struct Rollup {
+    client: Client,
+}
+
+impl Rollup {
+    pub fn new(client: Client) -> Self {
+        Rollup { client }
+    }
+
+    async fn partitions(&self) -> clickhouse::error::Result<Vec<PartitionRow>> {
+        self.client.query(PARTITIONS).fetch_all().await
+    }
+
+    /// Which partitions a query over `hours` reads from summaries, and which raw.
+    pub async fn coverage(&self, hours: (i64, i64)) -> clickhouse::error::Result<Coverage> {
+        let mut coverage = Coverage {
+            hours,
+            summaries: vec![],
+            summarized: vec![],
+            unsummarized: vec![],
+        };
+        for p in self.partitions().await? {
+            if p.is_current() {
+                coverage.summaries.push(p.rollup_partition());
+                coverage.summarized.push(p.partition_id);
+            } else {
+                coverage.unsummarized.push(p.partition_id);
+            }
+        }
+        Ok(coverage)
+    }
+
+    /// Summarizes every partition that changed since its summary, newest first, then drops
+    /// generations no query can still read.
+    pub async fn refresh(&self) -> clickhouse::error::Result<Refreshed> {
+        let mut done = Refreshed::default();
+        let partitions = self.partitions().await?;
+        for p in partitions.iter().filter(|p| !p.is_current()) {
+            // Only partitions of a day (toYYYYMMDD) can be summarized.
+            let Ok(day) = p.partition_id.parse::<u32>() else {
+                continue;
+            };
+            if self.compute(day, p).await? {
+                done.computed += 1;
+            } else {
+                done.changed += 1;
+            }
+        }
+        done.stale = done.changed;
+        done.dropped = self.collect_garbage().await?;
+        Ok(done)
+    }
+
+    /// Summarizes one partition; publishes the summary if the partition did not change while
+    /// it was computed (returns whether it did).
+    async fn compute(&self, day: u32, p: &PartitionRow) -> clickhouse::error::Result<bool> {
+        let generation = new_generation();
+        self.client
+            .query(COMPUTE)
+            .param("day", day)
+            .param("generation", generation)
+            .param("partition", &p.partition_id)
+            .with_setting("do_not_merge_across_partitions_select_final", "1")
+            .with_setting("max_execution_time", COMPUTE_LIMIT.as_secs().to_string())
+            .execute()
+            .await?;
+        let after: Option<u64> = self
+            .client
+            .query(FINGERPRINT)
+            .bind(&p.partition_id)
+            .fetch_optional()
+            .await?;
+        if after != Some(p.fingerprint) {
+            self.drop_generation(&format!("{day}-{generation}")).await?;
+            return Ok(false);
+        }
+        self.client
+            .query(PUBLISH)
+            .param("day", day)
+            .param("generation", generation)
+            .param("fingerprint", p.fingerprint)
+            .param("now", (now_micros() / 1000) as i64)
+            .execute()
+            .await?;
+        Ok(true)
+    }
+
+    /// Drops rollup partitions that are neither published nor possibly in the making, and
+    /// superseded ones a query can no longer be about to read.
+    async fn collect_garbage(&self) -> clickhouse::error::Result<usize> {
+        let published: std::collections::HashMap<String, (u64, i64)> = self
+            .partitions()
+            .await?
+            .into_iter()
+            .filter(|p| p.generation != 0)
+            .map(|p| (p.partition_id, (p.generation, p.published_at_ms)))
+            .collect();
+        let now_ms = (now_micros() / 1000) as i64;
+        let mut dropped = 0;
+        let ids: Vec<String> = self.client.query(ROLLUP_PARTITIONS).fetch_all().await?;
+        for id in ids {
+            let Some((day, generation)) = parse_rollup_partition(&id) else {
+                continue;
+            };
+            let started_ms = (generation >> GENERATION_RANDOM_BITS) as i64 / 1000;
+            let keep = match published.get(&day) {
+                Some(&(current, _)) if generation == current => true,
+                Some(&(current, published_at_ms)) if generation < current => {
+                    now_ms - published_at_ms < SUPERSEDED_GRACE.as_millis() as i64
+                }
+                // Newer than the published one, or the partition's first: maybe in the making.
+                _ => now_ms - started_ms < ABANDONED_AFTER.as_millis() as i64,
+            };
+            if !keep {
+                self.drop_generation(&id).await?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    async fn drop_generation(&self, id: &str) -> clickhouse::error::Result<()> {
+        // `id` is "<u32>-<u64>", made or checked by this module: safe to splice.
+        debug_assert!(parse_rollup_partition(id).is_some());
+        self.client
+            .query(&format!(
+                "ALTER TABLE events_hourly DROP PARTITION ID '{id}'"
+            ))
+            .execute()
+            .await
+    }
+
+    /// Refreshes every `interval` until the task is dropped; publishes how many partitions are
+    /// stale in `stale`.
+    pub async fn refresh_forever(
+        self,
+        interval: Duration,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match self.refresh().await {
+                Ok(done) => {
+                    metrics
+                        .rollup_computed
+                        .fetch_add(done.computed as u64, Ordering::Relaxed);
+                    metrics
+                        .rollup_stale_partitions
+                        .store(done.stale as u64, Ordering::Relaxed);
+                    if done.computed + done.dropped > 0 {
+                        tracing::debug!(?done, "hourly summaries refreshed");
+                    }
+                    WARNED.store(false, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %err, "cannot refresh the hourly summaries; analytics read raw events meanwhile");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `"<day>-<generation>"` → (day as the events partition id, generation).
+fn parse_rollup_partition(id: &str) -> Option<(String, u64)> {
+    let (day, generation) = id.split_once('-')?;
+    let day: u32 = day.parse().ok()?;
+    Some((day.to_string(), generation.parse().ok()?))
+}
+
+fn now_micros() -> u64 {
+    chrono::Utc::now().timestamp_micros().max(0) as u64
+}
+
+fn new_generation() -> u64 {
+    let mut random = [0u8; 2];
+    let _ = getrandom::fill(&mut random);
+    let random = u64::from(u16::from_le_bytes(random)) & ((1 << GENERATION_RANDOM_BITS) - 1);
+    (now_micros() << GENERATION_RANDOM_BITS) | random
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::model::{Filter, Metric, TimeRange};
+
+    fn query(from_ms: i64, to_ms: i64) -> AnalyticsQuery {
+        AnalyticsQuery {
+            range: TimeRange { from_ms, to_ms },
+            time_zone: "Europe/Berlin".parse().unwrap(),
+            metrics: Metric::DEFAULT.to_vec(),
+            group_by: vec![Dimension::CampaignId],
+            bucket: Some(Bucket::Hour),
+            filters: vec![Filter {
+                dimension: Dimension::EventType,
+                negate: false,
+                values: vec!["click".into()],
+            }],
+            order_by: Metric::Spend,
+            limit: Some(5),
+            other: true,
+        }
+    }
+
+    const H: i64 = 3_600_000;
+
+    #[test]
+    fn summaries_answer_the_whole_hours_of_sums_by_campaign_and_type() {
+        let day = 1_764_547_200_000; // 2025-12-01T00:00Z
+        assert_eq!(
+            hours_for(&query(day, day + 24 * H)),
+            Some((day / 1000, day / 1000 + 86_400))
+        );
+        // Partial hours at either end are read raw.
+        assert_eq!(
+            hours_for(&query(day + 1, day + 3 * H - 1)),
+            Some((day / 1000 + 3_600, day / 1000 + 7_200))
+        );
+        assert_eq!(hours_for(&query(day + 1, day + H + 5)), None);
+    }
+
+    #[test]
+    fn other_queries_read_raw_events() {
+        let day = 1_764_547_200_000;
+        let mut q = query(day, day + 24 * H);
+        q.metrics.push(Metric::UniqueUsersApprox);
+        assert_eq!(hours_for(&q), None, "distinct counts");
+        let mut q = query(day, day + 24 * H);
+        q.order_by = Metric::UniqueUsersExact;
+        assert_eq!(hours_for(&q), None, "ranked by a distinct count");
+        let mut q = query(day, day + 24 * H);
+        q.group_by.push(Dimension::Country);
+        assert_eq!(hours_for(&q), None, "a dimension not summarized");
+        let mut q = query(day, day + 24 * H);
+        q.filters[0].dimension = Dimension::Attribute("placement".into());
+        assert_eq!(hours_for(&q), None, "an attribute filter");
+        let mut q = query(day, day + 24 * H);
+        q.bucket = Some(Bucket::Minute);
+        assert_eq!(hours_for(&q), None, "minutes");
+        let mut q = query(day, day + 24 * H);
+        q.time_zone = "Asia/Kolkata".parse().unwrap();
+        assert_eq!(hours_for(&q), None, "a half-hour zone");
+        q.bucket = None;
+        assert!(
+            hours_for(&q).is_some(),
+            "without buckets the zone does not matter"
+        );
+    }
+
+    #[test]
+    fn rollup_partition_ids_round_trip() {
+        let generation = new_generation();
+        let id = format!("20261130-{generation}");
+        assert_eq!(
+            parse_rollup_partition(&id),
+            Some(("20261130".to_string(), generation))
+        );
+        assert_eq!(parse_rollup_partition("x-1"), None);
+        assert_eq!(parse_rollup_partition("20261130"), None);
+        assert_ne!(new_generation(), new_generation());
+    }
+}
