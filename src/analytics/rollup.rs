@@ -23,8 +23,9 @@
 //! ever summarized and every query reads `events FINAL`, as before.
 
 use std::{
+    collections::HashMap,
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use chrono::{Offset, TimeZone};
@@ -154,11 +155,16 @@ pub struct Refreshed {
     pub computed: usize,
     /// Partitions that changed while they were being summarized (tried again next time).
     pub changed: usize,
-    /// Partitions still without a current summary after this refresh.
+    /// Partitions still without a current summary after this refresh (changed meanwhile, or
+    /// summarized too recently to be again).
     pub stale: usize,
     /// Old generations dropped.
     pub dropped: usize,
 }
+
+/// When each partition was last summarized and how long that took (see [`Rollup::refresh`]).
+#[derive(Debug, Default)]
+pub struct Pacing(HashMap<String, (Instant, Duration)>);
 
 /// The summaries of one database.
 #[derive(Clone)]
@@ -195,22 +201,38 @@ impl Rollup {
     }
 
     /// Summarizes every partition that changed since its summary, newest first, then drops
-    /// generations no query can still read.
-    pub async fn refresh(&self) -> clickhouse::error::Result<Refreshed> {
+    /// generations no query can still read. A partition that keeps changing (today, under
+    /// ingestion) is summarized at most once per ten times its last computation took, so
+    /// summarizing costs at most a tenth of the time; queries read it raw in between.
+    pub async fn refresh(&self, pacing: &mut Pacing) -> clickhouse::error::Result<Refreshed> {
         let mut done = Refreshed::default();
         let partitions = self.partitions().await?;
+        pacing
+            .0
+            .retain(|id, _| partitions.iter().any(|p| &p.partition_id == id));
         for p in partitions.iter().filter(|p| !p.is_current()) {
             // Only partitions of a day (toYYYYMMDD) can be summarized.
             let Ok(day) = p.partition_id.parse::<u32>() else {
                 continue;
             };
-            if self.compute(day, p).await? {
+            if let Some((started, took)) = pacing.0.get(&p.partition_id) {
+                if started.elapsed() < *took * 10 {
+                    done.stale += 1;
+                    continue;
+                }
+            }
+            let started = Instant::now();
+            let published = self.compute(day, p).await?;
+            pacing
+                .0
+                .insert(p.partition_id.clone(), (started, started.elapsed()));
+            if published {
                 done.computed += 1;
             } else {
                 done.changed += 1;
+                done.stale += 1;
             }
         }
-        done.stale = done.changed;
         done.dropped = self.collect_garbage().await?;
         Ok(done)
     }
@@ -252,7 +274,7 @@ impl Rollup {
     /// Drops rollup partitions that are neither published nor possibly in the making, and
     /// superseded ones a query can no longer be about to read.
     async fn collect_garbage(&self) -> clickhouse::error::Result<usize> {
-        let published: std::collections::HashMap<String, (u64, i64)> = self
+        let published: HashMap<String, (u64, i64)> = self
             .partitions()
             .await?
             .into_iter()
@@ -294,19 +316,24 @@ impl Rollup {
             .await
     }
 
-    /// Refreshes every `interval` until the task is dropped; publishes how many partitions are
-    /// stale in `stale`.
+    /// Refreshes every `interval` until the task is dropped, and counts what it did in
+    /// `metrics`. Instances start at a random point of the interval, so that several of them
+    /// rarely summarize the same partition at once (each sees what the others published).
     pub async fn refresh_forever(
         self,
         interval: Duration,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) {
         static WARNED: AtomicBool = AtomicBool::new(false);
-        let mut ticker = tokio::time::interval(interval);
+        let mut random = [0u8; 4];
+        let _ = getrandom::fill(&mut random);
+        let phase = interval.mul_f64(f64::from(u32::from_le_bytes(random)) / f64::from(u32::MAX));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + phase, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pacing = Pacing::default();
         loop {
             ticker.tick().await;
-            match self.refresh().await {
+            match self.refresh(&mut pacing).await {
                 Ok(done) => {
                     metrics
                         .rollup_computed

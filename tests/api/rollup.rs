@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 use crate::stats::{
     bucket_of, buckets_between, check_metrics, get_query, load, rank_groups, rfc3339, Ev, Exp, Rng,
+    ALL_METRICS,
 };
 
 const HOUR: i64 = 3_600_000;
@@ -61,17 +62,8 @@ async fn check_every_figure(
 ) -> (f64, f64) {
     let (summaries, raw) = (app.metric(SUMMARIES).await, app.metric(RAW).await);
     let within = |a: i64, b: i64| evs.iter().filter(move |e| e.ts_ms >= a && e.ts_ms < b);
-    let default_metrics = [
-        "events",
-        "impressions",
-        "clicks",
-        "conversions",
-        "ctr",
-        "cvr",
-        "spend",
-        "revenue",
-        "roas",
-    ];
+    // The metrics a summary answers with no `metrics=` given (the first nine).
+    let default_metrics = &ALL_METRICS[..9];
 
     // Summary over millisecond bounds (partial hours at both ends).
     let (a, b) = (from + 123, to - 77);
@@ -86,7 +78,7 @@ async fn check_every_figure(
         &format!("{ctx}: summary"),
         &body["metrics"],
         &Exp::of(within(a, b)),
-        &default_metrics,
+        default_metrics,
     );
 
     // Filters on both summarized dimensions, whole hours.
@@ -117,7 +109,7 @@ async fn check_every_figure(
             within(a, b)
                 .filter(|e| campaigns.contains(&e.campaign.as_str()) && e.kind != "impression"),
         ),
-        &default_metrics,
+        default_metrics,
     );
 
     // Time series: hours in Berlin over the last three days, days in New York over all.
