@@ -24,13 +24,49 @@ ENGINE = MergeTree
 PARTITION BY (day, generation)
 ORDER BY (tenant, campaign_id, event_type, hour);
 
+-- The same figures per UTC day (for ranges without time buckets, such as a 30-day breakdown),
+-- and per hour without the campaign (for queries that neither group nor filter by it).
+-- Computed from events_hourly in the same generation.
+CREATE TABLE IF NOT EXISTS adtrack.events_daily
+(
+    tenant         LowCardinality(String),
+    day            UInt32,
+    generation     UInt64,
+    date           DateTime('UTC') COMMENT 'start of the UTC day of event_time',
+    campaign_id    LowCardinality(String),
+    event_type     Enum8('impression' = 1, 'click' = 2, 'conversion' = 3),
+    events         UInt64,
+    cost_micros    UInt64,
+    revenue_micros UInt64
+)
+ENGINE = MergeTree
+PARTITION BY (day, generation)
+ORDER BY (tenant, campaign_id, event_type, date);
+
+CREATE TABLE IF NOT EXISTS adtrack.events_hourly_totals
+(
+    tenant         LowCardinality(String),
+    day            UInt32,
+    generation     UInt64,
+    hour           DateTime('UTC'),
+    event_type     Enum8('impression' = 1, 'click' = 2, 'conversion' = 3),
+    events         UInt64,
+    cost_micros    UInt64,
+    revenue_micros UInt64
+)
+ENGINE = MergeTree
+PARTITION BY (day, generation)
+ORDER BY (tenant, event_type, hour);
+
 -- The current generation of each day's summary and the parts of `events` it reflects.
 CREATE TABLE IF NOT EXISTS adtrack.events_hourly_state
 (
     day         UInt32,
     generation  UInt64,
     fingerprint UInt64 COMMENT 'groupBitXor(cityHash64(part name)) of the active parts summarized',
-    computed_at DateTime64(3, 'UTC')
+    computed_at DateTime64(3, 'UTC'),
+    first_hour  DateTime('UTC') COMMENT 'the hours of event_time the partition holds (0 when empty)',
+    last_hour   DateTime('UTC')
 )
 ENGINE = ReplacingMergeTree(generation)
 ORDER BY day;

@@ -157,7 +157,10 @@ impl Analytics {
     /// Where `q`'s rows come from: summaries where they can answer it, else `None` (raw).
     async fn coverage(&self, q: &AnalyticsQuery) -> Option<Coverage> {
         let coverage = match (&self.rollup, rollup::hours_for(q)) {
-            (Some(rollup), Some(hours)) => match rollup.coverage(hours).await {
+            (Some(rollup), Some(hours)) => match rollup
+                .coverage((q.range.from_ms, q.range.to_ms), hours)
+                .await
+            {
                 Ok(c) => Some(c).filter(|c| !c.summaries.is_empty()),
                 Err(err) => {
                     tracing::debug!(error = %err, "cannot read which summaries are current; reading raw events");

@@ -24,7 +24,10 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -50,8 +53,9 @@ pub struct Coverage {
     pub hours: (i64, i64),
     /// Rollup partitions (`"{day}-{generation}"`) with the current summary of a partition.
     pub summaries: Vec<String>,
-    /// The events partitions those summarize (their events outside `hours` are read raw).
-    pub summarized: Vec<String>,
+    /// The summarized events partitions that hold events in the partial hours at either end
+    /// of the range (those events are read raw).
+    pub partial_hours: Vec<String>,
     /// Events partitions without a current summary: read raw.
     pub unsummarized: Vec<String>,
 }
@@ -115,10 +119,6 @@ impl PartitionRow {
     fn is_current(&self) -> bool {
         self.generation != 0 && self.summarized_fingerprint == self.fingerprint
     }
-
-    fn rollup_partition(&self) -> String {
-        format!("{}-{}", self.partition_id, self.generation)
-    }
 }
 
 const PARTITIONS: &str = "\
@@ -142,11 +142,37 @@ SELECT tenant, {day:UInt32}, {generation:UInt64}, toStartOfHour(toDateTime(event
 FROM events FINAL WHERE _partition_id = {partition:String}
 GROUP BY tenant, hour, campaign_id, event_type";
 
-const PUBLISH: &str = "INSERT INTO events_hourly_state (day, generation, fingerprint, computed_at) \
-SELECT {day:UInt32}, {generation:UInt64}, {fingerprint:UInt64}, fromUnixTimestamp64Milli({now:Int64}, 'UTC')";
+/// The coarser summaries, from the hourly ones of the same generation.
+const COMPUTE_COARSER: [&str; 2] = [
+    "INSERT INTO events_daily (tenant, day, generation, date, campaign_id, event_type, events, cost_micros, revenue_micros)
+SELECT tenant, day, generation, toStartOfDay(hour, 'UTC') AS date, campaign_id, event_type, sum(events), sum(cost_micros), sum(revenue_micros)
+FROM events_hourly WHERE _partition_id = {summary:String}
+GROUP BY tenant, day, generation, date, campaign_id, event_type",
+    "INSERT INTO events_hourly_totals (tenant, day, generation, hour, event_type, events, cost_micros, revenue_micros)
+SELECT tenant, day, generation, hour, event_type, sum(events), sum(cost_micros), sum(revenue_micros)
+FROM events_hourly WHERE _partition_id = {summary:String}
+GROUP BY tenant, day, generation, hour, event_type",
+];
+
+/// Every table a generation writes into.
+const SUMMARY_TABLES: [&str; 3] = ["events_hourly", "events_daily", "events_hourly_totals"];
+
+const PUBLISH: &str = "INSERT INTO events_hourly_state (day, generation, fingerprint, computed_at, first_hour, last_hour) \
+SELECT {day:UInt32}, {generation:UInt64}, {fingerprint:UInt64}, fromUnixTimestamp64Milli({now:Int64}, 'UTC'), \
+       if(count() = 0, toDateTime(0, 'UTC'), min(hour)), if(count() = 0, toDateTime(0, 'UTC'), max(hour)) \
+FROM events_hourly WHERE _partition_id = {summary:String}";
+
+/// The current fingerprint of every partition of `events`.
+const FINGERPRINTS: &str = "SELECT partition_id, groupBitXor(cityHash64(name)) FROM system.parts \
+WHERE database = currentDatabase() AND table = 'events' AND active GROUP BY partition_id";
+
+/// The published summary of every day.
+const PUBLISHED: &str = "SELECT toString(day), max(generation), argMax(fingerprint, generation), \
+toUnixTimestamp(argMax(first_hour, generation)), toUnixTimestamp(argMax(last_hour, generation)) \
+FROM events_hourly_state GROUP BY day";
 
 const ROLLUP_PARTITIONS: &str = "SELECT DISTINCT partition_id FROM system.parts \
-WHERE database = currentDatabase() AND table = 'events_hourly' AND active";
+WHERE database = currentDatabase() AND table IN ('events_hourly', 'events_daily', 'events_hourly_totals') AND active";
 
 /// What one refresh did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -166,38 +192,113 @@ pub struct Refreshed {
 #[derive(Debug, Default)]
 pub struct Pacing(HashMap<String, (Instant, Duration)>);
 
+/// A day's published summary.
+#[derive(Debug, Clone, Copy)]
+struct Published {
+    generation: u64,
+    fingerprint: u64,
+    /// The first and last hour of event_time in the partition (Unix seconds; 0 when empty).
+    first_hour: i64,
+    last_hour: i64,
+}
+
+/// How long what was published may be cached. A cached summary is used only while its
+/// partition is still exactly the one summarized, and superseded generations are kept for
+/// [`SUPERSEDED_GRACE`]; so this must stay well below that.
+const PUBLISHED_CACHE: Duration = Duration::from_secs(1);
+
 /// The summaries of one database.
 #[derive(Clone)]
 pub struct Rollup {
     client: Client,
+    published: Arc<Mutex<Option<(Instant, Arc<HashMap<String, Published>>)>>>,
 }
 
 impl Rollup {
     pub fn new(client: Client) -> Self {
-        Rollup { client }
+        Rollup {
+            client,
+            published: Arc::default(),
+        }
     }
 
     async fn partitions(&self) -> clickhouse::error::Result<Vec<PartitionRow>> {
         self.client.query(PARTITIONS).fetch_all().await
     }
 
-    /// Which partitions a query over `hours` reads from summaries, and which raw.
-    pub async fn coverage(&self, hours: (i64, i64)) -> clickhouse::error::Result<Coverage> {
+    /// Which partitions a query over `range` (milliseconds), whose whole `hours` summaries
+    /// may answer, reads from summaries, and which raw. The parts of `events` are read fresh,
+    /// so an event committed before the query is never missed; what was published is cached
+    /// for a second (see [`PUBLISHED_CACHE`]).
+    pub async fn coverage(
+        &self,
+        range: (i64, i64),
+        hours: (i64, i64),
+    ) -> clickhouse::error::Result<Coverage> {
+        let (fingerprints, published) = tokio::try_join!(
+            self.client.query(FINGERPRINTS).fetch_all::<(String, u64)>(),
+            self.published()
+        )?;
         let mut coverage = Coverage {
             hours,
             summaries: vec![],
-            summarized: vec![],
+            partial_hours: vec![],
             unsummarized: vec![],
         };
-        for p in self.partitions().await? {
-            if p.is_current() {
-                coverage.summaries.push(p.rollup_partition());
-                coverage.summarized.push(p.partition_id);
-            } else {
-                coverage.unsummarized.push(p.partition_id);
+        // The partial hours, in seconds: events at or after `start`, before `end`.
+        let partial = [
+            (range.0.div_euclid(1000), hours.0),
+            (hours.1, range.1.div_euclid(1000) + 1),
+        ];
+        for (partition, fingerprint) in fingerprints {
+            match published.get(&partition) {
+                Some(p) if p.fingerprint == fingerprint => {
+                    coverage
+                        .summaries
+                        .push(format!("{partition}-{}", p.generation));
+                    let holds = |(start, end): (i64, i64)| {
+                        p.first_hour > 0
+                            && start < end
+                            && start < p.last_hour + 3_600
+                            && p.first_hour < end
+                    };
+                    if partial.into_iter().any(holds) {
+                        coverage.partial_hours.push(partition);
+                    }
+                }
+                _ => coverage.unsummarized.push(partition),
             }
         }
         Ok(coverage)
+    }
+
+    /// What is published, at most [`PUBLISHED_CACHE`] old.
+    async fn published(&self) -> clickhouse::error::Result<Arc<HashMap<String, Published>>> {
+        if let Some((at, published)) = &*self.published.lock().unwrap_or_else(|e| e.into_inner()) {
+            if at.elapsed() < PUBLISHED_CACHE {
+                return Ok(published.clone());
+            }
+        }
+        let rows: Vec<(String, u64, u64, u32, u32)> =
+            self.client.query(PUBLISHED).fetch_all().await?;
+        let published: Arc<HashMap<String, Published>> = Arc::new(
+            rows.into_iter()
+                .map(|(day, generation, fingerprint, first_hour, last_hour)| {
+                    (
+                        day,
+                        Published {
+                            generation,
+                            fingerprint,
+                            first_hour: i64::from(first_hour),
+                            last_hour: i64::from(last_hour),
+                        },
+                    )
+                })
+                .collect(),
+        );
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), published.clone()));
+        Ok(published)
     }
 
     /// Summarizes every partition that changed since its summary, newest first, then drops
@@ -250,6 +351,14 @@ impl Rollup {
             .with_setting("max_execution_time", COMPUTE_LIMIT.as_secs().to_string())
             .execute()
             .await?;
+        let summary = format!("{day}-{generation}");
+        for statement in COMPUTE_COARSER {
+            self.client
+                .query(statement)
+                .param("summary", &summary)
+                .execute()
+                .await?;
+        }
         let after: Option<u64> = self
             .client
             .query(FINGERPRINT)
@@ -257,7 +366,7 @@ impl Rollup {
             .fetch_optional()
             .await?;
         if after != Some(p.fingerprint) {
-            self.drop_generation(&format!("{day}-{generation}")).await?;
+            self.drop_generation(&summary).await?;
             return Ok(false);
         }
         self.client
@@ -266,6 +375,7 @@ impl Rollup {
             .param("generation", generation)
             .param("fingerprint", p.fingerprint)
             .param("now", (now_micros() / 1000) as i64)
+            .param("summary", &summary)
             .execute()
             .await?;
         Ok(true)
@@ -308,12 +418,13 @@ impl Rollup {
     async fn drop_generation(&self, id: &str) -> clickhouse::error::Result<()> {
         // `id` is "<u32>-<u64>", made or checked by this module: safe to splice.
         debug_assert!(parse_rollup_partition(id).is_some());
-        self.client
-            .query(&format!(
-                "ALTER TABLE events_hourly DROP PARTITION ID '{id}'"
-            ))
-            .execute()
-            .await
+        for table in SUMMARY_TABLES {
+            self.client
+                .query(&format!("ALTER TABLE {table} DROP PARTITION ID '{id}'"))
+                .execute()
+                .await?;
+        }
+        Ok(())
     }
 
     /// Refreshes every `interval` until the task is dropped, and counts what it did in

@@ -271,54 +271,124 @@ fn bucket_expr(sql: &mut Sql, bucket: Bucket, tz: &str) -> Expr {
 }
 
 /// Raw columns as the summaries have them (a raw row is one event).
-const RAW_AS_SUMMARY: &str = "SELECT tenant, event_time, campaign_id, event_type, toUInt64(1) AS n, cost_micros, revenue_micros FROM events FINAL WHERE tenant = ";
+const RAW_AS_SUMMARY: &str = "SELECT tenant, event_time, campaign_id, event_type, toUInt64(1) AS n, cost_micros, revenue_micros";
+
+/// An event's identity: the table's sorting key, so that copies of an event are found by
+/// the primary index.
+const IDENTITY: &str = "tenant, campaign_id, event_type, toStartOfHour(timestamp), event_id";
+
+/// A summary table, its time column, and its campaign column.
+struct Summary {
+    table: &'static str,
+    time: &'static str,
+    campaign: &'static str,
+}
+
+const HOURLY: Summary = Summary {
+    table: "events_hourly",
+    time: "hour",
+    campaign: "campaign_id",
+};
+const DAILY: Summary = Summary {
+    table: "events_daily",
+    time: "date",
+    campaign: "campaign_id",
+};
+const HOURLY_TOTALS: Summary = Summary {
+    table: "events_hourly_totals",
+    time: "hour",
+    campaign: "toLowCardinality('')",
+};
+
+/// Which summary serves which whole hours of `q` (Unix seconds): totals without the
+/// campaign when `q` neither groups nor filters by it; otherwise whole UTC days from the daily
+/// summary when `q` has no buckets, and the hours around them from the hourly one.
+fn summary_spans(q: &AnalyticsQuery, (from, to): (i64, i64)) -> Vec<(Summary, i64, i64)> {
+    let by_campaign = q.group_by.contains(&Dimension::CampaignId)
+        || q.filters
+            .iter()
+            .any(|f| f.dimension == Dimension::CampaignId);
+    if !by_campaign {
+        return vec![(HOURLY_TOTALS, from, to)];
+    }
+    let (days_from, days_to) = (
+        from.div_euclid(86_400) * 86_400 + 86_400 * i64::from(from.rem_euclid(86_400) != 0),
+        to.div_euclid(86_400) * 86_400,
+    );
+    if q.bucket.is_some() || days_from >= days_to {
+        return vec![(HOURLY, from, to)];
+    }
+    let mut spans = vec![(DAILY, days_from, days_to)];
+    if from < days_from {
+        spans.push((HOURLY, from, days_from));
+    }
+    if days_to < to {
+        spans.push((HOURLY, days_to, to));
+    }
+    spans
+}
 
 /// The table expression of an aggregate: `events FINAL`, or (with `coverage`) the union of
-/// the summaries of unchanged partitions over whole hours, their raw events in the partial
-/// hours at either end of `range`, and the raw events of every other partition. Either way
-/// the rows have the columns the filters and aggregates use; over the union a row stands for
-/// `n` events.
-fn source(sql: &mut Sql, tenant: &str, range: TimeRange, coverage: Option<&Coverage>) -> Expr {
+/// the summaries of unchanged partitions over whole hours (see [`summary_spans`]), their raw
+/// events in the partial hours at either end of the range, and the raw events of every other
+/// partition. Either way the rows have the columns the filters and aggregates use; over the
+/// union a row stands for `n` events.
+fn source(sql: &mut Sql, q: &AnalyticsQuery, tenant: &str, coverage: Option<&Coverage>) -> Expr {
     let Some(c) = coverage else {
         return Expr::fixed(FROM_EVENTS);
     };
+    let range = q.range;
     let tenant = sql.bind_str(tenant);
     let (from, to) = (sql.bind_i64(range.from_ms), sql.bind_i64(range.to_ms));
-    let (hours_from, hours_to) = (sql.bind_i64(c.hours.0), sql.bind_i64(c.hours.1));
     let in_range = format!(
         "event_time >= fromUnixTimestamp64Milli({from}, 'UTC') AND event_time < fromUnixTimestamp64Milli({to}, 'UTC')",
         from = from.0,
         to = to.0
     );
-    // Raw events of `partitions` (bound as a list) that also satisfy `extra`.
-    let raw = |sql: &mut Sql, partitions: &[String], extra: &str| {
-        let partitions = sql.bind_strs(partitions);
-        format!(
-            "{RAW_AS_SUMMARY}{tenant} AND _partition_id IN {partitions} AND {in_range}{extra}",
-            tenant = tenant.0,
-            partitions = partitions.0,
-        )
-    };
     let mut branches = vec![];
     if !c.summaries.is_empty() {
         let summaries = sql.bind_strs(&c.summaries);
-        branches.push(format!(
-            "SELECT tenant, toDateTime64(hour, 3, 'UTC') AS event_time, campaign_id, event_type, events AS n, cost_micros, revenue_micros FROM events_hourly WHERE _partition_id IN {summaries} AND tenant = {tenant} AND hour >= toDateTime({hours_from}, 'UTC') AND hour < toDateTime({hours_to}, 'UTC')",
-            summaries = summaries.0,
-            tenant = tenant.0,
-            hours_from = hours_from.0,
-            hours_to = hours_to.0,
-        ));
-        if c.hours.0 * 1000 > range.from_ms || c.hours.1 * 1000 < range.to_ms {
-            let partial_hours = format!(
-                " AND (event_time < toDateTime64({}, 3, 'UTC') OR event_time >= toDateTime64({}, 3, 'UTC'))",
+        for (summary, a, b) in summary_spans(q, c.hours) {
+            let (a, b) = (sql.bind_i64(a), sql.bind_i64(b));
+            branches.push(format!(
+                "SELECT tenant, toDateTime64({time}, 3, 'UTC') AS event_time, {campaign} AS campaign_id, event_type, events AS n, cost_micros, revenue_micros FROM {table} WHERE _partition_id IN {summaries} AND tenant = {tenant} AND {time} >= toDateTime({a}, 'UTC') AND {time} < toDateTime({b}, 'UTC')",
+                time = summary.time,
+                campaign = summary.campaign,
+                table = summary.table,
+                summaries = summaries.0,
+                tenant = tenant.0,
+                a = a.0,
+                b = b.0,
+            ));
+        }
+        if !c.partial_hours.is_empty() {
+            // The partial hours: few events, but `FINAL` would read every granule sharing
+            // primary-key values with them (all of them). So: the identities of the events in
+            // those hours (the event_time index finds them), then every copy of those by the
+            // primary index, and the copy `FINAL` would keep (the last received) decides
+            // whether the event is in the range — as `FINAL` would.
+            let (hours_from, hours_to) = (sql.bind_i64(c.hours.0), sql.bind_i64(c.hours.1));
+            let partial = format!(
+                "{in_range} AND (event_time < toDateTime64({}, 3, 'UTC') OR event_time >= toDateTime64({}, 3, 'UTC'))",
                 hours_from.0, hours_to.0
             );
-            branches.push(raw(sql, &c.summarized, &partial_hours));
+            let partitions = sql.bind_strs(&c.partial_hours);
+            let partitions = format!(
+                "tenant = {} AND _partition_id IN {}",
+                tenant.0, partitions.0
+            );
+            branches.push(format!(
+                "{RAW_AS_SUMMARY} FROM (SELECT tenant, campaign_id, event_type, argMax(event_time, received_at) AS event_time, argMax(cost_micros, received_at) AS cost_micros, argMax(revenue_micros, received_at) AS revenue_micros FROM events WHERE {partitions} AND ({IDENTITY}) IN (SELECT {IDENTITY} FROM events WHERE {partitions} AND {partial}) GROUP BY {IDENTITY}) WHERE {partial}"
+            ));
         }
     }
     if !c.unsummarized.is_empty() {
-        branches.push(raw(sql, &c.unsummarized, ""));
+        let unsummarized = sql.bind_strs(&c.unsummarized);
+        branches.push(format!(
+            "{RAW_AS_SUMMARY}{FROM_EVENTS} WHERE tenant = {tenant} AND _partition_id IN {unsummarized} AND {in_range}",
+            tenant = tenant.0,
+            unsummarized = unsummarized.0,
+        ));
     }
     if branches.is_empty() {
         // No partitions at all: nothing to read either way.
@@ -353,7 +423,7 @@ pub fn aggregate(
     coverage: Option<&Coverage>,
 ) -> Sql {
     let mut sql = Sql::new();
-    let from = source(&mut sql, tenant, q.range, coverage);
+    let from = source(&mut sql, q, tenant, coverage);
     let summed = from.0 != FROM_EVENTS;
     let bucket = q
         .bucket
@@ -545,7 +615,7 @@ mod tests {
         let coverage = Coverage {
             hours: (3_600, 82_800),
             summaries: vec!["19700101-7".into()],
-            summarized: vec!["19700101".into()],
+            partial_hours: vec!["19700101".into()],
             unsummarized: vec!["19700102".into()],
         };
         for scope in [Scope::Top(5), Scope::Other(5)] {
@@ -559,13 +629,15 @@ mod tests {
                 2,
                 "{text}"
             );
-            assert_eq!(text.matches("FROM events FINAL").count(), 4, "{text}");
+            assert_eq!(text.matches("FROM events FINAL").count(), 2, "{text}");
+            // Partial hours: the identities, then their copies.
+            assert_eq!(text.matches("FROM events WHERE").count(), 4, "{text}");
             assert_eq!(text.matches(" UNION ALL ").count(), 4, "{text}");
             assert!(text.contains("sumIf(n, event_type = 'click')"), "{text}");
             assert!(!text.contains("count"), "{text}");
             for list in [
                 &coverage.summaries,
-                &coverage.summarized,
+                &coverage.partial_hours,
                 &coverage.unsummarized,
             ] {
                 assert!(sql
@@ -581,9 +653,47 @@ mod tests {
         };
         let coverage = Coverage {
             unsummarized: vec![],
+            partial_hours: vec![],
             ..coverage
         };
         let sql = aggregate(&q, "t", Scope::Top(5), false, Some(&coverage));
-        assert!(!sql.text().contains("FROM events FINAL"), "{}", sql.text());
+        assert!(!sql.text().contains("FROM events "), "{}", sql.text());
+    }
+
+    #[test]
+    fn the_coarsest_summary_that_answers_is_read() {
+        const DAY: i64 = 86_400;
+        let tables = |q: &AnalyticsQuery, hours| -> Vec<(&str, i64, i64)> {
+            summary_spans(q, hours)
+                .into_iter()
+                .map(|(s, a, b)| (s.table, a, b))
+                .collect()
+        };
+        let mut q = query(vec![], Some(Bucket::Hour));
+        q.filters.clear();
+        let hours = (DAY - 3_600, 4 * DAY + 7_200);
+        assert_eq!(
+            tables(&q, hours),
+            [("events_hourly_totals", hours.0, hours.1)]
+        );
+        q.filters.push(Filter {
+            dimension: Dimension::CampaignId,
+            negate: false,
+            values: vec!["c".into()],
+        });
+        assert_eq!(tables(&q, hours), [("events_hourly", hours.0, hours.1)]);
+        q.bucket = None;
+        assert_eq!(
+            tables(&q, hours),
+            [
+                ("events_daily", DAY, 4 * DAY),
+                ("events_hourly", hours.0, DAY),
+                ("events_hourly", 4 * DAY, hours.1)
+            ]
+        );
+        assert_eq!(
+            tables(&q, (DAY + 3_600, 2 * DAY - 3_600)),
+            [("events_hourly", DAY + 3_600, 2 * DAY - 3_600)]
+        );
     }
 }
