@@ -202,6 +202,9 @@ struct Published {
     last_hour: i64,
 }
 
+/// Each day's published summary, by events partition.
+type PublishedDays = Arc<HashMap<String, Published>>;
+
 /// How long what was published may be cached. A cached summary is used only while its
 /// partition is still exactly the one summarized, and superseded generations are kept for
 /// [`SUPERSEDED_GRACE`]; so this must stay well below that.
@@ -211,7 +214,8 @@ const PUBLISHED_CACHE: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Rollup {
     client: Client,
-    published: Arc<Mutex<Option<(Instant, Arc<HashMap<String, Published>>)>>>,
+    /// When it was read, and what was published then.
+    published: Arc<Mutex<Option<(Instant, PublishedDays)>>>,
 }
 
 impl Rollup {
@@ -273,7 +277,7 @@ impl Rollup {
     }
 
     /// What is published, at most [`PUBLISHED_CACHE`] old.
-    async fn published(&self) -> clickhouse::error::Result<Arc<HashMap<String, Published>>> {
+    async fn published(&self) -> clickhouse::error::Result<PublishedDays> {
         if let Some((at, published)) = &*self.published.lock().unwrap_or_else(|e| e.into_inner()) {
             if at.elapsed() < PUBLISHED_CACHE {
                 return Ok(published.clone());
@@ -281,7 +285,7 @@ impl Rollup {
         }
         let rows: Vec<(String, u64, u64, u32, u32)> =
             self.client.query(PUBLISHED).fetch_all().await?;
-        let published: Arc<HashMap<String, Published>> = Arc::new(
+        let published: PublishedDays = Arc::new(
             rows.into_iter()
                 .map(|(day, generation, fingerprint, first_hour, last_hour)| {
                     (
