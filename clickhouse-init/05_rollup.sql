@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS adtrack.events_hourly_state
     fingerprint UInt64 COMMENT 'groupBitXor(cityHash64(part name)) of the active parts summarized',
     computed_at DateTime64(3, 'UTC'),
     first_hour  DateTime('UTC') COMMENT 'the hours of event_time the partition holds (0 when empty)',
-    last_hour   DateTime('UTC')
+    last_hour   DateTime('UTC'),
+    uniform     UInt8 COMMENT '1 when all copies of each event agree on event_time'
+
 )
 ENGINE = ReplacingMergeTree(generation)
 ORDER BY day;

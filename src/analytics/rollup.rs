@@ -54,8 +54,11 @@ pub struct Coverage {
     /// Rollup partitions (`"{day}-{generation}"`) with the current summary of a partition.
     pub summaries: Vec<String>,
     /// The summarized events partitions that hold events in the partial hours at either end
-    /// of the range (those events are read raw).
+    /// of the range (those events are read raw), where all copies of each event agree on
+    /// event_time ...
     pub partial_hours: Vec<String>,
+    /// ... and where they do not (the copy that counts is looked up by the event's identity).
+    pub partial_hours_rechecked: Vec<String>,
     /// Events partitions without a current summary: read raw.
     pub unsummarized: Vec<String>,
 }
@@ -157,8 +160,13 @@ GROUP BY tenant, day, generation, hour, event_type",
 /// Every table a generation writes into.
 const SUMMARY_TABLES: [&str; 3] = ["events_hourly", "events_daily", "events_hourly_totals"];
 
-const PUBLISH: &str = "INSERT INTO events_hourly_state (day, generation, fingerprint, computed_at, first_hour, last_hour) \
-SELECT {day:UInt32}, {generation:UInt64}, {fingerprint:UInt64}, fromUnixTimestamp64Milli({now:Int64}, 'UTC'), \
+/// Whether all copies of each event in a partition agree on event_time (they differ only when
+/// a client re-sent an event with another `sent_at`).
+const UNIFORM: &str = "SELECT count() = 0 FROM (SELECT 1 FROM events WHERE _partition_id = {partition:String} \
+GROUP BY tenant, campaign_id, event_type, toStartOfHour(timestamp), event_id HAVING min(event_time) != max(event_time))";
+
+const PUBLISH: &str = "INSERT INTO events_hourly_state (day, generation, fingerprint, computed_at, uniform, first_hour, last_hour) \
+SELECT {day:UInt32}, {generation:UInt64}, {fingerprint:UInt64}, fromUnixTimestamp64Milli({now:Int64}, 'UTC'), {uniform:UInt8}, \
        if(count() = 0, toDateTime(0, 'UTC'), min(hour)), if(count() = 0, toDateTime(0, 'UTC'), max(hour)) \
 FROM events_hourly WHERE _partition_id = {summary:String}";
 
@@ -167,7 +175,7 @@ const FINGERPRINTS: &str = "SELECT partition_id, groupBitXor(cityHash64(name)) F
 WHERE database = currentDatabase() AND table = 'events' AND active GROUP BY partition_id";
 
 /// The published summary of every day.
-const PUBLISHED: &str = "SELECT toString(day), max(generation), argMax(fingerprint, generation), \
+const PUBLISHED: &str = "SELECT toString(day), max(generation), argMax(fingerprint, generation), argMax(uniform, generation), \
 toUnixTimestamp(argMax(first_hour, generation)), toUnixTimestamp(argMax(last_hour, generation)) \
 FROM events_hourly_state GROUP BY day";
 
@@ -197,6 +205,8 @@ pub struct Pacing(HashMap<String, (Instant, Duration)>);
 struct Published {
     generation: u64,
     fingerprint: u64,
+    /// All copies of each event agree on event_time.
+    uniform: bool,
     /// The first and last hour of event_time in the partition (Unix seconds; 0 when empty).
     first_hour: i64,
     last_hour: i64,
@@ -247,6 +257,7 @@ impl Rollup {
             hours,
             summaries: vec![],
             partial_hours: vec![],
+            partial_hours_rechecked: vec![],
             unsummarized: vec![],
         };
         // The partial hours, in seconds: events at or after `start`, before `end`.
@@ -267,7 +278,10 @@ impl Rollup {
                             && p.first_hour < end
                     };
                     if partial.into_iter().any(holds) {
-                        coverage.partial_hours.push(partition);
+                        match p.uniform {
+                            true => coverage.partial_hours.push(partition),
+                            false => coverage.partial_hours_rechecked.push(partition),
+                        }
                     }
                 }
                 _ => coverage.unsummarized.push(partition),
@@ -283,21 +297,24 @@ impl Rollup {
                 return Ok(published.clone());
             }
         }
-        let rows: Vec<(String, u64, u64, u32, u32)> =
+        let rows: Vec<(String, u64, u64, u8, u32, u32)> =
             self.client.query(PUBLISHED).fetch_all().await?;
         let published: PublishedDays = Arc::new(
             rows.into_iter()
-                .map(|(day, generation, fingerprint, first_hour, last_hour)| {
-                    (
-                        day,
-                        Published {
-                            generation,
-                            fingerprint,
-                            first_hour: i64::from(first_hour),
-                            last_hour: i64::from(last_hour),
-                        },
-                    )
-                })
+                .map(
+                    |(day, generation, fingerprint, uniform, first_hour, last_hour)| {
+                        (
+                            day,
+                            Published {
+                                generation,
+                                fingerprint,
+                                uniform: uniform != 0,
+                                first_hour: i64::from(first_hour),
+                                last_hour: i64::from(last_hour),
+                            },
+                        )
+                    },
+                )
                 .collect(),
         );
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -363,6 +380,13 @@ impl Rollup {
                 .execute()
                 .await?;
         }
+        let uniform: bool = self
+            .client
+            .query(UNIFORM)
+            .param("partition", &p.partition_id)
+            .with_setting("max_execution_time", COMPUTE_LIMIT.as_secs().to_string())
+            .fetch_one()
+            .await?;
         let after: Option<u64> = self
             .client
             .query(FINGERPRINT)
@@ -380,6 +404,7 @@ impl Rollup {
             .param("fingerprint", p.fingerprint)
             .param("now", (now_micros() / 1000) as i64)
             .param("summary", &summary)
+            .param("uniform", u8::from(uniform))
             .execute()
             .await?;
         Ok(true)

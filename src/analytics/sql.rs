@@ -361,25 +361,44 @@ fn source(sql: &mut Sql, q: &AnalyticsQuery, tenant: &str, coverage: Option<&Cov
                 b = b.0,
             ));
         }
-        if !c.partial_hours.is_empty() {
-            // The partial hours: few events, but `FINAL` would read every granule sharing
-            // primary-key values with them (all of them). So: the identities of the events in
-            // those hours (the event_time index finds them), then every copy of those by the
-            // primary index, and the copy `FINAL` would keep (the last received) decides
-            // whether the event is in the range — as `FINAL` would.
-            let (hours_from, hours_to) = (sql.bind_i64(c.hours.0), sql.bind_i64(c.hours.1));
-            let partial = format!(
+        let (hours_from, hours_to) = (sql.bind_i64(c.hours.0), sql.bind_i64(c.hours.1));
+        // The partial hours: few events, but `FINAL` would read every granule sharing
+        // primary-key values with them (all of them). So the copies of each event found there
+        // (by the event_time index) are grouped by the event's identity, and the last received
+        // one counts, as with `FINAL`. That is exact where all copies of an event agree on
+        // event_time; elsewhere every copy of those events is looked up by the primary index,
+        // and the last received one decides whether the event is in the range at all.
+        let partial = || {
+            format!(
                 "{in_range} AND (event_time < toDateTime64({}, 3, 'UTC') OR event_time >= toDateTime64({}, 3, 'UTC'))",
                 hours_from.0, hours_to.0
-            );
+            )
+        };
+        let winners = |filter: String| {
+            format!(
+                "SELECT tenant, winner_time AS event_time, campaign_id, event_type, toUInt64(1) AS n, winner_cost AS cost_micros, winner_revenue AS revenue_micros FROM (SELECT tenant, campaign_id, event_type, argMax(event_time, received_at) AS winner_time, argMax(cost_micros, received_at) AS winner_cost, argMax(revenue_micros, received_at) AS winner_revenue FROM events WHERE {filter} GROUP BY {IDENTITY})"
+            )
+        };
+        if !c.partial_hours.is_empty() {
             let partitions = sql.bind_strs(&c.partial_hours);
+            branches.push(winners(format!(
+                "tenant = {} AND _partition_id IN {} AND {}",
+                tenant.0,
+                partitions.0,
+                partial()
+            )));
+        }
+        if !c.partial_hours_rechecked.is_empty() {
+            let partitions = sql.bind_strs(&c.partial_hours_rechecked);
             let partitions = format!(
                 "tenant = {} AND _partition_id IN {}",
                 tenant.0, partitions.0
             );
-            branches.push(format!(
-                "{RAW_AS_SUMMARY} FROM (SELECT tenant, campaign_id, event_type, argMax(event_time, received_at) AS event_time, argMax(cost_micros, received_at) AS cost_micros, argMax(revenue_micros, received_at) AS revenue_micros FROM events WHERE {partitions} AND ({IDENTITY}) IN (SELECT {IDENTITY} FROM events WHERE {partitions} AND {partial}) GROUP BY {IDENTITY}) WHERE {partial}"
+            let identities = winners(format!(
+                "{partitions} AND ({IDENTITY}) IN (SELECT {IDENTITY} FROM events WHERE {partitions} AND {})",
+                partial()
             ));
+            branches.push(format!("{identities} WHERE {}", partial()));
         }
     }
     if !c.unsummarized.is_empty() {
@@ -616,6 +635,7 @@ mod tests {
             hours: (3_600, 82_800),
             summaries: vec!["19700101-7".into()],
             partial_hours: vec!["19700101".into()],
+            partial_hours_rechecked: vec!["19700103".into()],
             unsummarized: vec!["19700102".into()],
         };
         for scope in [Scope::Top(5), Scope::Other(5)] {
@@ -630,14 +650,15 @@ mod tests {
                 "{text}"
             );
             assert_eq!(text.matches("FROM events FINAL").count(), 2, "{text}");
-            // Partial hours: the identities, then their copies.
-            assert_eq!(text.matches("FROM events WHERE").count(), 4, "{text}");
-            assert_eq!(text.matches(" UNION ALL ").count(), 4, "{text}");
+            // Partial hours: in place; the identities, then their copies.
+            assert_eq!(text.matches("FROM events WHERE").count(), 6, "{text}");
+            assert_eq!(text.matches(" UNION ALL ").count(), 6, "{text}");
             assert!(text.contains("sumIf(n, event_type = 'click')"), "{text}");
             assert!(!text.contains("count"), "{text}");
             for list in [
                 &coverage.summaries,
                 &coverage.partial_hours,
+                &coverage.partial_hours_rechecked,
                 &coverage.unsummarized,
             ] {
                 assert!(sql
@@ -654,6 +675,7 @@ mod tests {
         let coverage = Coverage {
             unsummarized: vec![],
             partial_hours: vec![],
+            partial_hours_rechecked: vec![],
             ..coverage
         };
         let sql = aggregate(&q, "t", Scope::Top(5), false, Some(&coverage));
