@@ -278,11 +278,26 @@ impl Analytics {
         let main = sql::aggregate(q, tenant, Scope::Top(n), true, coverage);
         let ranking = (grouped && q.bucket.is_some())
             .then(|| sql::aggregate(q, tenant, Scope::Top(n), false, coverage));
-        let other = q
-            .other
-            .then(|| sql::aggregate(q, tenant, Scope::Other(n), true, coverage));
-        let (main, ranking, other) =
+        // The other row: for counts and sums, the totals minus the top groups (one scan);
+        // distinct counts do not subtract, so those count the events outside the top groups.
+        let additive = !q.aggs().contains(Agg::UsersExact) && !q.aggs().contains(Agg::UsersApprox);
+        let other = q.other.then(|| match additive {
+            true => {
+                let totals = AnalyticsQuery {
+                    group_by: vec![],
+                    limit: None,
+                    other: false,
+                    ..q.clone()
+                };
+                sql::aggregate(&totals, tenant, Scope::Top(0), true, coverage)
+            }
+            false => sql::aggregate(q, tenant, Scope::Other(n), true, coverage),
+        });
+        let (main, ranking, mut other) =
             tokio::try_join!(self.rows(Some(main)), self.rows(ranking), self.rows(other))?;
+        if q.other && additive {
+            subtract_groups(&mut other, &main);
+        }
 
         let too_many = |count: usize| -> Result<(), AnalyticsError> {
             if q.limit.is_none() && count > max_groups as usize {
@@ -360,6 +375,22 @@ impl Analytics {
             },
         });
         Ok(QueryOutput { groups, other })
+    }
+}
+
+/// Totals (one row per bucket) minus the figures of the groups in `groups` (as many rows per
+/// bucket as groups). Saturating: an event committed between the two statements must not
+/// make a figure wrap around.
+fn subtract_groups(totals: &mut [AggRow], groups: &[AggRow]) {
+    for total in totals.iter_mut() {
+        for g in groups.iter().filter(|g| g.bucket == total.bucket) {
+            total.events = total.events.saturating_sub(g.events);
+            total.impressions = total.impressions.saturating_sub(g.impressions);
+            total.clicks = total.clicks.saturating_sub(g.clicks);
+            total.conversions = total.conversions.saturating_sub(g.conversions);
+            total.spend = total.spend.saturating_sub(g.spend);
+            total.revenue = total.revenue.saturating_sub(g.revenue);
+        }
     }
 }
 
