@@ -65,10 +65,9 @@ CREATE TABLE IF NOT EXISTS adtrack.events_hourly_state
     generation  UInt64,
     fingerprint UInt64 COMMENT 'groupBitXor(cityHash64(part name)) of the active parts summarized',
     computed_at DateTime64(3, 'UTC'),
-    first_hour  DateTime('UTC') COMMENT 'the hours of event_time the partition holds (0 when empty)',
-    last_hour   DateTime('UTC'),
+    first_ms    Int64 COMMENT 'the first and last event_time of any copy in the partition (Unix ms, last < first when empty)',
+    last_ms     Int64,
     uniform     UInt8 COMMENT '1 when all copies of each event agree on event_time'
-
 )
 ENGINE = ReplacingMergeTree(generation)
 ORDER BY day;

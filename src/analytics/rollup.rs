@@ -161,14 +161,15 @@ GROUP BY tenant, day, generation, hour, event_type",
 const SUMMARY_TABLES: [&str; 3] = ["events_hourly", "events_daily", "events_hourly_totals"];
 
 /// Whether all copies of each event in a partition agree on event_time (they differ only when
-/// a client re-sent an event with another `sent_at`).
-const UNIFORM: &str = "SELECT count() = 0 FROM (SELECT 1 FROM events WHERE _partition_id = {partition:String} \
-GROUP BY tenant, campaign_id, event_type, toStartOfHour(timestamp), event_id HAVING min(event_time) != max(event_time))";
+/// a client re-sent an event with another `sent_at`), the first and last event_time of any
+/// copy, and how many events there are.
+const EXTENT: &str = "SELECT countIf(lo != hi) = 0, toUnixTimestamp64Milli(min(lo)), toUnixTimestamp64Milli(max(hi)), count() \
+FROM (SELECT min(event_time) AS lo, max(event_time) AS hi FROM events WHERE _partition_id = {partition:String} \
+      GROUP BY tenant, campaign_id, event_type, toStartOfHour(timestamp), event_id)";
 
-const PUBLISH: &str = "INSERT INTO events_hourly_state (day, generation, fingerprint, computed_at, uniform, first_hour, last_hour) \
+const PUBLISH: &str = "INSERT INTO events_hourly_state (day, generation, fingerprint, computed_at, uniform, first_ms, last_ms) \
 SELECT {day:UInt32}, {generation:UInt64}, {fingerprint:UInt64}, fromUnixTimestamp64Milli({now:Int64}, 'UTC'), {uniform:UInt8}, \
-       if(count() = 0, toDateTime(0, 'UTC'), min(hour)), if(count() = 0, toDateTime(0, 'UTC'), max(hour)) \
-FROM events_hourly WHERE _partition_id = {summary:String}";
+       {first_ms:Int64}, {last_ms:Int64}";
 
 /// The current fingerprint of every partition of `events`.
 const FINGERPRINTS: &str = "SELECT partition_id, groupBitXor(cityHash64(name)) FROM system.parts \
@@ -176,7 +177,7 @@ WHERE database = currentDatabase() AND table = 'events' AND active GROUP BY part
 
 /// The published summary of every day.
 const PUBLISHED: &str = "SELECT toString(day), max(generation), argMax(fingerprint, generation), argMax(uniform, generation), \
-toUnixTimestamp(argMax(first_hour, generation)), toUnixTimestamp(argMax(last_hour, generation)) \
+argMax(first_ms, generation), argMax(last_ms, generation) \
 FROM events_hourly_state GROUP BY day";
 
 const ROLLUP_PARTITIONS: &str = "SELECT DISTINCT partition_id FROM system.parts \
@@ -207,9 +208,10 @@ struct Published {
     fingerprint: u64,
     /// All copies of each event agree on event_time.
     uniform: bool,
-    /// The first and last hour of event_time in the partition (Unix seconds; 0 when empty).
-    first_hour: i64,
-    last_hour: i64,
+    /// The first and last event_time of any copy in the partition (Unix ms; last < first
+    /// when it is empty).
+    first_ms: i64,
+    last_ms: i64,
 }
 
 /// Each day's published summary, by events partition.
@@ -260,11 +262,8 @@ impl Rollup {
             partial_hours_rechecked: vec![],
             unsummarized: vec![],
         };
-        // The partial hours, in seconds: events at or after `start`, before `end`.
-        let partial = [
-            (range.0.div_euclid(1000), hours.0),
-            (hours.1, range.1.div_euclid(1000) + 1),
-        ];
+        // The partial hours, in milliseconds: events at or after `start`, before `end`.
+        let partial = [(range.0, hours.0 * 1000), (hours.1 * 1000, range.1)];
         for (partition, fingerprint) in fingerprints {
             match published.get(&partition) {
                 Some(p) if p.fingerprint == fingerprint => {
@@ -272,10 +271,7 @@ impl Rollup {
                         .summaries
                         .push(format!("{partition}-{}", p.generation));
                     let holds = |(start, end): (i64, i64)| {
-                        p.first_hour > 0
-                            && start < end
-                            && start < p.last_hour + 3_600
-                            && p.first_hour < end
+                        start < end && start <= p.last_ms && p.first_ms < end
                     };
                     if partial.into_iter().any(holds) {
                         match p.uniform {
@@ -297,20 +293,20 @@ impl Rollup {
                 return Ok(published.clone());
             }
         }
-        let rows: Vec<(String, u64, u64, u8, u32, u32)> =
+        let rows: Vec<(String, u64, u64, u8, i64, i64)> =
             self.client.query(PUBLISHED).fetch_all().await?;
         let published: PublishedDays = Arc::new(
             rows.into_iter()
                 .map(
-                    |(day, generation, fingerprint, uniform, first_hour, last_hour)| {
+                    |(day, generation, fingerprint, uniform, first_ms, last_ms)| {
                         (
                             day,
                             Published {
                                 generation,
                                 fingerprint,
                                 uniform: uniform != 0,
-                                first_hour: i64::from(first_hour),
-                                last_hour: i64::from(last_hour),
+                                first_ms,
+                                last_ms,
                             },
                         )
                     },
@@ -380,13 +376,18 @@ impl Rollup {
                 .execute()
                 .await?;
         }
-        let uniform: bool = self
+        let (uniform, first_ms, last_ms, events): (bool, i64, i64, u64) = self
             .client
-            .query(UNIFORM)
+            .query(EXTENT)
             .param("partition", &p.partition_id)
             .with_setting("max_execution_time", COMPUTE_LIMIT.as_secs().to_string())
             .fetch_one()
             .await?;
+        let (first_ms, last_ms) = if events == 0 {
+            (0, -1)
+        } else {
+            (first_ms, last_ms)
+        };
         let after: Option<u64> = self
             .client
             .query(FINGERPRINT)
@@ -403,8 +404,9 @@ impl Rollup {
             .param("generation", generation)
             .param("fingerprint", p.fingerprint)
             .param("now", (now_micros() / 1000) as i64)
-            .param("summary", &summary)
             .param("uniform", u8::from(uniform))
+            .param("first_ms", first_ms)
+            .param("last_ms", last_ms)
             .execute()
             .await?;
         Ok(true)

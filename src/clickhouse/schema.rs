@@ -176,12 +176,13 @@ mod tests {
                 usage_days: 365,
             },
         );
-        assert_eq!(stmts.len(), 5);
+        assert_eq!(stmts.len(), 9);
         assert!(stmts[0].contains("CREATE DATABASE IF NOT EXISTS test_db"));
         assert!(stmts[1].contains("CREATE TABLE IF NOT EXISTS test_db.events"));
         assert!(stmts[1].contains("INTERVAL 7 DAY"));
         assert!(stmts[4].contains("CREATE TABLE IF NOT EXISTS test_db.usage_log"));
         assert!(stmts[4].contains("INTERVAL 365 DAY"));
+        assert!(stmts[8].contains("CREATE TABLE IF NOT EXISTS test_db.events_hourly_state"));
         let swapped = statements(
             "test_db",
             Retention {
