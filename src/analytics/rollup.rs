@@ -394,7 +394,11 @@ impl Rollup {
             .bind(&p.partition_id)
             .fetch_optional()
             .await?;
-        if after != Some(p.fingerprint) {
+        // Changed meanwhile, or so slow that garbage collection (elsewhere) may already have
+        // dropped part of it: not published.
+        let started_ms = (generation >> GENERATION_RANDOM_BITS) / 1000;
+        let late = now_micros() / 1000 - started_ms > ABANDONED_AFTER.as_millis() as u64 / 2;
+        if after != Some(p.fingerprint) || late {
             self.drop_generation(&summary).await?;
             return Ok(false);
         }
