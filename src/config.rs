@@ -461,6 +461,7 @@ mod tests {
             (a.export_max_execution_ms, a.export_settle_ms),
             (600_000, 10_000)
         );
+        assert_eq!(a.rollup_refresh, Duration::from_secs(2));
         let a = settings(&[
             ("ADTRACK_ANALYTICS_MAX_RANGE_DAYS", "31"),
             ("ADTRACK_ANALYTICS_MAX_GROUPS", "50"),
@@ -469,9 +470,11 @@ mod tests {
             ("ADTRACK_ANALYTICS_MAX_MEMORY_BYTES", "1000000"),
             ("ADTRACK_EXPORT_MAX_EXECUTION_MS", "60000"),
             ("ADTRACK_EXPORT_SETTLE_MS", "0"),
+            ("ADTRACK_ROLLUP_REFRESH_MS", "0"),
         ])
         .unwrap()
         .analytics;
+        assert!(a.rollup_refresh.is_zero(), "0 turns the summaries off");
         assert_eq!(
             (a.max_range_days, a.max_groups, a.max_points),
             (31, 50, 5000)

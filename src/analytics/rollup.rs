@@ -1,23 +1,29 @@
-//! Hourly summaries of `events` (`clickhouse-init/05_rollup.sql`), kept exact.
+//! Summaries of `events` by hour (`clickhouse-init/05_rollup.sql`), kept exact.
 //!
 //! Reading 10 million raw events with `FINAL` for every dashboard request is slow; most
 //! dashboard queries only need counts and sums per hour, campaign and event type. So a
 //! background task ([`Rollup::refresh`]) summarizes `events FINAL` one day partition at a
-//! time into `events_hourly`, and a query that such a summary can answer reads it instead.
+//! time into `events_hourly` (per UTC hour, campaign and event type), and from that into
+//! `events_daily` (per UTC day) and `events_hourly_totals` (per hour, without the campaign);
+//! a query that such a summary can answer reads the coarsest one that does (see
+//! `sql::summary_spans`).
 //!
 //! **Exactness.** The table is a ReplacingMergeTree: until a merge, a re-sent event has
 //! several copies. A summary computed with `FINAL` counts each event once, but is only right
 //! while its partition has not changed. Every summary records the *fingerprint* of the parts
 //! it was computed from (their names, which ClickHouse changes on every insert, merge and
 //! mutation); a query uses a day's summary only while the partition's current fingerprint is
-//! that one, and reads the other partitions — and the parts of hours the range only partly
-//! covers — from `events FINAL`. An event committed before a query started is therefore always
-//! counted, once, whether it is new, a re-sent copy, or deleted.
+//! that one, and reads the other partitions from `events FINAL`. The partial hours at the ends
+//! of a range are read raw from the partitions that hold events then (each summary records
+//! the first and last event time of its partition), keeping the copy of each event `FINAL`
+//! would keep. An event committed before a query started is therefore always counted, once,
+//! whether it is new, a re-sent copy, or deleted.
 //!
-//! **Generations.** Each computation writes its own rollup partition `(day, generation)` and
-//! then publishes it in `events_hourly_state` (only if the parts did not change meanwhile).
-//! Superseded generations are dropped a minute after their successor was published (a query
-//! picks its partitions a moment before it runs); unpublished ones after ten minutes.
+//! **Generations.** Each computation writes its own partition `(day, generation)` of the
+//! summary tables and then publishes it in `events_hourly_state` (only if the parts did not
+//! change meanwhile). Superseded generations are dropped a minute after their successor was
+//! published (a query picks its partitions a moment before it runs); unpublished ones after
+//! ten minutes (and a computation slower than five is never published).
 //!
 //! On a cluster (`events` is a Distributed table, with no parts of its own) no partition is
 //! ever summarized and every query reads `events FINAL`, as before.
