@@ -439,16 +439,7 @@ impl Rollup {
             let Some((day, generation)) = parse_rollup_partition(&id) else {
                 continue;
             };
-            let started_ms = (generation >> GENERATION_RANDOM_BITS) as i64 / 1000;
-            let keep = match published.get(&day) {
-                Some(&(current, _)) if generation == current => true,
-                Some(&(current, published_at_ms)) if generation < current => {
-                    now_ms - published_at_ms < SUPERSEDED_GRACE.as_millis() as i64
-                }
-                // Newer than the published one, or the partition's first: maybe in the making.
-                _ => now_ms - started_ms < ABANDONED_AFTER.as_millis() as i64,
-            };
-            if !keep {
+            if !keep_generation(generation, published.get(&day).copied(), now_ms) {
                 self.drop_generation(&id).await?;
                 dropped += 1;
             }
@@ -505,6 +496,22 @@ impl Rollup {
                 }
             }
         }
+    }
+}
+
+/// Whether a generation of a day's summaries may still be read or published, given the day's
+/// published generation and when it was published (none for a day never summarized, or
+/// whose events are gone).
+fn keep_generation(generation: u64, published: Option<(u64, i64)>, now_ms: i64) -> bool {
+    let started_ms = (generation >> GENERATION_RANDOM_BITS) as i64 / 1000;
+    match published {
+        Some((current, _)) if generation == current => true,
+        // Superseded: a query may have picked it a moment before its successor appeared.
+        Some((current, published_at_ms)) if generation < current => {
+            now_ms - published_at_ms < SUPERSEDED_GRACE.as_millis() as i64
+        }
+        // Newer than the published one, or the day's first: maybe in the making.
+        _ => now_ms - started_ms < ABANDONED_AFTER.as_millis() as i64,
     }
 }
 
@@ -592,6 +599,34 @@ mod tests {
             hours_for(&q).is_some(),
             "without buckets the zone does not matter"
         );
+    }
+
+    #[test]
+    fn generations_are_dropped_only_when_no_query_can_read_them() {
+        let at = |ms: i64| ((ms as u64) * 1000) << GENERATION_RANDOM_BITS;
+        let now = 10_000_000;
+        let (old, current, newer) = (at(now - 700_000), at(now - 30_000), at(now - 1_000));
+        let published = Some((current, now - 20_000));
+        assert!(
+            keep_generation(current, published, now),
+            "the published one"
+        );
+        assert!(keep_generation(old, published, now), "superseded 20 s ago");
+        assert!(
+            !keep_generation(old, Some((current, now - 61_000)), now),
+            "superseded 61 s ago"
+        );
+        assert!(keep_generation(newer, published, now), "being computed");
+        assert!(
+            keep_generation(newer, None, now),
+            "a day's first, being computed"
+        );
+        assert!(
+            !keep_generation(old, None, now),
+            "never published, started 700 s ago"
+        );
+        // Even the current generation of a day whose events are gone (not in `published`).
+        assert!(!keep_generation(at(now - 601_000), None, now));
     }
 
     #[test]
