@@ -2,16 +2,15 @@
 //! merged, with late events and re-sends landing in summarized days, and after a deletion —
 //! and they really are used (the `/metrics` counter of the queries they answered).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
+use chrono::Utc;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::stats::{
-    bucket_of, buckets_between, check_metrics, get_query, load, rank_groups, rfc3339, Ev, Exp, Rng,
+    check_metrics, check_timeseries, get_query, load, rank_groups, rfc3339, Ev, Exp, Rng,
     ALL_METRICS,
 };
 
@@ -43,12 +42,6 @@ async fn wait_until_summarized(app: &TestApp) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn ms(text: &str) -> i64 {
-    DateTime::parse_from_rfc3339(text)
-        .unwrap()
-        .timestamp_millis()
 }
 
 /// Runs the dashboard queries summaries can answer (and one they cannot) and checks every
@@ -129,47 +122,7 @@ async fn check_every_figure(
         // Half-hour offset: local hours do not start on UTC hours, so this one reads raw.
         ("hour", "Asia/Kolkata", to - DAY, "events,conversions"),
     ] {
-        let tz: Tz = zone.parse().unwrap();
-        let params = [
-            ("from", rfc3339(a)),
-            ("to", rfc3339(to)),
-            ("bucket", bucket.to_string()),
-            ("time_zone", zone.to_string()),
-            ("metrics", metrics.to_string()),
-        ];
-        let (status, body) = get_query(app, "/v1/stats/timeseries", &params).await;
-        assert_eq!(status, 200, "{body}");
-        let points = body["points"].as_array().unwrap();
-        let starts: Vec<i64> = points
-            .iter()
-            .map(|p| ms(p["time"].as_str().unwrap()))
-            .collect();
-        assert_eq!(
-            starts,
-            buckets_between(bucket, tz, a, to),
-            "{ctx}: {zone} buckets"
-        );
-        let mut per_bucket: BTreeMap<i64, Vec<&Ev>> = BTreeMap::new();
-        for e in within(a, to) {
-            per_bucket
-                .entry(bucket_of(bucket, tz, e.ts_ms))
-                .or_default()
-                .push(e);
-        }
-        let metrics: Vec<&str> = metrics.split(',').collect();
-        for (p, start) in points.iter().zip(&starts) {
-            let evs = per_bucket.remove(start).unwrap_or_default();
-            check_metrics(
-                &format!("{ctx}: {zone} {}", p["time"]),
-                &p["metrics"],
-                &Exp::of(evs),
-                &metrics,
-            );
-        }
-        assert!(
-            per_bucket.is_empty(),
-            "{ctx}: {zone}: events outside every bucket"
-        );
+        check_timeseries(app, evs, bucket, zone, (a, to), metrics, ctx).await;
     }
 
     // Breakdowns: top 3 campaigns by spend with the other row; every event type.

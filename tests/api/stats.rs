@@ -447,6 +447,63 @@ pub fn buckets_between(bucket: &str, tz: Tz, from: i64, to: i64) -> Vec<i64> {
     out
 }
 
+/// Asks for the time series of `[from, to)` in `bucket`s of `zone` and checks it against
+/// `evs` (all of one tenant): every bucket present, named in the zone's own offset, with the
+/// figures of exactly the events in it.
+pub async fn check_timeseries<'a>(
+    app: &TestApp,
+    evs: impl IntoIterator<Item = &'a Ev>,
+    bucket: &str,
+    zone: &str,
+    (from, to): (i64, i64),
+    metrics: &str,
+    ctx: &str,
+) {
+    let tz: Tz = zone.parse().unwrap();
+    let params = [
+        ("from", rfc3339(from)),
+        ("to", rfc3339(to)),
+        ("bucket", bucket.to_string()),
+        ("time_zone", zone.to_string()),
+        ("metrics", metrics.to_string()),
+    ];
+    let (status, body) = get_query(app, "/v1/stats/timeseries", &params).await;
+    assert_eq!(status, 200, "{ctx}: {bucket} {zone}: {body}");
+    let expected = buckets_between(bucket, tz, from, to);
+    let points = body["points"].as_array().unwrap();
+    let got: Vec<i64> = points.iter().map(point_ms).collect();
+    assert_eq!(got, expected, "{ctx}: {bucket} {zone}: bucket starts");
+    let mut per_bucket: HashMap<i64, Vec<&Ev>> = HashMap::new();
+    for e in evs.into_iter().filter(|e| e.ts_ms >= from && e.ts_ms < to) {
+        per_bucket
+            .entry(bucket_of(bucket, tz, e.ts_ms))
+            .or_default()
+            .push(e);
+    }
+    let metrics: Vec<&str> = metrics.split(',').collect();
+    for p in points {
+        let evs = per_bucket.remove(&point_ms(p)).unwrap_or_default();
+        let ctx = format!("{ctx}: {bucket} {zone} {}", p["time"]);
+        check_metrics(&ctx, &p["metrics"], &Exp::of(evs), &metrics);
+        // The bucket is named in the zone's own offset.
+        let offset = tz.offset_from_utc_datetime(
+            &DateTime::<Utc>::from_timestamp_millis(point_ms(p))
+                .unwrap()
+                .naive_utc(),
+        );
+        let shown = DateTime::parse_from_rfc3339(p["time"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            shown.offset().local_minus_utc(),
+            chrono::Offset::fix(&offset).local_minus_utc(),
+            "{ctx}"
+        );
+    }
+    assert!(
+        per_bucket.is_empty(),
+        "{ctx}: {bucket} {zone}: events outside every bucket"
+    );
+}
+
 fn point_ms(point: &Value) -> i64 {
     ms(point["time"].as_str().unwrap())
 }
@@ -661,49 +718,7 @@ async fn every_endpoint_matches_figures_computed_from_a_seeded_data_set() {
         ("month", "America/New_York", from, to, "events,revenue"),
     ];
     for (bucket, zone, s_from, s_to, metrics) in series_cases {
-        let tz: Tz = zone.parse().unwrap();
-        let params = [
-            ("from", rfc3339(s_from)),
-            ("to", rfc3339(s_to)),
-            ("bucket", bucket.to_string()),
-            ("time_zone", zone.to_string()),
-            ("metrics", metrics.to_string()),
-        ];
-        let (status, body) = get_query(&app, "/v1/stats/timeseries", &params).await;
-        assert_eq!(status, 200, "{bucket} {zone}: {body}");
-        let expected = buckets_between(bucket, tz, s_from, s_to);
-        let points = body["points"].as_array().unwrap();
-        let got: Vec<i64> = points.iter().map(point_ms).collect();
-        assert_eq!(got, expected, "{bucket} {zone}: bucket starts");
-        let mut per_bucket: HashMap<i64, Vec<&Ev>> = HashMap::new();
-        for e in of(0).filter(|e| e.ts_ms >= s_from && e.ts_ms < s_to) {
-            per_bucket
-                .entry(bucket_of(bucket, tz, e.ts_ms))
-                .or_default()
-                .push(e);
-        }
-        let metrics: Vec<&str> = metrics.split(',').collect();
-        for p in points {
-            let evs = per_bucket.remove(&point_ms(p)).unwrap_or_default();
-            let ctx = format!("{bucket} {zone} {}", p["time"]);
-            check_metrics(&ctx, &p["metrics"], &Exp::of(evs), &metrics);
-            // The bucket is named in the zone's own offset.
-            let offset = tz.offset_from_utc_datetime(
-                &DateTime::<Utc>::from_timestamp_millis(point_ms(p))
-                    .unwrap()
-                    .naive_utc(),
-            );
-            let shown = DateTime::parse_from_rfc3339(p["time"].as_str().unwrap()).unwrap();
-            assert_eq!(
-                shown.offset().local_minus_utc(),
-                chrono::Offset::fix(&offset).local_minus_utc(),
-                "{ctx}"
-            );
-        }
-        assert!(
-            per_bucket.is_empty(),
-            "{bucket} {zone}: events outside every bucket"
-        );
+        check_timeseries(&app, of(0), bucket, zone, (s_from, s_to), metrics, "seeded").await;
     }
     // The DST days really are in the window: Berlin's 2025-10-26 lasts 25 hours.
     let berlin: Tz = "Europe/Berlin".parse().unwrap();
