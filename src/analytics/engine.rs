@@ -280,7 +280,7 @@ impl Analytics {
             .then(|| sql::aggregate(q, tenant, Scope::Top(n), false, coverage));
         // The other row: for counts and sums, the totals minus the top groups (one scan);
         // distinct counts do not subtract, so those count the events outside the top groups.
-        let additive = !q.aggs().contains(Agg::UsersExact) && !q.aggs().contains(Agg::UsersApprox);
+        let additive = q.aggs().is_additive();
         let other = q.other.then(|| match additive {
             true => {
                 let totals = AnalyticsQuery {

@@ -157,6 +157,11 @@ impl AggSet {
     pub fn union(self, other: AggSet) -> Self {
         AggSet(self.0 | other.0)
     }
+
+    /// Only counts and sums: figures of parts add up to the whole (distinct counts do not).
+    pub fn is_additive(self) -> bool {
+        !self.contains(Agg::UsersExact) && !self.contains(Agg::UsersApprox)
+    }
 }
 
 /// A column events can be grouped and filtered by.

@@ -41,7 +41,7 @@ use chrono::{Offset, TimeZone};
 use clickhouse::Client;
 use serde::Deserialize;
 
-use super::model::{Agg, AnalyticsQuery, Bucket, Dimension};
+use super::model::{AnalyticsQuery, Bucket, Dimension};
 
 /// How long a superseded generation is kept after its successor was published.
 const SUPERSEDED_GRACE: Duration = Duration::from_secs(60);
@@ -73,8 +73,7 @@ pub struct Coverage {
 /// counts and sums, filter and group by campaign and event type only, and its buckets (if
 /// any) must start on whole UTC hours in its time zone over the range.
 pub fn hours_for(q: &AnalyticsQuery) -> Option<(i64, i64)> {
-    let aggs = q.aggs();
-    if aggs.contains(Agg::UsersExact) || aggs.contains(Agg::UsersApprox) {
+    if !q.aggs().is_additive() {
         return None;
     }
     let summarized_dimension =
@@ -357,7 +356,7 @@ impl Rollup {
                 done.stale += 1;
             }
         }
-        done.dropped = self.collect_garbage().await?;
+        done.dropped = self.collect_garbage(&partitions).await?;
         Ok(done)
     }
 
@@ -402,8 +401,7 @@ impl Rollup {
             .await?;
         // Changed meanwhile, or so slow that garbage collection (elsewhere) may already have
         // dropped part of it: not published.
-        let started_ms = (generation >> GENERATION_RANDOM_BITS) / 1000;
-        let late = now_micros() / 1000 - started_ms > ABANDONED_AFTER.as_millis() as u64 / 2;
+        let late = now_ms() - started_ms(generation) > ABANDONED_AFTER.as_millis() as i64 / 2;
         if after != Some(p.fingerprint) || late {
             self.drop_generation(&summary).await?;
             return Ok(false);
@@ -413,7 +411,7 @@ impl Rollup {
             .param("day", day)
             .param("generation", generation)
             .param("fingerprint", p.fingerprint)
-            .param("now", (now_micros() / 1000) as i64)
+            .param("now", now_ms())
             .param("uniform", u8::from(uniform))
             .param("first_ms", first_ms)
             .param("last_ms", last_ms)
@@ -423,23 +421,26 @@ impl Rollup {
     }
 
     /// Drops rollup partitions that are neither published nor possibly in the making, and
-    /// superseded ones a query can no longer be about to read.
-    async fn collect_garbage(&self) -> clickhouse::error::Result<usize> {
-        let published: HashMap<String, (u64, i64)> = self
-            .partitions()
-            .await?
-            .into_iter()
+    /// superseded ones a query can no longer be about to read. `partitions` is what was
+    /// published when this refresh began: a generation published since is newer than that,
+    /// so it is kept as one in the making, and what it supersedes goes at a later refresh.
+    async fn collect_garbage(
+        &self,
+        partitions: &[PartitionRow],
+    ) -> clickhouse::error::Result<usize> {
+        let published: HashMap<&str, (u64, i64)> = partitions
+            .iter()
             .filter(|p| p.generation != 0)
-            .map(|p| (p.partition_id, (p.generation, p.published_at_ms)))
+            .map(|p| (p.partition_id.as_str(), (p.generation, p.published_at_ms)))
             .collect();
-        let now_ms = (now_micros() / 1000) as i64;
+        let now_ms = now_ms();
         let mut dropped = 0;
         let ids: Vec<String> = self.client.query(ROLLUP_PARTITIONS).fetch_all().await?;
         for id in ids {
             let Some((day, generation)) = parse_rollup_partition(&id) else {
                 continue;
             };
-            if !keep_generation(generation, published.get(&day).copied(), now_ms) {
+            if !keep_generation(generation, published.get(day.as_str()).copied(), now_ms) {
                 self.drop_generation(&id).await?;
                 dropped += 1;
             }
@@ -462,11 +463,7 @@ impl Rollup {
     /// Refreshes every `interval` until the task is dropped, and counts what it did in
     /// `metrics`. Instances start at a random point of the interval, so that several of them
     /// rarely summarize the same partition at once (each sees what the others published).
-    pub async fn refresh_forever(
-        self,
-        interval: Duration,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
-    ) {
+    pub async fn refresh_forever(self, interval: Duration, metrics: Arc<crate::metrics::Metrics>) {
         static WARNED: AtomicBool = AtomicBool::new(false);
         let mut random = [0u8; 4];
         let _ = getrandom::fill(&mut random);
@@ -503,7 +500,7 @@ impl Rollup {
 /// published generation and when it was published (none for a day never summarized, or
 /// whose events are gone).
 fn keep_generation(generation: u64, published: Option<(u64, i64)>, now_ms: i64) -> bool {
-    let started_ms = (generation >> GENERATION_RANDOM_BITS) as i64 / 1000;
+    let started_ms = started_ms(generation);
     match published {
         Some((current, _)) if generation == current => true,
         // Superseded: a query may have picked it a moment before its successor appeared.
@@ -524,6 +521,15 @@ fn parse_rollup_partition(id: &str) -> Option<(String, u64)> {
 
 fn now_micros() -> u64 {
     chrono::Utc::now().timestamp_micros().max(0) as u64
+}
+
+fn now_ms() -> i64 {
+    (now_micros() / 1000) as i64
+}
+
+/// When the computation of `generation` started (Unix ms).
+fn started_ms(generation: u64) -> i64 {
+    ((generation >> GENERATION_RANDOM_BITS) / 1000) as i64
 }
 
 fn new_generation() -> u64 {
