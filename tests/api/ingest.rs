@@ -392,7 +392,16 @@ async fn metrics_count_accepted_and_rejected_events() {
         1.0
     );
     app.wait_for_count(2).await;
-    let text = app.get("/metrics").await.text;
+    // The rows are visible in ClickHouse a moment before the shipper has the answer to its
+    // INSERT and counts them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut text = app.get("/metrics").await.text;
+    while metric_value(&text, "adtrack_flushed_rows_total") < 2.0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        text = app.get("/metrics").await.text;
+    }
     assert!(metric_value(&text, "adtrack_flushed_rows_total") >= 2.0);
     assert!(metric_value(&text, "adtrack_wal_fsync_seconds_count") >= 1.0);
 }
