@@ -81,6 +81,9 @@ pub struct AnalyticsSettings {
     /// How often changed day partitions are summarized into hourly figures; zero turns the
     /// summaries off (every query reads raw events).
     pub rollup_refresh: Duration,
+    /// How much of the summaries (and of the partial hours at the ends of ranges) queries
+    /// may hold in memory, in bytes.
+    pub rollup_cache_bytes: usize,
 }
 
 /// A value that must not appear in logs: `{:?}` shows `<redacted>`.
@@ -327,6 +330,11 @@ impl Settings {
                     "ADTRACK_ROLLUP_REFRESH_MS",
                     parse("ADTRACK_ROLLUP_REFRESH_MS", "2000")?,
                 )?),
+                rollup_cache_bytes: num::<u32>(
+                    "ADTRACK_ROLLUP_CACHE_MB",
+                    parse("ADTRACK_ROLLUP_CACHE_MB", "64")?,
+                )? as usize
+                    * (1 << 20),
             },
             log_level: parse("LOG_LEVEL", "info")?,
             log_json: match parse("ADTRACK_LOG_FORMAT", "text")?.as_str() {
@@ -462,6 +470,7 @@ mod tests {
             (600_000, 10_000)
         );
         assert_eq!(a.rollup_refresh, Duration::from_secs(2));
+        assert_eq!(a.rollup_cache_bytes, 64 << 20);
         let a = settings(&[
             ("ADTRACK_ANALYTICS_MAX_RANGE_DAYS", "31"),
             ("ADTRACK_ANALYTICS_MAX_GROUPS", "50"),
@@ -471,10 +480,12 @@ mod tests {
             ("ADTRACK_EXPORT_MAX_EXECUTION_MS", "60000"),
             ("ADTRACK_EXPORT_SETTLE_MS", "0"),
             ("ADTRACK_ROLLUP_REFRESH_MS", "0"),
+            ("ADTRACK_ROLLUP_CACHE_MB", "8"),
         ])
         .unwrap()
         .analytics;
         assert!(a.rollup_refresh.is_zero(), "0 turns the summaries off");
+        assert_eq!(a.rollup_cache_bytes, 8 << 20);
         assert_eq!(
             (a.max_range_days, a.max_groups, a.max_points),
             (31, 50, 5000)

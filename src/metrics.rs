@@ -108,6 +108,7 @@ pub struct Metrics {
     /// Day partitions summarized, and those without a current summary after the last refresh.
     pub rollup_computed: AtomicU64,
     pub rollup_stale_partitions: AtomicU64,
+    pub rollup_held_bytes: AtomicU64,
     /// Request latency by (route template, method, status).
     requests: RwLock<BTreeMap<RequestKey, Arc<Histogram>>>,
 }
@@ -131,6 +132,7 @@ impl Default for Metrics {
             analytics_from_raw: AtomicU64::new(0),
             rollup_computed: AtomicU64::new(0),
             rollup_stale_partitions: AtomicU64::new(0),
+            rollup_held_bytes: AtomicU64::new(0),
             requests: RwLock::new(BTreeMap::new()),
         }
     }
@@ -259,6 +261,11 @@ impl Metrics {
             out,
             "# HELP adtrack_rollup_stale_partitions Day partitions that changed while being summarized in the last refresh (read raw until the next).\n# TYPE adtrack_rollup_stale_partitions gauge\nadtrack_rollup_stale_partitions {}",
             self.rollup_stale_partitions.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP adtrack_rollup_held_bytes Estimated bytes of summaries and partial hours held in memory for queries (ADTRACK_ROLLUP_CACHE_MB bounds it).\n# TYPE adtrack_rollup_held_bytes gauge\nadtrack_rollup_held_bytes {}",
+            self.rollup_held_bytes.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -11,8 +11,9 @@ use serde::Deserialize;
 
 use super::{
     buckets,
+    figures::{self, Figure, Fold, Names},
     model::{Agg, AnalyticsQuery, Metric},
-    rollup::{self, Coverage, Rollup},
+    rollup::{self, held, Coverage, Rollup},
     sql::{self, Scope, Sql},
     AnalyticsError, GuardLimits, InvalidInput,
 };
@@ -78,7 +79,7 @@ impl Aggregates {
         }
     }
 
-    fn add(&mut self, other: &Aggregates) {
+    pub(super) fn add(&mut self, other: &Aggregates) {
         self.events += other.events;
         self.impressions += other.impressions;
         self.clicks += other.clicks;
@@ -92,22 +93,22 @@ impl Aggregates {
 }
 
 /// A result row: columns as `sql::aggregate` names them (RowBinary has no `flatten`).
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct AggRow {
-    bucket: u32,
-    keys: Vec<String>,
-    events: u64,
-    impressions: u64,
-    clicks: u64,
-    conversions: u64,
-    spend: u64,
-    revenue: u64,
-    users_exact: u64,
-    users_approx: u64,
+#[derive(Debug, Clone, clickhouse::Row, Deserialize)]
+pub(super) struct AggRow {
+    pub bucket: u32,
+    pub keys: Vec<String>,
+    pub events: u64,
+    pub impressions: u64,
+    pub clicks: u64,
+    pub conversions: u64,
+    pub spend: u64,
+    pub revenue: u64,
+    pub users_exact: u64,
+    pub users_approx: u64,
 }
 
 impl AggRow {
-    fn aggs(&self) -> Aggregates {
+    pub(super) fn aggs(&self) -> Aggregates {
         Aggregates {
             events: self.events,
             impressions: self.impressions,
@@ -145,7 +146,8 @@ impl Analytics {
         settings: AnalyticsSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let rollup = (!settings.rollup_refresh.is_zero()).then(|| Rollup::new(client.clone()));
+        let rollup = (!settings.rollup_refresh.is_zero())
+            .then(|| Rollup::new(client.clone(), settings.rollup_cache_bytes));
         Analytics {
             client,
             settings,
@@ -155,26 +157,108 @@ impl Analytics {
     }
 
     /// Where `q`'s rows come from: summaries where they can answer it, else `None` (raw).
-    async fn coverage(&self, q: &AnalyticsQuery) -> Option<Coverage> {
-        let coverage = match (&self.rollup, rollup::hours_for(q)) {
-            (Some(rollup), Some(hours)) => match rollup
-                .coverage((q.range.from_ms, q.range.to_ms), hours)
-                .await
-            {
-                Ok(c) => Some(c).filter(|c| !c.summaries.is_empty()),
-                Err(err) => {
-                    tracing::debug!(error = %err, "cannot read which summaries are current; reading raw events");
-                    None
+    async fn coverage(&self, q: &AnalyticsQuery) -> Option<(&Rollup, Coverage)> {
+        let (rollup, hours) = (self.rollup.as_ref()?, rollup::hours_for(q)?);
+        match rollup
+            .coverage((q.range.from_ms, q.range.to_ms), hours)
+            .await
+        {
+            Ok(c) if !c.summaries.is_empty() => Some((rollup, c)),
+            Ok(_) => None,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read which summaries are current; reading raw events");
+                None
+            }
+        }
+    }
+
+    /// `q`'s rows from the summaries held in memory over `coverage`, the partial hours at
+    /// the ends of the range, and the raw events of the partitions without a current summary
+    /// (the only statement sent, if any). `None` when that is more than the memory budget:
+    /// the caller then reads raw events.
+    async fn summarized(
+        &self,
+        rollup: &Rollup,
+        coverage: &Coverage,
+        q: &AnalyticsQuery,
+        tenant: &str,
+        starts: &[DateTime<Utc>],
+        n: u64,
+    ) -> Result<Option<figures::Rows>, AnalyticsError> {
+        let held = rollup.held();
+        let spans = held::summary_spans(q, coverage.hours);
+        let summaries = async {
+            let mut read = vec![];
+            for (summary, from, to) in spans {
+                let generations = coverage.summaries_within((from, to));
+                let figures = held.summaries(summary, tenant, &generations).await?;
+                read.push((figures, from, to));
+            }
+            Ok(read)
+        };
+        let edges = async {
+            let mut read = vec![];
+            for edge in &coverage.edges {
+                read.push((edge, held.hour(tenant, edge).await?));
+            }
+            Ok(read)
+        };
+        let raw = async {
+            if coverage.unsummarized.is_empty() {
+                return Ok(vec![]);
+            }
+            let sql = sql::raw_figures(q, tenant, &coverage.unsummarized, held::by_campaign(q));
+            let rows: Vec<(u32, String, u8, u64, u64, u64)> = self
+                .read(&sql, self.settings.max_execution_ms)
+                .with_setting("max_result_rows", held.max_rows().to_string())
+                .with_setting("result_overflow_mode", "throw")
+                .fetch_all()
+                .await?;
+            Ok(rows)
+        };
+        let read = tokio::try_join!(summaries, edges, raw);
+        self.metrics
+            .rollup_held_bytes
+            .store(held.bytes() as u64, Ordering::Relaxed);
+        let (summaries, edges, raw) = match read {
+            Ok(read) => read,
+            Err(held::Error::OverBudget) => return Ok(None),
+            Err(held::Error::ClickHouse(err)) => return Err(self.error(err)),
+        };
+
+        let mut fold = Fold::new(q, starts.iter().map(DateTime::timestamp).collect());
+        for (figures, from, to) in &summaries {
+            for f in figures.iter().flat_map(|f| f.iter()) {
+                if (*from..*to).contains(&f.time) {
+                    fold.add(f);
                 }
-            },
-            _ => None,
-        };
-        let counter = match coverage {
-            Some(_) => &self.metrics.analytics_from_summaries,
-            None => &self.metrics.analytics_from_raw,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        coverage
+            }
+        }
+        for (edge, events) in &edges {
+            for e in events.iter() {
+                if (edge.from_ms..edge.to_ms).contains(&e.ms) {
+                    fold.add(&e.figure);
+                }
+            }
+        }
+        let mut names = Names::default();
+        let raw: Vec<Figure> = raw
+            .into_iter()
+            .map(
+                |(bucket, campaign, event_type, events, cost, revenue)| Figure {
+                    time: i64::from(bucket),
+                    campaign: names.get(campaign),
+                    event_type,
+                    events,
+                    cost,
+                    revenue,
+                },
+            )
+            .collect();
+        for f in &raw {
+            fold.add(f);
+        }
+        Ok(Some(fold.finish(n)))
     }
 
     pub fn settings(&self) -> &AnalyticsSettings {
@@ -229,6 +313,35 @@ impl Analytics {
         }
     }
 
+    /// `q`'s rows from raw events: up to three statements, concurrently: the (ranked) groups
+    /// or series, the ranking totals of bucketed groups, and the other row (for counts and
+    /// sums, the totals, from which the caller subtracts the top groups; distinct counts do not
+    /// subtract, so those count the events outside the top groups).
+    async fn statements(
+        &self,
+        q: &AnalyticsQuery,
+        tenant: &str,
+        n: u64,
+    ) -> Result<(Vec<AggRow>, Vec<AggRow>, Vec<AggRow>), AnalyticsError> {
+        let grouped = !q.group_by.is_empty();
+        let main = sql::aggregate(q, tenant, Scope::Top(n), true);
+        let ranking = (grouped && q.bucket.is_some())
+            .then(|| sql::aggregate(q, tenant, Scope::Top(n), false));
+        let other = q.other.then(|| match q.aggs().is_additive() {
+            true => {
+                let totals = AnalyticsQuery {
+                    group_by: vec![],
+                    limit: None,
+                    other: false,
+                    ..q.clone()
+                };
+                sql::aggregate(&totals, tenant, Scope::Top(0), true)
+            }
+            false => sql::aggregate(q, tenant, Scope::Other(n), true),
+        });
+        tokio::try_join!(self.rows(Some(main)), self.rows(ranking), self.rows(other))
+    }
+
     /// Runs `q` for `tenant`.
     pub async fn run(
         &self,
@@ -271,30 +384,23 @@ impl Analytics {
             }
         };
 
-        // Up to three statements, concurrently: the (ranked) groups or series, the ranking
-        // totals of bucketed groups, and the other row.
-        let coverage = self.coverage(q).await;
-        let coverage = coverage.as_ref();
-        let main = sql::aggregate(q, tenant, Scope::Top(n), true, coverage);
-        let ranking = (grouped && q.bucket.is_some())
-            .then(|| sql::aggregate(q, tenant, Scope::Top(n), false, coverage));
-        // The other row: for counts and sums, the totals minus the top groups (one scan);
-        // distinct counts do not subtract, so those count the events outside the top groups.
-        let additive = q.aggs().is_additive();
-        let other = q.other.then(|| match additive {
-            true => {
-                let totals = AnalyticsQuery {
-                    group_by: vec![],
-                    limit: None,
-                    other: false,
-                    ..q.clone()
-                };
-                sql::aggregate(&totals, tenant, Scope::Top(0), true, coverage)
+        let held = match self.coverage(q).await {
+            Some((rollup, coverage)) => {
+                self.summarized(rollup, &coverage, q, tenant, &starts, n)
+                    .await?
             }
-            false => sql::aggregate(q, tenant, Scope::Other(n), true, coverage),
-        });
-        let (main, ranking, mut other) =
-            tokio::try_join!(self.rows(Some(main)), self.rows(ranking), self.rows(other))?;
+            None => None,
+        };
+        let counter = match held {
+            Some(_) => &self.metrics.analytics_from_summaries,
+            None => &self.metrics.analytics_from_raw,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let additive = q.aggs().is_additive();
+        let (main, ranking, mut other) = match held {
+            Some(rows) => (rows.main, rows.ranking, rows.totals),
+            None => self.statements(q, tenant, n).await?,
+        };
         if q.other && additive {
             subtract_groups(&mut other, &main);
         }

@@ -35,6 +35,7 @@
 
 pub mod buckets;
 pub mod engine;
+pub mod figures;
 pub mod model;
 pub mod raw;
 pub mod rollup;

@@ -19,6 +19,12 @@
 //! would keep. An event committed before a query started is therefore always counted, once,
 //! whether it is new, a re-sent copy, or deleted.
 //!
+//! **In memory.** What a query reads from a summary generation, and the deduplicated events
+//! of a partial hour, never change while the generation is published and the partition's
+//! fingerprint is the same; so they are held in memory ([`held`]) and the figures are summed
+//! there (`figures`). A query then sends one statement for the fingerprints (shared by the
+//! queries that arrive while it runs) and one for the partitions without a current summary.
+//!
 //! **Generations.** Each computation writes its own partition `(day, generation)` of the
 //! summary tables and then publishes it in `events_hourly_state` (only if the parts did not
 //! change meanwhile). Superseded generations are dropped a minute after their successor was
@@ -43,6 +49,9 @@ use serde::Deserialize;
 
 use super::model::{AnalyticsQuery, Bucket, Dimension};
 
+pub mod held;
+use held::Held;
+
 /// How long a superseded generation is kept after its successor was published.
 const SUPERSEDED_GRACE: Duration = Duration::from_secs(60);
 /// How long an unpublished generation may be in the making before it is dropped.
@@ -57,16 +66,48 @@ const GENERATION_RANDOM_BITS: u32 = 10;
 pub struct Coverage {
     /// Whole UTC hours `[from, to)` (Unix seconds) read from summaries.
     pub hours: (i64, i64),
-    /// Rollup partitions (`"{day}-{generation}"`) with the current summary of a partition.
-    pub summaries: Vec<String>,
-    /// The summarized events partitions that hold events in the partial hours at either end
-    /// of the range (those events are read raw), where all copies of each event agree on
-    /// event_time ...
-    pub partial_hours: Vec<String>,
-    /// ... and where they do not (the copy that counts is looked up by the event's identity).
-    pub partial_hours_rechecked: Vec<String>,
+    /// The current summaries of partitions.
+    pub summaries: Vec<Summarized>,
+    /// The summarized partitions that hold events in the partial hours at either end of the
+    /// range (those events are read raw).
+    pub edges: Vec<Edge>,
     /// Events partitions without a current summary: read raw.
     pub unsummarized: Vec<String>,
+}
+
+/// The current summary of a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summarized {
+    /// The rollup partition, `"{day}-{generation}"`.
+    pub generation: String,
+    /// The first and last event_time in the partition (Unix ms; last < first when empty).
+    pub first_ms: i64,
+    pub last_ms: i64,
+}
+
+impl Coverage {
+    /// The summaries that may hold events in `[from, to)` (Unix seconds).
+    pub fn summaries_within(&self, (from, to): (i64, i64)) -> Vec<String> {
+        self.summaries
+            .iter()
+            .filter(|s| from * 1000 <= s.last_ms && s.first_ms < to * 1000)
+            .map(|s| s.generation.clone())
+            .collect()
+    }
+}
+
+/// The events a summarized partition holds in a partial hour at an end of a query's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edge {
+    pub partition: String,
+    pub fingerprint: u64,
+    /// All copies of each event in the partition agree on event_time.
+    pub uniform: bool,
+    /// Start of the UTC hour (Unix seconds).
+    pub hour: i64,
+    /// The part of the hour in the range: `[from_ms, to_ms)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
 }
 
 /// The whole hours of `q`'s range a summary may answer, if any: the query must need only
@@ -227,19 +268,28 @@ type PublishedDays = Arc<HashMap<String, Published>>;
 /// [`SUPERSEDED_GRACE`]; so this must stay well below that.
 const PUBLISHED_CACHE: Duration = Duration::from_secs(1);
 
+/// The current fingerprint of every partition of `events`.
+type Fingerprints = Arc<Vec<(String, u64)>>;
+
 /// The summaries of one database.
 #[derive(Clone)]
 pub struct Rollup {
     client: Client,
     /// When it was read, and what was published then.
     published: Arc<Mutex<Option<(Instant, PublishedDays)>>>,
+    /// When the last read of the fingerprints started, and what it read.
+    fingerprints: Arc<tokio::sync::Mutex<Option<(Instant, Fingerprints)>>>,
+    held: Arc<Held>,
 }
 
 impl Rollup {
-    pub fn new(client: Client) -> Self {
+    /// `cache_bytes`: how much of the summaries may be held in memory.
+    pub fn new(client: Client, cache_bytes: usize) -> Self {
         Rollup {
+            held: Arc::new(Held::new(client.clone(), cache_bytes)),
             client,
             published: Arc::default(),
+            fingerprints: Arc::default(),
         }
     }
 
@@ -256,39 +306,63 @@ impl Rollup {
         range: (i64, i64),
         hours: (i64, i64),
     ) -> clickhouse::error::Result<Coverage> {
-        let (fingerprints, published) = tokio::try_join!(
-            self.client.query(FINGERPRINTS).fetch_all::<(String, u64)>(),
-            self.published()
-        )?;
+        let (fingerprints, published) = tokio::try_join!(self.fingerprints(), self.published())?;
         let mut coverage = Coverage {
             hours,
             summaries: vec![],
-            partial_hours: vec![],
-            partial_hours_rechecked: vec![],
+            edges: vec![],
             unsummarized: vec![],
         };
         // The partial hours, in milliseconds: events at or after `start`, before `end`.
         let partial = [(range.0, hours.0 * 1000), (hours.1 * 1000, range.1)];
-        for (partition, fingerprint) in fingerprints {
-            match published.get(&partition) {
-                Some(p) if p.fingerprint == fingerprint => {
-                    coverage
-                        .summaries
-                        .push(format!("{partition}-{}", p.generation));
-                    let holds = |(start, end): (i64, i64)| {
-                        start < end && start <= p.last_ms && p.first_ms < end
-                    };
-                    if partial.into_iter().any(holds) {
-                        match p.uniform {
-                            true => coverage.partial_hours.push(partition),
-                            false => coverage.partial_hours_rechecked.push(partition),
+        for (partition, fingerprint) in fingerprints.iter() {
+            match published.get(partition) {
+                Some(p) if p.fingerprint == *fingerprint => {
+                    coverage.summaries.push(Summarized {
+                        generation: format!("{partition}-{}", p.generation),
+                        first_ms: p.first_ms,
+                        last_ms: p.last_ms,
+                    });
+                    for (start, end) in partial {
+                        if start < end && start <= p.last_ms && p.first_ms < end {
+                            coverage.edges.push(Edge {
+                                partition: partition.clone(),
+                                fingerprint: *fingerprint,
+                                uniform: p.uniform,
+                                hour: start.div_euclid(3_600_000) * 3_600,
+                                from_ms: start,
+                                to_ms: end,
+                            });
                         }
                     }
                 }
-                _ => coverage.unsummarized.push(partition),
+                _ => coverage.unsummarized.push(partition.clone()),
             }
         }
         Ok(coverage)
+    }
+
+    /// The current fingerprint of every partition of `events`, read after the caller
+    /// arrived (so every part committed before is in it). Queries that arrive while it is
+    /// being read wait for the next read and share it: one read per wave of queries.
+    async fn fingerprints(&self) -> clickhouse::error::Result<Fingerprints> {
+        let arrived = Instant::now();
+        let mut last = self.fingerprints.lock().await;
+        if let Some((started, fingerprints)) = &*last {
+            if *started >= arrived {
+                return Ok(fingerprints.clone());
+            }
+        }
+        let started = Instant::now();
+        let fingerprints: Fingerprints =
+            Arc::new(self.client.query(FINGERPRINTS).fetch_all().await?);
+        *last = Some((started, fingerprints.clone()));
+        Ok(fingerprints)
+    }
+
+    /// What queries read from the summaries, held in memory.
+    pub fn held(&self) -> &Held {
+        &self.held
     }
 
     /// What is published, at most [`PUBLISHED_CACHE`] old.

@@ -8,10 +8,7 @@
 
 use clickhouse::Client;
 
-use super::{
-    model::{Agg, AggSet, AnalyticsQuery, Bucket, Dimension, Filter, Metric, TimeRange},
-    rollup::Coverage,
-};
+use super::model::{Agg, AggSet, AnalyticsQuery, Bucket, Dimension, Filter, Metric, TimeRange};
 
 /// A query parameter's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,23 +187,17 @@ pub fn dimension(sql: &mut Sql, d: &Dimension) -> DimensionSql {
     }
 }
 
-/// The SQL of one aggregate; result columns are named as in [`AGG_COLUMNS`]. Over summaries
-/// (`summed`) a row stands for `n` events.
-fn agg_sql(agg: Agg, summed: bool) -> &'static str {
-    match (agg, summed) {
-        (Agg::Events, false) => "count()",
-        (Agg::Impressions, false) => "countIf(event_type = 'impression')",
-        (Agg::Clicks, false) => "countIf(event_type = 'click')",
-        (Agg::Conversions, false) => "countIf(event_type = 'conversion')",
-        (Agg::Events, true) => "sum(n)",
-        (Agg::Impressions, true) => "sumIf(n, event_type = 'impression')",
-        (Agg::Clicks, true) => "sumIf(n, event_type = 'click')",
-        (Agg::Conversions, true) => "sumIf(n, event_type = 'conversion')",
-        (Agg::Spend, _) => "sum(cost_micros)",
-        (Agg::Revenue, _) => "sum(revenue_micros)",
-        // Summaries never serve distinct counts (see `rollup::hours_for`).
-        (Agg::UsersExact, _) => "uniqExactIf(user_id, user_id != '')",
-        (Agg::UsersApprox, _) => "uniqIf(user_id, user_id != '')",
+/// The SQL of one aggregate; result columns are named as in [`AGG_COLUMNS`].
+fn agg_sql(agg: Agg) -> &'static str {
+    match agg {
+        Agg::Events => "count()",
+        Agg::Impressions => "countIf(event_type = 'impression')",
+        Agg::Clicks => "countIf(event_type = 'click')",
+        Agg::Conversions => "countIf(event_type = 'conversion')",
+        Agg::Spend => "sum(cost_micros)",
+        Agg::Revenue => "sum(revenue_micros)",
+        Agg::UsersExact => "uniqExactIf(user_id, user_id != '')",
+        Agg::UsersApprox => "uniqIf(user_id, user_id != '')",
     }
 }
 
@@ -223,11 +214,11 @@ pub const AGG_COLUMNS: [&str; 8] = [
 
 /// Every aggregate column, in [`AGG_COLUMNS`] order; those not needed are a constant 0 (so
 /// the row type is always the same, and unneeded columns are never read).
-fn aggregates(sql: &mut Sql, needed: AggSet, summed: bool) {
+fn aggregates(sql: &mut Sql, needed: AggSet) {
     for (agg, name) in Agg::ALL.iter().zip(AGG_COLUMNS) {
         sql.push(", ");
         if needed.contains(*agg) {
-            sql.push(agg_sql(*agg, summed));
+            sql.push(agg_sql(*agg));
         } else {
             sql.push("toUInt64(0)");
         }
@@ -237,19 +228,19 @@ fn aggregates(sql: &mut Sql, needed: AggSet, summed: bool) {
 
 /// What groups are ranked by: the metric itself, a ratio (-1 where it is undefined, so such
 /// groups come last), highest first.
-fn rank(metric: Metric, summed: bool) -> Expr {
+fn rank(metric: Metric) -> Expr {
     match metric.ratio() {
         Some((num, den)) => Expr(format!(
             "if({den} = 0, -1., {num} / {den})",
-            num = agg_sql(num, summed),
-            den = agg_sql(den, summed)
+            num = agg_sql(num),
+            den = agg_sql(den)
         )),
         None => {
             let agg = Agg::ALL
                 .into_iter()
                 .find(|a| metric.aggs().contains(*a))
                 .expect("a metric has an aggregate");
-            Expr::fixed(agg_sql(agg, summed))
+            Expr::fixed(agg_sql(agg))
         }
     }
 }
@@ -270,150 +261,40 @@ fn bucket_expr(sql: &mut Sql, bucket: Bucket, tz: &str) -> Expr {
     })
 }
 
-/// Raw columns as the summaries have them (a raw row is one event).
-const RAW_AS_SUMMARY: &str = "SELECT tenant, event_time, campaign_id, event_type, toUInt64(1) AS n, cost_micros, revenue_micros";
-
-/// An event's identity: the table's sorting key, so that copies of an event are found by
-/// the primary index.
-const IDENTITY: &str = "tenant, campaign_id, event_type, toStartOfHour(timestamp), event_id";
-
-/// A summary table, its time column, and its campaign column.
-struct Summary {
-    table: &'static str,
-    time: &'static str,
-    campaign: &'static str,
-}
-
-const HOURLY: Summary = Summary {
-    table: "events_hourly",
-    time: "hour",
-    campaign: "campaign_id",
-};
-const DAILY: Summary = Summary {
-    table: "events_daily",
-    time: "date",
-    campaign: "campaign_id",
-};
-const HOURLY_TOTALS: Summary = Summary {
-    table: "events_hourly_totals",
-    time: "hour",
-    campaign: "toLowCardinality('')",
-};
-
-/// Which summary serves which whole hours of `q` (Unix seconds): totals without the
-/// campaign when `q` neither groups nor filters by it; otherwise whole UTC days from the daily
-/// summary when `q` has no buckets, and the hours around them from the hourly one.
-fn summary_spans(q: &AnalyticsQuery, (from, to): (i64, i64)) -> Vec<(Summary, i64, i64)> {
-    let by_campaign = q.group_by.contains(&Dimension::CampaignId)
-        || q.filters
-            .iter()
-            .any(|f| f.dimension == Dimension::CampaignId);
-    if !by_campaign {
-        return vec![(HOURLY_TOTALS, from, to)];
-    }
-    let (days_from, days_to) = (
-        from.div_euclid(86_400) * 86_400 + 86_400 * i64::from(from.rem_euclid(86_400) != 0),
-        to.div_euclid(86_400) * 86_400,
-    );
-    if q.bucket.is_some() || days_from >= days_to {
-        return vec![(HOURLY, from, to)];
-    }
-    let mut spans = vec![(DAILY, days_from, days_to)];
-    if from < days_from {
-        spans.push((HOURLY, from, days_from));
-    }
-    if days_to < to {
-        spans.push((HOURLY, days_to, to));
-    }
-    spans
-}
-
-/// The table expression of an aggregate: `events FINAL`, or (with `coverage`) the union of
-/// the summaries of unchanged partitions over whole hours (see [`summary_spans`]), their raw
-/// events in the partial hours at either end of the range, and the raw events of every other
-/// partition. Either way the rows have the columns the filters and aggregates use; over the
-/// union a row stands for `n` events.
-fn source(sql: &mut Sql, q: &AnalyticsQuery, tenant: &str, coverage: Option<&Coverage>) -> Expr {
-    let Some(c) = coverage else {
-        return Expr::fixed(FROM_EVENTS);
+/// Figures per bucket of `q` (start as Unix seconds, 0 without buckets), campaign (`''`
+/// unless `by_campaign`) and event type over `q`'s range and filters, from the raw events of
+/// `partitions` (with `FINAL`): rows shaped like the summaries' (see `figures::Figure`), for
+/// the partitions without a current summary.
+pub fn raw_figures(
+    q: &AnalyticsQuery,
+    tenant: &str,
+    partitions: &[String],
+    by_campaign: bool,
+) -> Sql {
+    let mut sql = Sql::new();
+    let bucket = q
+        .bucket
+        .map(|b| bucket_expr(&mut sql, b, q.time_zone.name()));
+    let filter = where_clause(&mut sql, tenant, Some(q.range), &q.filters);
+    let partitions = sql.bind_strs(partitions);
+    sql.push("SELECT ");
+    match &bucket {
+        Some(b) => sql.push_expr(b),
+        None => sql.push("toUInt32(0)"),
     };
-    let range = q.range;
-    let tenant = sql.bind_str(tenant);
-    let (from, to) = (sql.bind_i64(range.from_ms), sql.bind_i64(range.to_ms));
-    let in_range = format!(
-        "event_time >= fromUnixTimestamp64Milli({from}, 'UTC') AND event_time < fromUnixTimestamp64Milli({to}, 'UTC')",
-        from = from.0,
-        to = to.0
-    );
-    let mut branches = vec![];
-    if !c.summaries.is_empty() {
-        let summaries = sql.bind_strs(&c.summaries);
-        for (summary, a, b) in summary_spans(q, c.hours) {
-            let (a, b) = (sql.bind_i64(a), sql.bind_i64(b));
-            branches.push(format!(
-                "SELECT tenant, toDateTime64({time}, 3, 'UTC') AS event_time, {campaign} AS campaign_id, event_type, events AS n, cost_micros, revenue_micros FROM {table} WHERE _partition_id IN {summaries} AND tenant = {tenant} AND {time} >= toDateTime({a}, 'UTC') AND {time} < toDateTime({b}, 'UTC')",
-                time = summary.time,
-                campaign = summary.campaign,
-                table = summary.table,
-                summaries = summaries.0,
-                tenant = tenant.0,
-                a = a.0,
-                b = b.0,
-            ));
-        }
-        let (hours_from, hours_to) = (sql.bind_i64(c.hours.0), sql.bind_i64(c.hours.1));
-        // The partial hours: few events, but `FINAL` would read every granule sharing
-        // primary-key values with them (all of them). So the copies of each event found there
-        // (by the event_time index) are grouped by the event's identity, and the last received
-        // one counts, as with `FINAL`. That is exact where all copies of an event agree on
-        // event_time; elsewhere every copy of those events is looked up by the primary index,
-        // and the last received one decides whether the event is in the range at all.
-        let partial = || {
-            format!(
-                "{in_range} AND (event_time < toDateTime64({}, 3, 'UTC') OR event_time >= toDateTime64({}, 3, 'UTC'))",
-                hours_from.0, hours_to.0
-            )
-        };
-        let winners = |filter: String| {
-            format!(
-                "SELECT tenant, winner_time AS event_time, campaign_id, event_type, toUInt64(1) AS n, winner_cost AS cost_micros, winner_revenue AS revenue_micros FROM (SELECT tenant, campaign_id, event_type, argMax(event_time, received_at) AS winner_time, argMax(cost_micros, received_at) AS winner_cost, argMax(revenue_micros, received_at) AS winner_revenue FROM events WHERE {filter} GROUP BY {IDENTITY})"
-            )
-        };
-        if !c.partial_hours.is_empty() {
-            let partitions = sql.bind_strs(&c.partial_hours);
-            branches.push(winners(format!(
-                "tenant = {} AND _partition_id IN {} AND {}",
-                tenant.0,
-                partitions.0,
-                partial()
-            )));
-        }
-        if !c.partial_hours_rechecked.is_empty() {
-            let partitions = sql.bind_strs(&c.partial_hours_rechecked);
-            let partitions = format!(
-                "tenant = {} AND _partition_id IN {}",
-                tenant.0, partitions.0
-            );
-            let identities = winners(format!(
-                "{partitions} AND ({IDENTITY}) IN (SELECT {IDENTITY} FROM events WHERE {partitions} AND {})",
-                partial()
-            ));
-            branches.push(format!("{identities} WHERE {}", partial()));
-        }
-    }
-    if !c.unsummarized.is_empty() {
-        let unsummarized = sql.bind_strs(&c.unsummarized);
-        branches.push(format!(
-            "{RAW_AS_SUMMARY}{FROM_EVENTS} WHERE tenant = {tenant} AND _partition_id IN {unsummarized} AND {in_range}",
-            tenant = tenant.0,
-            unsummarized = unsummarized.0,
-        ));
-    }
-    if branches.is_empty() {
-        // No partitions at all: nothing to read either way.
-        return Expr::fixed(FROM_EVENTS);
-    }
-    Expr(format!(" FROM ({})", branches.join(" UNION ALL ")))
+    sql.push(" AS bucket, ")
+        .push(match by_campaign {
+            true => "CAST(campaign_id AS String)",
+            false => "''",
+        })
+        .push(" AS campaign, toUInt8(event_type) AS type, count(), sum(cost_micros), sum(revenue_micros)")
+        .push(FROM_EVENTS)
+        .push(" WHERE ")
+        .push_expr(&filter)
+        .push(" AND _partition_id IN ")
+        .push_expr(&partitions)
+        .push(" GROUP BY bucket, campaign, type");
+    sql
 }
 
 /// Which groups a statement covers.
@@ -433,17 +314,9 @@ pub enum Scope {
 /// - `group_by` and bucket: one row per (bucket, group) of the top `n` groups;
 /// - [`Scope::Other`]: one row (per bucket) for every event outside the top `n` groups.
 ///
-/// With `coverage` the statement reads summaries where they are current (see [`source`]).
-pub fn aggregate(
-    q: &AnalyticsQuery,
-    tenant: &str,
-    scope: Scope,
-    with_buckets: bool,
-    coverage: Option<&Coverage>,
-) -> Sql {
+pub fn aggregate(q: &AnalyticsQuery, tenant: &str, scope: Scope, with_buckets: bool) -> Sql {
     let mut sql = Sql::new();
-    let from = source(&mut sql, q, tenant, coverage);
-    let summed = from.0 != FROM_EVENTS;
+    let from = Expr::fixed(FROM_EVENTS);
     let bucket = q
         .bucket
         .filter(|_| with_buckets)
@@ -463,7 +336,7 @@ pub fn aggregate(
     );
     let filter = where_clause(&mut sql, tenant, Some(q.range), &q.filters);
     let grouped = !dims.is_empty();
-    let order = rank(q.order_by, summed);
+    let order = rank(q.order_by);
 
     sql.push("SELECT ");
     match &bucket {
@@ -479,7 +352,7 @@ pub fn aggregate(
         _ => sql.push("emptyArrayString()"),
     };
     sql.push(" AS keys");
-    aggregates(&mut sql, q.aggs(), summed);
+    aggregates(&mut sql, q.aggs());
     sql.push_expr(&from).push(" WHERE ").push_expr(&filter);
 
     // Bucketed groups and the other row both need "the top n groups" as a set.
@@ -580,7 +453,7 @@ mod tests {
         ] {
             let q = query(group_by, bucket);
             for scope in [Scope::Top(5), Scope::Other(5)] {
-                let sql = aggregate(&q, EVIL, scope, true, None);
+                let sql = aggregate(&q, EVIL, scope, true);
                 assert!(!sql.text().contains("DROP"), "{}", sql.text());
                 assert!(!sql.text().contains("Berlin"), "{}", sql.text());
                 assert!(!sql.text().contains('?'));
@@ -596,7 +469,7 @@ mod tests {
     fn every_read_is_final_and_scoped_to_the_tenant() {
         let q = query(vec![Dimension::CampaignId], Some(Bucket::Hour));
         for scope in [Scope::Top(5), Scope::Other(5)] {
-            let sql = aggregate(&q, "t1", scope, true, None);
+            let sql = aggregate(&q, "t1", scope, true);
             let text = sql.text();
             // The outer read and the ranking subquery.
             assert_eq!(text.matches("FROM events FINAL").count(), 2, "{text}");
@@ -607,115 +480,40 @@ mod tests {
     #[test]
     fn the_shapes_of_the_statements() {
         let q = query(vec![], None);
-        let text = aggregate(&q, "t", Scope::Top(0), false, None)
-            .text()
-            .to_string();
+        let text = aggregate(&q, "t", Scope::Top(0), false).text().to_string();
         assert!(!text.contains("GROUP BY"), "{text}");
         assert!(text.contains("uniqExactIf(user_id"), "{text}");
         assert!(!text.contains("sum(cost_micros)"), "{text}");
 
         let q = query(vec![Dimension::EventType], None);
-        let text = aggregate(&q, "t", Scope::Top(5), false, None)
-            .text()
-            .to_string();
+        let text = aggregate(&q, "t", Scope::Top(5), false).text().to_string();
         assert!(text.contains("GROUP BY event_type ORDER BY if("), "{text}");
         assert!(text.contains("DESC, keys ASC LIMIT {p"), "{text}");
     }
 
     #[test]
-    fn summaries_are_read_where_current_and_raw_events_elsewhere() {
+    fn figures_of_unsummarized_partitions_are_read_raw_and_deduplicated() {
         let mut q = query(vec![Dimension::CampaignId], Some(Bucket::Hour));
-        q.metrics = vec![Metric::Ctr, Metric::Spend];
-        q.filters.clear();
-        q.range = TimeRange {
-            from_ms: 1_000,
-            to_ms: 86_400_000 - 1,
-        };
-        let coverage = Coverage {
-            hours: (3_600, 82_800),
-            summaries: vec!["19700101-7".into()],
-            partial_hours: vec!["19700101".into()],
-            partial_hours_rechecked: vec!["19700103".into()],
-            unsummarized: vec!["19700102".into()],
-        };
-        for scope in [Scope::Top(5), Scope::Other(5)] {
-            let sql = aggregate(&q, EVIL, scope, true, Some(&coverage));
+        q.filters.truncate(1);
+        let partitions = vec!["19700102".to_string()];
+        for by_campaign in [true, false] {
+            let sql = raw_figures(&q, EVIL, &partitions, by_campaign);
             let text = sql.text();
             assert!(!text.contains("DROP") && !text.contains("1970"), "{text}");
-            // Summaries, the partial hours of their days, the other days: in the outer read
-            // and in the ranking subquery.
-            assert_eq!(
-                text.matches("FROM events_hourly WHERE").count(),
-                2,
+            assert!(
+                text.contains("FROM events FINAL WHERE tenant = {p"),
                 "{text}"
             );
-            assert_eq!(text.matches("FROM events FINAL").count(), 2, "{text}");
-            // Partial hours: in place; the identities, then their copies.
-            assert_eq!(text.matches("FROM events WHERE").count(), 6, "{text}");
-            assert_eq!(text.matches(" UNION ALL ").count(), 6, "{text}");
-            assert!(text.contains("sumIf(n, event_type = 'click')"), "{text}");
-            assert!(!text.contains("count"), "{text}");
-            for list in [
-                &coverage.summaries,
-                &coverage.partial_hours,
-                &coverage.partial_hours_rechecked,
-                &coverage.unsummarized,
-            ] {
-                assert!(sql
-                    .params()
-                    .iter()
-                    .any(|(_, v)| *v == Param::Strs(list.clone())));
-            }
+            assert!(
+                text.contains("toStartOfHour(toDateTime(event_time, {p"),
+                "{text}"
+            );
+            assert!(text.contains("country NOT IN ({p"), "{text}");
+            assert_eq!(text.contains("CAST(campaign_id"), by_campaign, "{text}");
+            assert!(sql
+                .params()
+                .iter()
+                .any(|(_, v)| *v == Param::Strs(partitions.clone())));
         }
-        // Whole hours only: no raw branch for partial hours; nothing unsummarized: no raw at all.
-        q.range = TimeRange {
-            from_ms: 3_600_000,
-            to_ms: 82_800_000,
-        };
-        let coverage = Coverage {
-            unsummarized: vec![],
-            partial_hours: vec![],
-            partial_hours_rechecked: vec![],
-            ..coverage
-        };
-        let sql = aggregate(&q, "t", Scope::Top(5), false, Some(&coverage));
-        assert!(!sql.text().contains("FROM events "), "{}", sql.text());
-    }
-
-    #[test]
-    fn the_coarsest_summary_that_answers_is_read() {
-        const DAY: i64 = 86_400;
-        let tables = |q: &AnalyticsQuery, hours| -> Vec<(&str, i64, i64)> {
-            summary_spans(q, hours)
-                .into_iter()
-                .map(|(s, a, b)| (s.table, a, b))
-                .collect()
-        };
-        let mut q = query(vec![], Some(Bucket::Hour));
-        q.filters.clear();
-        let hours = (DAY - 3_600, 4 * DAY + 7_200);
-        assert_eq!(
-            tables(&q, hours),
-            [("events_hourly_totals", hours.0, hours.1)]
-        );
-        q.filters.push(Filter {
-            dimension: Dimension::CampaignId,
-            negate: false,
-            values: vec!["c".into()],
-        });
-        assert_eq!(tables(&q, hours), [("events_hourly", hours.0, hours.1)]);
-        q.bucket = None;
-        assert_eq!(
-            tables(&q, hours),
-            [
-                ("events_daily", DAY, 4 * DAY),
-                ("events_hourly", hours.0, DAY),
-                ("events_hourly", 4 * DAY, hours.1)
-            ]
-        );
-        assert_eq!(
-            tables(&q, (DAY + 3_600, 2 * DAY - 3_600)),
-            [("events_hourly", DAY + 3_600, 2 * DAY - 3_600)]
-        );
     }
 }

@@ -1,5 +1,6 @@
 //! Hourly summaries: every figure they help answer is exact — with re-sent copies not yet
-//! merged, with late events and re-sends landing in summarized days, and after a deletion —
+//! merged, after new events in a summarized day (what queries hold in memory must not answer
+//! for it), with late events and re-sends landing in summarized days, and after a deletion —
 //! and they really are used (the `/metrics` counter of the queries they answered).
 
 use std::collections::HashSet;
@@ -225,6 +226,35 @@ async fn summaries_give_exact_figures_while_partitions_change() {
     // 1. Every partition summarized: all the eligible queries go through summaries.
     wait_until_summarized(&app).await;
     let (summarized, raw) = check_every_figure(&app, &evs, from, to, "summarized").await;
+    assert_eq!(
+        (summarized, raw),
+        (6.0, 1.0),
+        "which queries used summaries"
+    );
+
+    assert!(
+        app.metric("adtrack_rollup_held_bytes").await > 0.0,
+        "summaries held in memory"
+    );
+    // New events in the first partial hour, summarized again: what the queries above read
+    // from the summaries and the partial hour (held in memory) no longer answers for that
+    // partition.
+    let edge: Vec<Ev> = (0..40)
+        .map(|_| {
+            Ev::generate(
+                &mut rng,
+                0,
+                from + 1_000,
+                (first_whole_hour - from - 2_000).max(1),
+            )
+        })
+        .collect();
+    load(&app, &edge.iter().map(Ev::json).collect::<Vec<_>>()).await;
+    evs.extend(edge);
+    wait_until_summarized(&app).await;
+    // Queries take what was published from a cache of up to a second.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (summarized, raw) = check_every_figure(&app, &evs, from, to, "summarized again").await;
     assert_eq!(
         (summarized, raw),
         (6.0, 1.0),
