@@ -7,7 +7,9 @@
 # with the hourly summaries current, once as loaded (many parts per day) and once after
 # OPTIMIZE FINAL (one part per day: the state background merges reach for every day but the
 # current one); then, for comparison, a service with the summaries off (raw events with FINAL),
-# and the summaries service right after one day changed (that day read raw).
+# and the summaries service right after two days changed (those days read raw). In both the
+# merged and the changed state, 100 random queries (benches/compare_answers.py) must get the
+# same answers from the summaries and the raw-only service, or the run fails.
 #
 #   benches/analytics.sh                 # 10M events, 200 requests per case
 #   EVENTS=1000000 REQUESTS=50 benches/analytics.sh
@@ -146,14 +148,18 @@ run "merged ($parts parts), summaries"
 # For comparison, summaries off: every query reads raw events with FINAL.
 another_service 0
 run "merged ($parts parts), raw only" "$service"
+# The summaries never change an answer: the same random queries to both services.
+benches/compare_answers.py "$app" "$service" "$key" "${COMPARE:-100}" | tail -n 5 | tee "$OUT/compare.txt"
 # Two days changed since their summaries (a re-sent copy of an event in each, as continuous
 # ingestion keeps today changing): a service that does not refresh them (the one that would
 # is stopped) reads those days raw.
 kill "$app_pid"
+raw_only=$service
 another_service 3600000
 sql "INSERT INTO events SELECT * FROM events WHERE toDate(timestamp) IN (today(), today() - 2) LIMIT 1 BY toDate(timestamp)"
 echo "unsummarized partitions: $(unsummarized)"
 run "merged, 2 days changed" "$service"
+benches/compare_answers.py "$service" "$raw_only" "$key" "${COMPARE:-100}" 7 | tail -n 5 | tee -a "$OUT/compare.txt"
 
 echo
 echo "$EVENTS events (+1% re-sent), $CONCURRENCY concurrent clients, $REQUESTS requests per case"
