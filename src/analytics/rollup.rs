@@ -394,6 +394,13 @@ impl Rollup {
         );
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Instant::now(), published.clone()));
+        // What superseded summaries and changed partitions left in memory serves no query.
+        self.held.retain(|partition, generation, fingerprint| {
+            published.get(partition).is_some_and(|p| match generation {
+                Some(g) => p.generation == g,
+                None => p.fingerprint == fingerprint,
+            })
+        });
         Ok(published)
     }
 

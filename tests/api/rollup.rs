@@ -312,3 +312,27 @@ async fn summaries_give_exact_figures_while_partitions_change() {
     evs.retain(|e| e.user.as_deref() != Some(user.as_str()));
     check_every_figure(&app, &evs, from, to, "after a deletion").await;
 }
+
+/// With no memory for what queries read from the summaries (`ADTRACK_ROLLUP_CACHE_MB=0`),
+/// every query reads raw events instead: the same figures, nothing refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_memory_for_summaries_queries_read_raw_events() {
+    let app = spawn_app_with(
+        "rollup_no_memory",
+        &[
+            ("ADTRACK_ROLLUP_REFRESH_MS", "100"),
+            ("ADTRACK_ROLLUP_CACHE_MB", "0"),
+        ],
+    )
+    .await;
+    let now = Utc::now().timestamp_millis();
+    let (from, to) = (now - 2 * DAY, now + HOUR);
+    let mut rng = Rng::new(0x0044_5566);
+    let evs: Vec<Ev> = (0..2_000)
+        .map(|_| Ev::generate(&mut rng, 0, from, 2 * DAY - 120_000))
+        .collect();
+    load(&app, &evs.iter().map(Ev::json).collect::<Vec<_>>()).await;
+    wait_until_summarized(&app).await;
+    let used = check_every_figure(&app, &evs, from, to, "no memory").await;
+    assert_eq!(used, (0.0, 7.0), "which queries used summaries");
+}

@@ -234,6 +234,29 @@ impl Held {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Keeps only the entries `keep(events partition, Some(generation), _)` (summaries) or
+    /// `keep(events partition, None, fingerprint)` (partial hours) is true for.
+    pub fn retain(&self, keep: impl Fn(&str, Option<u64>, u64) -> bool) {
+        let mut entries = self.entries();
+        let mut freed = 0;
+        entries.map.retain(|key, entry| {
+            let kept = match key {
+                Key::Summary { generation, .. } => super::parse_rollup_partition(generation)
+                    .is_some_and(|(day, g)| keep(&day, Some(g), 0)),
+                Key::Hour {
+                    partition,
+                    fingerprint,
+                    ..
+                } => keep(partition, None, *fingerprint),
+            };
+            if !kept {
+                freed += entry.bytes;
+            }
+            kept
+        });
+        entries.bytes -= freed;
+    }
+
     /// Estimated bytes held.
     pub fn bytes(&self) -> usize {
         self.entries().bytes
@@ -449,6 +472,32 @@ mod tests {
             generation: generation.into(),
             tenant: "t".into(),
         }
+    }
+
+    #[test]
+    fn only_what_is_current_is_kept() {
+        let held = Held::new(Client::default(), 1 << 20);
+        let hour = |fingerprint| Key::Hour {
+            partition: "20261130".into(),
+            fingerprint,
+            hour: 0,
+            tenant: "t".into(),
+        };
+        {
+            let mut entries = held.entries();
+            for k in [key("20261130-7"), key("20261130-8"), hour(1), hour(2)] {
+                entries.put(k, figures(1), 10, 1 << 20);
+            }
+        }
+        held.retain(|partition, generation, fingerprint| {
+            partition == "20261130" && (generation == Some(8) || fingerprint == 2)
+        });
+        let mut entries = held.entries();
+        assert!(entries.get(&key("20261130-8")).is_some());
+        assert!(entries.get(&hour(2)).is_some());
+        assert!(entries.get(&key("20261130-7")).is_none());
+        assert!(entries.get(&hour(1)).is_none());
+        assert_eq!(entries.bytes, 20);
     }
 
     #[test]
