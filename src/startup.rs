@@ -170,7 +170,7 @@ impl Application {
         let key_refresh = tokio::spawn(store.clone().refresh_forever(settings.key_refresh));
         let rollup_refresh = (!settings.analytics.rollup_refresh.is_zero()).then(|| {
             tokio::spawn(
-                Rollup::new(client.clone(), 0)
+                Rollup::new(client.clone(), 0, 0)
                     .refresh_forever(settings.analytics.rollup_refresh, metrics.clone()),
             )
         });

@@ -29,6 +29,17 @@ pub struct Analytics {
     metrics: Arc<Metrics>,
 }
 
+/// Why [`Analytics::summarized`] stopped: what is held cannot answer (read raw events
+/// instead), or the query itself failed.
+enum GaveUp {
+    Held(held::Error),
+    Query(clickhouse::error::Error),
+}
+
+/// Most rows of figures read raw for the days without a current summary (per bucket,
+/// campaign and event type); a query with more reads raw events with the top N in ClickHouse.
+const RAW_FIGURES_MAX_ROWS: u64 = 250_000;
+
 /// The aggregates of one group (or one bucket of it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Aggregates {
@@ -146,8 +157,15 @@ impl Analytics {
         settings: AnalyticsSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let rollup = (!settings.rollup_refresh.is_zero())
-            .then(|| Rollup::new(client.clone(), settings.rollup_cache_bytes));
+        // Without memory for what queries read from the summaries, every query reads raw.
+        let rollup =
+            (!settings.rollup_refresh.is_zero() && settings.rollup_cache_bytes > 0).then(|| {
+                Rollup::new(
+                    client.clone(),
+                    settings.rollup_cache_bytes,
+                    settings.max_execution_ms,
+                )
+            });
         Analytics {
             client,
             settings,
@@ -174,8 +192,9 @@ impl Analytics {
 
     /// `q`'s rows from the summaries held in memory over `coverage`, the partial hours at
     /// the ends of the range, and the raw events of the partitions without a current summary
-    /// (the only statement sent, if any). `None` when that is more than the memory budget:
-    /// the caller then reads raw events.
+    /// (the only statement sent when everything else is held). `None` when what is held
+    /// cannot answer (more than the memory budget, a read that failed or may not match the
+    /// coverage): the caller then reads raw events.
     async fn summarized(
         &self,
         rollup: &Rollup,
@@ -191,7 +210,9 @@ impl Analytics {
             let mut read = vec![];
             for (summary, from, to) in spans {
                 let generations = coverage.summaries_within((from, to));
-                let figures = held.summaries(summary, tenant, &generations).await?;
+                let figures = held
+                    .summaries(summary, tenant, &generations, coverage.published_at)
+                    .await?;
                 read.push((figures, from, to));
             }
             Ok(read)
@@ -208,22 +229,32 @@ impl Analytics {
                 return Ok(vec![]);
             }
             let sql = sql::raw_figures(q, tenant, &coverage.unsummarized, held::by_campaign(q));
-            let rows: Vec<(u32, String, u8, u64, u64, u64)> = self
-                .read(&sql, self.settings.max_execution_ms)
-                .with_setting("max_result_rows", held.max_rows().to_string())
+            self.read(&sql, self.settings.max_execution_ms)
+                .with_setting("max_result_rows", RAW_FIGURES_MAX_ROWS.to_string())
                 .with_setting("result_overflow_mode", "throw")
-                .fetch_all()
-                .await?;
-            Ok(rows)
+                .fetch_all::<(u32, String, u8, u64, u64, u64)>()
+                .await
+                .map_err(|e| match held::Error::from(e) {
+                    // The query's own errors (guards: a time limit) are the answer.
+                    held::Error::ClickHouse(e) => GaveUp::Query(e),
+                    too_many => GaveUp::Held(too_many),
+                })
         };
-        let read = tokio::try_join!(summaries, edges, raw);
+        let read = tokio::try_join!(
+            async { summaries.await.map_err(GaveUp::Held) },
+            async { edges.await.map_err(GaveUp::Held) },
+            raw
+        );
         self.metrics
             .rollup_held_bytes
             .store(held.bytes() as u64, Ordering::Relaxed);
         let (summaries, edges, raw) = match read {
             Ok(read) => read,
-            Err(held::Error::OverBudget) => return Ok(None),
-            Err(held::Error::ClickHouse(err)) => return Err(self.error(err)),
+            Err(GaveUp::Query(err)) => return Err(self.error(err)),
+            Err(GaveUp::Held(why)) => {
+                tracing::debug!(?why, "the summaries held cannot answer; reading raw events");
+                return Ok(None);
+            }
         };
 
         let mut fold = Fold::new(q, starts.iter().map(DateTime::timestamp).collect());

@@ -129,6 +129,7 @@ impl<'q, 'f> Fold<'q, 'f> {
             let value: &str = match filter.dimension {
                 Dimension::CampaignId => &f.campaign,
                 Dimension::EventType => f.type_name(),
+                // Never reached: summaries answer only these filters (`rollup::hours_for`).
                 _ => return false,
             };
             filter.values.iter().any(|v| v == value) != filter.negate

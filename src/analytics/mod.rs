@@ -4,7 +4,8 @@
 //!
 //! One model serves every analytics endpoint ([`model::AnalyticsQuery`]):
 //!
-//! - **metrics** — counts and sums computed by ClickHouse (`events`, `impressions`, `clicks`,
+//! - **metrics** — counts and sums computed by ClickHouse, or summed in the service from
+//!   summaries (`events`, `impressions`, `clicks`,
 //!   `conversions`, `spend`, `revenue`, `unique_users_exact`, `unique_users_approx`) and ratios
 //!   computed here from them (`ctr`, `cvr`, `roas`; `None` when the denominator is zero). Only
 //!   the aggregates the requested metrics need are computed.
@@ -16,20 +17,24 @@
 //!   `toStartOfDay(t, tz)` and friends; [`buckets`] computes the same boundaries in Rust and
 //!   fills the buckets without events with zeros, so charts have no gaps.
 //! - optional **top-N** groups ranked by one metric, and an **other** group that sums the rest
-//!   (computed by ClickHouse as "not in the top N", so distinct-user counts stay right).
+//!   (counts and sums: the totals minus the top N; distinct-user counts, which do not
+//!   subtract: computed by ClickHouse as "not in the top N").
 //!
 //! # Safety and correctness rules every query follows
 //!
 //! - `FROM events FINAL`: the table is a ReplacingMergeTree, and copies of a re-sent event stay
 //!   visible until a merge. `do_not_merge_across_partitions_select_final = 1` keeps FINAL cheap;
 //!   it is exact because every copy of an event lands in the same partition. Counts and sums
-//!   by campaign and event type read the [`rollup`] (hourly summaries computed with `FINAL`)
-//!   for the partitions they are current for, and `events FINAL` for the rest.
+//!   by campaign and event type read the [`rollup`] (hourly summaries computed with `FINAL`,
+//!   held in memory once read) for the partitions they are current for, the copy of each
+//!   event `FINAL` would keep (`argMax` by `received_at`) in partial hours at the ends of the
+//!   range, and `events FINAL` for the rest.
 //! - `tenant = {tenant:String}` on every read, with the tenant the API layer was given.
 //! - Values reach ClickHouse only as query parameters (`{p3:String}`); identifiers only as
 //!   fixed SQL snippets chosen by enum (see [`sql`]); attribute keys are parameters too.
 //! - Guards: the time-range span, the number of groups and points are checked before a query
-//!   runs; `max_execution_time`, `max_memory_usage` and `max_result_rows` go with every query,
+//!   runs; `max_execution_time`, `max_memory_usage` and `max_result_rows` go with every query
+//!   (reads of summaries into memory: the time limit, and rows within the memory budget),
 //!   and ClickHouse refusing on one of them becomes [`AnalyticsError::Guard`] (a 4xx), never
 //!   a 5xx.
 

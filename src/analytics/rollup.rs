@@ -6,7 +6,7 @@
 //! time into `events_hourly` (per UTC hour, campaign and event type), and from that into
 //! `events_daily` (per UTC day) and `events_hourly_totals` (per hour, without the campaign);
 //! a query that such a summary can answer reads the coarsest one that does (see
-//! `sql::summary_spans`).
+//! [`held::summary_spans`]).
 //!
 //! **Exactness.** The table is a ReplacingMergeTree: until a merge, a re-sent event has
 //! several copies. A summary computed with `FINAL` counts each event once, but is only right
@@ -23,7 +23,9 @@
 //! of a partial hour, never change while the generation is published and the partition's
 //! fingerprint is the same; so they are held in memory ([`held`]) and the figures are summed
 //! there (`figures`). A query then sends one statement for the fingerprints (shared by the
-//! queries that arrive while it runs) and one for the partitions without a current summary.
+//! queries that arrive while it runs) and one for the partitions without a current summary;
+//! besides, at most once a second, one for what is published, and reads of what is not held
+//! yet (a new generation, a new partial hour).
 //!
 //! **Generations.** Each computation writes its own partition `(day, generation)` of the
 //! summary tables and then publishes it in `events_hourly_state` (only if the parts did not
@@ -73,6 +75,8 @@ pub struct Coverage {
     pub edges: Vec<Edge>,
     /// Events partitions without a current summary: read raw.
     pub unsummarized: Vec<String>,
+    /// When the published state this is based on was read.
+    pub published_at: Instant,
 }
 
 /// The current summary of a partition.
@@ -135,7 +139,9 @@ pub fn hours_for(q: &AnalyticsQuery) -> Option<(i64, i64)> {
         Some(Bucket::Minute) => return None,
         Some(Bucket::Hour | Bucket::Day | Bucket::Week | Bucket::Month) => {
             // Local hours start on whole UTC hours only where the offset is whole hours.
-            let whole = (from..=to).step_by(3_600).all(|s| {
+            // From the hour holding `from`: events of a partial hour go into its bucket.
+            let first = q.range.from_ms.div_euclid(3_600_000) * 3_600;
+            let whole = (first..=to).step_by(3_600).all(|s| {
                 chrono::DateTime::from_timestamp(s, 0).is_some_and(|t| {
                     q.time_zone
                         .offset_from_utc_datetime(&t.naive_utc())
@@ -283,10 +289,11 @@ pub struct Rollup {
 }
 
 impl Rollup {
-    /// `cache_bytes`: how much of the summaries may be held in memory.
-    pub fn new(client: Client, cache_bytes: usize) -> Self {
+    /// `cache_bytes`: how much of the summaries may be held in memory; `max_execution_ms`:
+    /// the time limit of a read of them.
+    pub fn new(client: Client, cache_bytes: usize, max_execution_ms: u64) -> Self {
         Rollup {
-            held: Arc::new(Held::new(client.clone(), cache_bytes)),
+            held: Arc::new(Held::new(client.clone(), cache_bytes, max_execution_ms)),
             client,
             published: Arc::default(),
             fingerprints: Arc::default(),
@@ -306,12 +313,14 @@ impl Rollup {
         range: (i64, i64),
         hours: (i64, i64),
     ) -> clickhouse::error::Result<Coverage> {
-        let (fingerprints, published) = tokio::try_join!(self.fingerprints(), self.published())?;
+        let (fingerprints, (published_at, published)) =
+            tokio::try_join!(self.fingerprints(), self.published())?;
         let mut coverage = Coverage {
             hours,
             summaries: vec![],
             edges: vec![],
             unsummarized: vec![],
+            published_at,
         };
         // The partial hours, in milliseconds: events at or after `start`, before `end`.
         let partial = [(range.0, hours.0 * 1000), (hours.1 * 1000, range.1)];
@@ -365,13 +374,14 @@ impl Rollup {
         &self.held
     }
 
-    /// What is published, at most [`PUBLISHED_CACHE`] old.
-    async fn published(&self) -> clickhouse::error::Result<PublishedDays> {
+    /// What is published, at most [`PUBLISHED_CACHE`] old, and when it was read.
+    async fn published(&self) -> clickhouse::error::Result<(Instant, PublishedDays)> {
         if let Some((at, published)) = &*self.published.lock().unwrap_or_else(|e| e.into_inner()) {
             if at.elapsed() < PUBLISHED_CACHE {
-                return Ok(published.clone());
+                return Ok((*at, published.clone()));
             }
         }
+        let read_at = Instant::now();
         let rows: Vec<(String, u64, u64, u8, i64, i64)> =
             self.client.query(PUBLISHED).fetch_all().await?;
         let published: PublishedDays = Arc::new(
@@ -393,15 +403,16 @@ impl Rollup {
                 .collect(),
         );
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((Instant::now(), published.clone()));
-        // What superseded summaries and changed partitions left in memory serves no query.
+            Some((read_at, published.clone()));
+        // Superseded summaries, and partial hours of partitions summarized again since, serve
+        // no query any more.
         self.held.retain(|partition, generation, fingerprint| {
             published.get(partition).is_some_and(|p| match generation {
                 Some(g) => p.generation == g,
                 None => p.fingerprint == fingerprint,
             })
         });
-        Ok(published)
+        Ok((read_at, published))
     }
 
     /// Summarizes every partition that changed since its summary, newest first, then drops

@@ -313,7 +313,6 @@ pub enum Scope {
 /// - `group_by`, no bucket: the top `n` groups, ranked, ties by their values;
 /// - `group_by` and bucket: one row per (bucket, group) of the top `n` groups;
 /// - [`Scope::Other`]: one row (per bucket) for every event outside the top `n` groups.
-///
 pub fn aggregate(q: &AnalyticsQuery, tenant: &str, scope: Scope, with_buckets: bool) -> Sql {
     let mut sql = Sql::new();
     let from = Expr::fixed(FROM_EVENTS);

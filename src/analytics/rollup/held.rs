@@ -10,8 +10,14 @@
 //!   for ranges that start or end inside an hour.
 //!
 //! The least recently used entries go when their estimated size exceeds the budget
-//! (`ADTRACK_ROLLUP_CACHE_MB`); a read that alone would exceed it is refused (the query then
-//! reads raw events).
+//! (`ADTRACK_ROLLUP_CACHE_MB`); a read that alone would exceed it is refused, and remembered
+//! as such (the query then reads raw events).
+//!
+//! Two reads could otherwise see something else than what a query's coverage describes, and
+//! are not used then (the query reads raw events): a summary read finishing so long after the
+//! published state was read that the generation may have been dropped meanwhile (see
+//! [`STALE_AFTER`]), and a partial hour read after its partition changed (its fingerprint is
+//! read again after it).
 
 use std::{
     collections::HashMap,
@@ -127,7 +133,18 @@ struct Entries {
     map: HashMap<Key, Entry>,
     bytes: usize,
     clock: u64,
+    /// Entries too large for the budget (until they are superseded).
+    too_large: std::collections::HashSet<Key>,
 }
+
+/// Estimated bytes of an entry besides its rows (key, map slot, vectors).
+const ENTRY_OVERHEAD: usize = 256;
+
+/// How long after the published state was read a summary read may finish and still be used:
+/// a generation is dropped at the earliest a minute after its successor was published
+/// (`SUPERSEDED_GRACE`), so one current then still exists for this long (with room for clocks
+/// of other instances that differ by seconds).
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Entries {
     fn get(&mut self, key: &Key) -> Option<Value> {
@@ -137,8 +154,13 @@ impl Entries {
         Some(entry.value.clone())
     }
 
-    /// Keeps `value`, dropping the least recently used entries while over `budget`.
+    /// Keeps `value`, dropping the least recently used entries while over `budget`; a value
+    /// larger than the budget is not kept (and drops nothing).
     fn put(&mut self, key: Key, value: Value, bytes: usize, budget: usize) {
+        let bytes = bytes + ENTRY_OVERHEAD;
+        if bytes > budget {
+            return;
+        }
         self.clock += 1;
         if let Some(old) = self.map.insert(
             key,
@@ -176,17 +198,23 @@ fn size_of_figures<'a>(figures: impl Iterator<Item = &'a Figure>, names: usize) 
 pub struct Held {
     client: Client,
     budget: usize,
+    /// `max_execution_time` of a read (the analytics limit), in ms.
+    max_execution_ms: u64,
     entries: Mutex<Entries>,
     /// One read from ClickHouse at a time: concurrent queries missing the same rows wait for
-    /// the first to read them instead of reading them again.
+    /// the first to read them instead of reading them again (and others wait too: misses are
+    /// rare, once per generation or hour).
     reading: tokio::sync::Mutex<()>,
 }
 
-/// A read that alone would exceed the budget (the query reads raw events instead).
+/// Why what is held cannot answer a query (it reads raw events instead).
 #[derive(Debug)]
 pub enum Error {
     ClickHouse(clickhouse::error::Error),
+    /// A read that alone would exceed the budget.
     OverBudget,
+    /// A read that may not match the query's coverage (see the module doc).
+    Stale,
 }
 
 impl From<clickhouse::error::Error> for Error {
@@ -202,12 +230,11 @@ impl From<clickhouse::error::Error> for Error {
 /// Deduplicated events of a partition in one hour: per event (the table's sorting key) the
 /// last received copy, as `FINAL` keeps it. `{rows}` selects the copies grouped.
 const HOUR_EVENTS: &str = "\
-SELECT toUnixTimestamp64Milli(winner_time), CAST(campaign_id AS String), toUInt8(event_type), winner_cost, winner_revenue
-FROM (SELECT campaign_id, event_type, argMax(event_time, received_at) AS winner_time,
-             argMax(cost_micros, received_at) AS winner_cost, argMax(revenue_micros, received_at) AS winner_revenue
+SELECT toUnixTimestamp64Milli(winner.1), CAST(campaign_id AS String), toUInt8(event_type), winner.2, winner.3
+FROM (SELECT campaign_id, event_type, argMax((event_time, cost_micros, revenue_micros), received_at) AS winner
       FROM events WHERE tenant = {tenant:String} AND _partition_id = {partition:String} AND {rows}
       GROUP BY tenant, campaign_id, event_type, toStartOfHour(timestamp), event_id)
-WHERE winner_time >= fromUnixTimestamp64Milli({from:Int64}, 'UTC') AND winner_time < fromUnixTimestamp64Milli({to:Int64}, 'UTC')";
+WHERE winner.1 >= fromUnixTimestamp64Milli({from:Int64}, 'UTC') AND winner.1 < fromUnixTimestamp64Milli({to:Int64}, 'UTC')";
 
 /// The copies in the hour: where all copies of each event agree on event_time (`uniform`),
 /// the copies found by event_time are all of them ...
@@ -221,10 +248,11 @@ const OF_EVENTS_IN_HOUR: &str =
  WHERE tenant = {tenant:String} AND _partition_id = {partition:String} AND {in_hour})";
 
 impl Held {
-    pub fn new(client: Client, budget_bytes: usize) -> Self {
+    pub fn new(client: Client, budget_bytes: usize, max_execution_ms: u64) -> Self {
         Held {
             client,
             budget: budget_bytes,
+            max_execution_ms,
             entries: Mutex::default(),
             reading: tokio::sync::Mutex::new(()),
         }
@@ -237,24 +265,26 @@ impl Held {
     /// Keeps only the entries `keep(events partition, Some(generation), _)` (summaries) or
     /// `keep(events partition, None, fingerprint)` (partial hours) is true for.
     pub fn retain(&self, keep: impl Fn(&str, Option<u64>, u64) -> bool) {
+        let kept = |key: &Key| match key {
+            Key::Summary { generation, .. } => super::parse_rollup_partition(generation)
+                .is_some_and(|(day, g)| keep(&day, Some(g), 0)),
+            Key::Hour {
+                partition,
+                fingerprint,
+                ..
+            } => keep(partition, None, *fingerprint),
+        };
         let mut entries = self.entries();
         let mut freed = 0;
         entries.map.retain(|key, entry| {
-            let kept = match key {
-                Key::Summary { generation, .. } => super::parse_rollup_partition(generation)
-                    .is_some_and(|(day, g)| keep(&day, Some(g), 0)),
-                Key::Hour {
-                    partition,
-                    fingerprint,
-                    ..
-                } => keep(partition, None, *fingerprint),
-            };
+            let kept = kept(key);
             if !kept {
                 freed += entry.bytes;
             }
             kept
         });
         entries.bytes -= freed;
+        entries.too_large.retain(kept);
     }
 
     /// Estimated bytes held.
@@ -267,41 +297,55 @@ impl Held {
         (self.budget / size_of::<EdgeEvent>()).max(1) as u64
     }
 
-    /// The rows of `summary` for `tenant` in each of `generations` (rollup partitions).
+    /// A read's settings: the analytics time limit, and no more rows than fit in the budget.
+    fn read(&self, sql: &str) -> clickhouse::query::Query {
+        self.client
+            .query(sql)
+            .with_setting(
+                "max_execution_time",
+                format!("{:.3}", self.max_execution_ms as f64 / 1000.0),
+            )
+            .with_setting("max_result_rows", self.max_rows().to_string())
+            .with_setting("result_overflow_mode", "throw")
+    }
+
+    /// The rows of `summary` for `tenant` in each of `generations` (rollup partitions),
+    /// published as of `published_at`.
     pub async fn summaries(
         &self,
         summary: &'static Summary,
         tenant: &str,
         generations: &[String],
+        published_at: std::time::Instant,
     ) -> Result<Vec<Arc<Vec<Figure>>>, Error> {
         let key = |generation: &String| Key::Summary {
             table: summary.table,
             generation: generation.clone(),
             tenant: tenant.to_string(),
         };
-        let cached = |entries: &mut Entries| -> (Vec<Arc<Vec<Figure>>>, Vec<String>) {
+        let cached = |entries: &mut Entries| {
             let mut found = vec![];
             let mut missing = vec![];
             for g in generations {
                 match entries.get(&key(g)) {
                     Some(Value::Summary(rows)) => found.push(rows),
+                    _ if entries.too_large.contains(&key(g)) => return Err(Error::OverBudget),
                     _ => missing.push(g.clone()),
                 }
             }
-            (found, missing)
+            Ok((found, missing))
         };
-        let (found, missing) = cached(&mut self.entries());
+        let (found, missing) = cached(&mut self.entries())?;
         if missing.is_empty() {
             return Ok(found);
         }
         let _reading = self.reading.lock().await;
-        let (mut found, missing) = cached(&mut self.entries());
+        let (mut found, missing) = cached(&mut self.entries())?;
         if missing.is_empty() {
             return Ok(found);
         }
-        let rows: Vec<(String, u32, String, u8, u64, u64, u64)> = self
-            .client
-            .query(&format!(
+        let rows: Vec<(String, u32, String, u8, u64, u64, u64)> = match self
+            .read(&format!(
                 "SELECT _partition_id, toUInt32({time}), {campaign}, toUInt8(event_type), events, cost_micros, revenue_micros \
                  FROM {table} WHERE tenant = {{tenant:String}} AND _partition_id IN {{generations:Array(String)}}",
                 time = summary.time,
@@ -310,10 +354,20 @@ impl Held {
             ))
             .param("tenant", tenant)
             .param("generations", &missing)
-            .with_setting("max_result_rows", self.max_rows().to_string())
-            .with_setting("result_overflow_mode", "throw")
             .fetch_all()
-            .await?;
+            .await
+            .map_err(Error::from)
+        {
+            Err(Error::OverBudget) => {
+                let mut entries = self.entries();
+                entries.too_large.extend(missing.iter().map(key));
+                return Err(Error::OverBudget);
+            }
+            read => read?,
+        };
+        if published_at.elapsed() > STALE_AFTER {
+            return Err(Error::Stale);
+        }
         let mut names = Names::default();
         let mut by_generation: HashMap<String, Vec<Figure>> =
             missing.iter().map(|g| (g.clone(), vec![])).collect();
@@ -365,16 +419,24 @@ impl Held {
             false => OF_EVENTS_IN_HOUR.replace("{in_hour}", IN_HOUR),
         };
         let rows: Vec<(i64, String, u8, u64, u64)> = self
-            .client
-            .query(&HOUR_EVENTS.replace("{rows}", &rows))
+            .read(&HOUR_EVENTS.replace("{rows}", &rows))
             .param("tenant", tenant)
             .param("partition", &edge.partition)
             .param("from", edge.hour * 1000)
             .param("to", (edge.hour + 3600) * 1000)
-            .with_setting("max_result_rows", self.max_rows().to_string())
-            .with_setting("result_overflow_mode", "throw")
             .fetch_all()
             .await?;
+        // Read from the partition as summarized, or (changed meanwhile) not used: the summary
+        // and these events would describe two different states of it.
+        let after: Option<u64> = self
+            .client
+            .query(super::FINGERPRINT)
+            .bind(&edge.partition)
+            .fetch_optional()
+            .await?;
+        if after != Some(edge.fingerprint) {
+            return Err(Error::Stale);
+        }
         let mut names = Names::default();
         let events: Vec<EdgeEvent> = rows
             .into_iter()
@@ -476,7 +538,7 @@ mod tests {
 
     #[test]
     fn only_what_is_current_is_kept() {
-        let held = Held::new(Client::default(), 1 << 20);
+        let held = Held::new(Client::default(), 1 << 20, 1000);
         let hour = |fingerprint| Key::Hour {
             partition: "20261130".into(),
             fingerprint,
@@ -497,29 +559,39 @@ mod tests {
         assert!(entries.get(&hour(2)).is_some());
         assert!(entries.get(&key("20261130-7")).is_none());
         assert!(entries.get(&hour(1)).is_none());
-        assert_eq!(entries.bytes, 20);
+        assert_eq!(entries.bytes, 2 * (10 + ENTRY_OVERHEAD));
     }
 
     #[test]
     fn the_least_recently_used_entries_go_over_the_budget() {
+        let o = ENTRY_OVERHEAD;
+        let budget = 2 * (o + 40) + 10;
         let mut entries = Entries::default();
-        entries.put(key("a"), figures(1), 40, 100);
-        entries.put(key("b"), figures(1), 40, 100);
+        entries.put(key("a"), figures(1), 40, budget);
+        entries.put(key("b"), figures(1), 40, budget);
         assert!(entries.get(&key("a")).is_some(), "a is now the most recent");
-        entries.put(key("c"), figures(1), 40, 100);
+        entries.put(key("c"), figures(1), 40, budget);
         assert!(
             entries.get(&key("b")).is_none(),
             "b was the least recently used"
         );
         assert!(entries.get(&key("a")).is_some());
         assert!(entries.get(&key("c")).is_some());
-        assert_eq!(entries.bytes, 80);
-        entries.put(key("c"), figures(1), 10, 100);
-        assert_eq!(entries.bytes, 50, "a replaced entry no longer counts");
-        entries.put(key("d"), figures(1), 500, 100);
+        assert_eq!(entries.bytes, 2 * (o + 40));
+        entries.put(key("c"), figures(1), 10, budget);
         assert_eq!(
-            entries.bytes, 0,
-            "an entry larger than the budget is not kept"
+            entries.bytes,
+            2 * o + 50,
+            "a replaced entry no longer counts"
         );
+        entries.put(key("d"), figures(1), budget, budget);
+        assert!(
+            entries.get(&key("d")).is_none(),
+            "larger than the budget: not kept"
+        );
+        assert_eq!(entries.bytes, 2 * o + 50, "and nothing else dropped for it");
+        let empty = Value::Summary(Arc::new(vec![]));
+        entries.put(key("e"), empty, 0, budget);
+        assert!(entries.get(&key("b")).is_none() && entries.bytes <= budget);
     }
 }
