@@ -79,8 +79,11 @@ pub struct Fold<'q, 'f> {
     names: Vec<Arc<str>>,
     by_address: foldhash::HashMap<usize, u32>,
     by_name: foldhash::HashMap<Arc<str>, u32>,
-    sums: foldhash::HashMap<(i64, GroupKey), Aggregates>,
-    figures: std::marker::PhantomData<&'f Figure>,
+    per_group: foldhash::HashMap<GroupKey, Aggregates>,
+    per_bucket: foldhash::HashMap<i64, Aggregates>,
+    /// Grouped and bucketed: every figure added, summed per bucket once the top groups are
+    /// known (so the sums kept are those of the top groups, not of every group).
+    added: Vec<(GroupKey, &'f Figure)>,
 }
 
 impl<'q, 'f> Fold<'q, 'f> {
@@ -95,8 +98,9 @@ impl<'q, 'f> Fold<'q, 'f> {
             names: vec![],
             by_address: Default::default(),
             by_name: Default::default(),
-            sums: Default::default(),
-            figures: std::marker::PhantomData,
+            per_group: Default::default(),
+            per_bucket: Default::default(),
+            added: vec![],
         }
     }
 
@@ -154,16 +158,12 @@ impl<'q, 'f> Fold<'q, 'f> {
             self.campaign(&f.campaign),
             if self.by_type { f.event_type } else { 0 },
         );
-        let sum = self.sums.entry((self.bucket(f.time), key)).or_default();
-        sum.events += f.events;
-        match f.event_type {
-            1 => sum.impressions += f.events,
-            2 => sum.clicks += f.events,
-            3 => sum.conversions += f.events,
-            _ => {}
+        let bucket = self.bucket(f.time);
+        sum_into(self.per_group.entry(key).or_default(), f);
+        sum_into(self.per_bucket.entry(bucket).or_default(), f);
+        if self.q.bucket.is_some() && !self.q.group_by.is_empty() {
+            self.added.push((key, f));
         }
-        sum.spend += f.cost;
-        sum.revenue += f.revenue;
     }
 
     /// The group's values as strings, in `group_by` order.
@@ -207,13 +207,8 @@ impl<'q, 'f> Fold<'q, 'f> {
             }
         };
         let bucketed = self.q.bucket.is_some();
-        let mut per_bucket: HashMap<i64, Aggregates> = HashMap::new();
-        let mut per_group: HashMap<&GroupKey, Aggregates> = HashMap::new();
-        for ((bucket, key), sum) in &self.sums {
-            per_bucket.entry(*bucket).or_default().add(sum);
-            per_group.entry(key).or_default().add(sum);
-        }
-        let mut totals: Vec<AggRow> = per_bucket
+        let mut totals: Vec<AggRow> = self
+            .per_bucket
             .iter()
             .map(|(bucket, sum)| row(*bucket, vec![], sum))
             .collect();
@@ -226,12 +221,13 @@ impl<'q, 'f> Fold<'q, 'f> {
             };
         }
 
-        let mut ranked: Vec<(Vec<String>, &GroupKey, Aggregates)> = per_group
-            .into_iter()
+        let mut ranked: Vec<(Vec<String>, &GroupKey, &Aggregates)> = self
+            .per_group
+            .iter()
             .map(|(key, sum)| (self.keys(key), key, sum))
             .collect();
         let order_by = self.q.order_by;
-        ranked.sort_by(|a, b| by_rank(&b.2, &a.2, order_by).then_with(|| a.0.cmp(&b.0)));
+        ranked.sort_by(|a, b| by_rank(b.2, a.2, order_by).then_with(|| a.0.cmp(&b.0)));
         ranked.truncate(usize::try_from(n).unwrap_or(usize::MAX));
         let ranking: Vec<AggRow> = ranked
             .iter()
@@ -246,12 +242,15 @@ impl<'q, 'f> Fold<'q, 'f> {
         }
         let top: HashMap<&GroupKey, &Vec<String>> =
             ranked.iter().map(|(keys, key, _)| (*key, keys)).collect();
-        let main = self
-            .sums
+        let mut sums: HashMap<(i64, &GroupKey), Aggregates> = HashMap::new();
+        for (key, f) in &self.added {
+            if let Some((key, _)) = top.get_key_value(key) {
+                sum_into(sums.entry((self.bucket(f.time), *key)).or_default(), f);
+            }
+        }
+        let main = sums
             .iter()
-            .filter_map(|((bucket, key), sum)| {
-                top.get(key).map(|keys| row(*bucket, (*keys).clone(), sum))
-            })
+            .map(|((bucket, key), sum)| row(*bucket, top[key].clone(), sum))
             .collect();
         Rows {
             main,
@@ -259,6 +258,19 @@ impl<'q, 'f> Fold<'q, 'f> {
             totals,
         }
     }
+}
+
+/// Adds the events of `f` to `sum`.
+fn sum_into(sum: &mut Aggregates, f: &Figure) {
+    sum.events += f.events;
+    match f.event_type {
+        1 => sum.impressions += f.events,
+        2 => sum.clicks += f.events,
+        3 => sum.conversions += f.events,
+        _ => {}
+    }
+    sum.spend += f.cost;
+    sum.revenue += f.revenue;
 }
 
 /// How `a` compares with `b` by what groups are ranked by (as `sql::rank`): a count, or a
