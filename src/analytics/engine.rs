@@ -90,7 +90,7 @@ impl Aggregates {
         }
     }
 
-    pub(super) fn add(&mut self, other: &Aggregates) {
+    fn add(&mut self, other: &Aggregates) {
         self.events += other.events;
         self.impressions += other.impressions;
         self.clicks += other.clicks;
@@ -119,7 +119,7 @@ pub(super) struct AggRow {
 }
 
 impl AggRow {
-    pub(super) fn aggs(&self) -> Aggregates {
+    fn aggs(&self) -> Aggregates {
         Aggregates {
             events: self.events,
             impressions: self.impressions,

@@ -293,7 +293,7 @@ impl Held {
     }
 
     /// Rows that fit in the budget.
-    pub fn max_rows(&self) -> u64 {
+    fn max_rows(&self) -> u64 {
         (self.budget / size_of::<EdgeEvent>()).max(1) as u64
     }
 
