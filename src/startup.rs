@@ -26,7 +26,7 @@ use crate::{
     config::{ClickHouseTarget, Settings},
     ingest::{
         shipper::{EventRows, JsonRows, Shipper},
-        wal, Ingest,
+        wal, Ingest, Refusals,
     },
     local_engine::LocalEngine,
     metrics::Metrics,
@@ -109,6 +109,7 @@ impl Application {
         )?;
         let (committed_tx, committed) = watch::channel(wal.start.lsn);
         let (usage_committed_tx, _) = watch::channel(usage_wal.start.lsn);
+        let refusals = Refusals::default();
         let (stopping, stopping_rx) = watch::channel(false);
         // The shippers get a thread and runtime of their own: they read the logs with blocking
         // file I/O and compress large batches, and neither may stall request handling.
@@ -121,6 +122,7 @@ impl Application {
             start: wal.start,
             durable: wal.durable.clone(),
             committed: committed_tx,
+            refusals: Some(refusals.clone()),
             shared: wal.shared.clone(),
             metrics: metrics.clone(),
             stopping: stopping_rx.clone(),
@@ -135,6 +137,7 @@ impl Application {
             start: usage_wal.start,
             durable: usage_wal.durable.clone(),
             committed: usage_committed_tx,
+            refusals: None,
             shared: usage_wal.shared.clone(),
             metrics: usage_metrics.clone(),
             stopping: stopping_rx,
@@ -187,6 +190,7 @@ impl Application {
         let ingest = Ingest {
             wal: wal.handle.clone(),
             committed: committed.clone(),
+            refusals,
             metrics: metrics.clone(),
             limits: settings.limits,
             retention: Duration::from_secs(u64::from(settings.retention_days) * 86_400),

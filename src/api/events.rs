@@ -26,9 +26,10 @@ pub enum IngestResponse {
     #[oai(status = 200)]
     Committed(Json<IngestResult>),
     /// Accepted events are durable on the service's disk (write-ahead log, fsynced) and reach
-    /// ClickHouse within about a second. `rejected` lists the events that were not accepted;
-    /// the others went in. With `wait=true`, 202 means the wait timed out: the events are safe
-    /// but not yet confirmed in ClickHouse.
+    /// ClickHouse within about a second (should ClickHouse refuse a row, it goes to the
+    /// service's dead-letter file and `adtrack_dead_lettered_events_total`). `rejected` lists
+    /// the events that were not accepted; the others went in. With `wait=true`, 202 means the
+    /// wait timed out: the events are safe but not yet confirmed in ClickHouse.
     #[oai(status = 202)]
     Accepted(Json<IngestResult>),
     /// The body cannot be read as events: malformed JSON (`line`/`column` say where), not an
@@ -60,6 +61,12 @@ pub enum IngestResponse {
     /// retry after `Retry-After` seconds.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    /// Only with `wait=true`: ClickHouse refused some of the accepted events (`refused_by_clickhouse`;
+    /// for example a constraint an operator added to the table). Those events are in the
+    /// service's dead-letter file for an operator, not in the table; the others are committed.
+    /// Re-sending the request is safe (committed events are not counted twice).
+    #[oai(status = 500)]
+    Refused(Json<ErrorBody>),
 }
 
 pub struct EventsApi {
@@ -163,6 +170,14 @@ fn outcome_response(outcome: Outcome, wait: bool) -> IngestResponse {
     };
     if outcome.accepted == 0 {
         IngestResponse::Invalid(Json(result))
+    } else if outcome.refused > 0 {
+        IngestResponse::Refused(Json(ErrorBody::new(
+            "refused_by_clickhouse",
+            format!(
+                "ClickHouse refused {} of the {} accepted events; they are kept in the service's dead-letter file, not in the table, and the others are committed",
+                outcome.refused, result.accepted
+            ),
+        )))
     } else if wait && outcome.committed {
         IngestResponse::Committed(Json(result))
     } else {

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod parse;
+pub mod refused;
 pub mod shipper;
 pub mod wal;
 
@@ -22,6 +23,7 @@ use crate::{
     metrics::Metrics,
 };
 pub use parse::{BodyError, BodyFormat, Rejection};
+pub use refused::Refusals;
 pub use wal::AppendError;
 
 /// What one ingest request achieved.
@@ -31,6 +33,9 @@ pub struct Outcome {
     pub rejected: Vec<Rejection>,
     /// True when the caller asked to wait and ClickHouse has committed the events.
     pub committed: bool,
+    /// Accepted events ClickHouse refused, found while waiting (they are in the dead-letter
+    /// file, not in the table); 0 when not waiting.
+    pub refused: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,8 @@ pub enum IngestError {
 pub struct Ingest {
     pub wal: wal::WalHandle,
     pub committed: watch::Receiver<u64>,
+    /// Records of which ClickHouse refused rows (noted by the shipper before it commits past).
+    pub refusals: Refusals,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub retention: Duration,
@@ -85,6 +92,7 @@ impl Ingest {
                 accepted,
                 rejected: sorted.rejected,
                 committed: false,
+                refused: 0,
             });
         }
 
@@ -104,10 +112,16 @@ impl Ingest {
             .fetch_add(accepted as u64, std::sync::atomic::Ordering::Relaxed);
 
         let committed = wait && self.wait_for_commit(lsn).await;
+        let refused = if committed {
+            self.refusals.take(lsn)
+        } else {
+            0
+        };
         Ok(Outcome {
             accepted,
             rejected: sorted.rejected,
             committed,
+            refused,
         })
     }
 

@@ -23,7 +23,10 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::wal::{self, Shared, WalPos, WalReader};
+use super::{
+    wal::{self, Shared, WalPos, WalReader},
+    Refusals,
+};
 use crate::{
     clickhouse::{error_code, is_data_error, rowbinary},
     config::FlushSettings,
@@ -129,6 +132,8 @@ pub struct Shipper<F: RowFormat> {
     pub start: WalPos,
     pub durable: watch::Receiver<WalPos>,
     pub committed: watch::Sender<u64>,
+    /// Where refused rows are noted by record, for requests waiting on their commit.
+    pub refusals: Option<Refusals>,
     pub shared: Arc<Shared>,
     pub metrics: Arc<Metrics>,
     /// Turns true when the service stops: drain what is durable, then return.
@@ -139,6 +144,8 @@ pub struct Shipper<F: RowFormat> {
 
 struct Batch {
     rows: Vec<u8>,
+    /// Per record in the batch: where its rows end in `rows`, and its sequence number.
+    records: Vec<(usize, u64)>,
     count: usize,
     wal_bytes: u64,
     end: WalPos,
@@ -150,6 +157,7 @@ impl<F: RowFormat> Shipper<F> {
         let mut reader = WalReader::new(&self.wal_dir, self.start);
         let mut batch = Batch {
             rows: Vec::new(),
+            records: Vec::new(),
             count: 0,
             wal_bytes: 0,
             end: self.start,
@@ -172,6 +180,7 @@ impl<F: RowFormat> Shipper<F> {
                     Ok(Some(record)) => {
                         batch.started.get_or_insert_with(Instant::now);
                         batch.count += record.rows as usize;
+                        batch.records.push((batch.rows.len(), record.lsn));
                         batch.wal_bytes += record.disk_bytes();
                         batch.end = record.end;
                     }
@@ -243,7 +252,7 @@ impl<F: RowFormat> Shipper<F> {
             let started = Instant::now();
             let attempt = match self.ensure_schema().await {
                 Ok(()) => self
-                    .insert_or_dead_letter(sql, rows.clone(), batch.end.lsn)
+                    .insert_or_dead_letter(sql, rows.clone(), &batch.records)
                     .await
                     .map_err(anyhow::Error::from),
                 Err(err) => Err(err),
@@ -293,22 +302,25 @@ impl<F: RowFormat> Shipper<F> {
             .fetch_sub(batch.wal_bytes, Ordering::Relaxed);
         self.committed.send_replace(batch.end.lsn);
         batch.rows.clear();
+        batch.records.clear();
         batch.count = 0;
         batch.wal_bytes = 0;
         batch.started = None;
     }
 
-    /// Inserts `rows`. A data error splits them in halves until the bad rows are isolated and
-    /// written to the dead-letter file; the good rows still reach ClickHouse. Any other error
-    /// is returned for the caller to retry.
+    /// Inserts `rows` (the rows of `records`, see `Batch`). A data error splits them in halves
+    /// until the bad rows are isolated and written to the dead-letter file, and their records
+    /// noted as refused; the good rows still reach ClickHouse. Any other error is returned for
+    /// the caller to retry.
     async fn insert_or_dead_letter(
         &self,
         sql: &str,
         rows: Bytes,
-        lsn: u64,
+        records: &[(usize, u64)],
     ) -> Result<(), clickhouse::error::Error> {
-        let mut pending = vec![rows];
-        while let Some(rows) = pending.pop() {
+        // (where in the batch the rows start, rows)
+        let mut pending = vec![(0, rows)];
+        while let Some((at, rows)) = pending.pop() {
             match self.insert(sql, rows.clone()).await {
                 Ok(()) => {}
                 Err(err) if is_data_error(&err) => {
@@ -318,10 +330,14 @@ impl<F: RowFormat> Shipper<F> {
                     let bounds = self.format.row_bounds(&rows);
                     if bounds.len() > 1 {
                         let mid = bounds[bounds.len() / 2].start;
-                        pending.push(rows.slice(mid..));
-                        pending.push(rows.slice(..mid));
+                        pending.push((at + mid, rows.slice(mid..)));
+                        pending.push((at, rows.slice(..mid)));
                     } else {
-                        self.dead_letter(&rows, &err, lsn);
+                        let lsn = record_at(records, at);
+                        let count = self.dead_letter(&rows, &err, lsn);
+                        if let Some(refusals) = &self.refusals {
+                            refusals.note(lsn, count);
+                        }
                     }
                 }
                 Err(err) => return Err(err),
@@ -339,7 +355,8 @@ impl<F: RowFormat> Shipper<F> {
         insert.end().await
     }
 
-    fn dead_letter(&self, rows: &[u8], err: &clickhouse::error::Error, lsn: u64) {
+    /// Writes refused rows of record `lsn` to the dead-letter file; returns how many.
+    fn dead_letter(&self, rows: &[u8], err: &clickhouse::error::Error, lsn: u64) -> u32 {
         let (field, described) = self.format.describe(rows);
         let count = described.as_array().map_or(0, Vec::len).max(1);
         let mut line = serde_json::json!({
@@ -380,7 +397,14 @@ impl<F: RowFormat> Shipper<F> {
         self.metrics
             .dead_lettered_events
             .fetch_add(count as u64, Ordering::Relaxed);
+        count as u32
     }
+}
+
+/// The sequence number of the record whose rows hold byte `at` of a batch.
+fn record_at(records: &[(usize, u64)], at: usize) -> u64 {
+    let i = records.partition_point(|&(end, _)| end <= at);
+    records.get(i).or(records.last()).map_or(0, |&(_, lsn)| lsn)
 }
 
 /// The identities of the last two batches, to count re-sent events. Counting only: every
@@ -419,4 +443,20 @@ fn tenant_key(tenant: &[u8]) -> u64 {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_at;
+
+    #[test]
+    fn a_row_is_traced_to_the_record_it_came_from() {
+        // Records 5, 6, 7 hold bytes 0..100, 100..250, 250..300.
+        let records = [(100, 5), (250, 6), (300, 7)];
+        assert_eq!(record_at(&records, 0), 5);
+        assert_eq!(record_at(&records, 99), 5);
+        assert_eq!(record_at(&records, 100), 6);
+        assert_eq!(record_at(&records, 249), 6);
+        assert_eq!(record_at(&records, 250), 7);
+    }
 }
