@@ -1,7 +1,9 @@
 //! Turns a request body into events: JSON (one object or an array) or NDJSON.
 //!
-//! The body is split into raw per-event JSON first (cheap: `RawValue` only finds the
-//! boundaries), so one bad event is rejected on its own and the rest of the batch still goes in.
+//! Each event is parsed on its own, so one bad event is rejected alone and the rest of the
+//! batch still goes in: a JSON body is read event by event straight into the typed form
+//! (`sort_json_in_one_pass`); NDJSON, and JSON bodies that are not well-formed, are first
+//! split into raw per-event JSON (`RawValue` only finds the boundaries).
 
 use std::borrow::Cow;
 
@@ -60,26 +62,115 @@ pub fn sort_events<'a>(
     limits: &Limits,
     rules: &TimeRules,
 ) -> Result<Sorted<'a>, BodyError> {
+    if format == BodyFormat::Json {
+        if let Some(sorted) = sort_json_in_one_pass(body, limits, rules) {
+            return Ok(sorted);
+        }
+    }
+    sort_split(body, format, limits, rules)
+}
+
+/// Splits the body into raw per-event JSON first, then parses each event.
+fn sort_split<'a>(
+    body: &'a str,
+    format: BodyFormat,
+    limits: &Limits,
+    rules: &TimeRules,
+) -> Result<Sorted<'a>, BodyError> {
     let raw = split(body, format, limits)?;
     let mut sorted = Sorted {
         valid: Vec::with_capacity(raw.len()),
         rejected: Vec::new(),
     };
     for (index, item) in raw.into_iter().enumerate() {
-        let raw = match item {
-            Ok(raw) => raw,
-            Err(error) => {
-                sorted.rejected.push(Rejection {
-                    index,
-                    event_id: None,
-                    errors: vec![error],
-                    reason: RejectReason::Invalid,
-                });
-                continue;
+        match item {
+            Ok(raw) => sorted.check(index, raw, None, limits, rules),
+            Err(error) => sorted.rejected.push(Rejection {
+                index,
+                event_id: None,
+                errors: vec![error],
+                reason: RejectReason::Invalid,
+            }),
+        }
+    }
+    Ok(sorted)
+}
+
+/// The fast way through a JSON body whose events are all well-formed JSON: each event is
+/// parsed into its typed form straight from the body (no separate pass to find where events
+/// start and end; the parser reports how far it read). An event that does not parse as an
+/// event is found again as raw JSON, to explain it and go on after it. `None` when the body
+/// is not an object or an array of objects ending cleanly, or has too many events: `split`
+/// then reports it exactly as before (with the line and column of malformed JSON).
+fn sort_json_in_one_pass<'a>(
+    body: &'a str,
+    limits: &Limits,
+    rules: &TimeRules,
+) -> Option<Sorted<'a>> {
+    let start = body.len() - body.trim_start().len();
+    let (mut at, array) = match body.as_bytes().get(start)? {
+        b'[' => (start + 1, true),
+        b'{' => (start, false),
+        _ => return None,
+    };
+    let mut sorted = Sorted::default();
+    loop {
+        at = skip_whitespace(body, at);
+        if array && sorted.len() == 0 && body.as_bytes().get(at) == Some(&b']') {
+            return None; // `[]`: `split` says it is empty.
+        }
+        if sorted.len() == limits.max_events {
+            return None; // `split` counts them all for the error.
+        }
+        let index = sorted.len();
+        let rest = &body[at..];
+        let mut typed = serde_json::Deserializer::from_str(rest).into_iter::<WireEvent<'a>>();
+        match typed.next()? {
+            Ok(event) => {
+                let end = typed.byte_offset();
+                sorted.check(index, &rest[..end], Some(event), limits, rules);
+                at += end;
             }
-        };
+            Err(_) => {
+                let mut raw = serde_json::Deserializer::from_str(rest).into_iter::<&RawValue>();
+                let event = raw.next()?.ok()?;
+                sorted.check(index, event.get(), None, limits, rules);
+                at += raw.byte_offset();
+            }
+        }
+        at = skip_whitespace(body, at);
+        match (array, body.as_bytes().get(at)) {
+            (true, Some(b',')) => at += 1,
+            (true, Some(b']')) => at += 1,
+            (false, None) => return Some(sorted),
+            _ => return None,
+        }
+        if body.as_bytes()[at - 1] == b']' {
+            return (skip_whitespace(body, at) == body.len()).then_some(sorted);
+        }
+    }
+}
+
+fn skip_whitespace(body: &str, at: usize) -> usize {
+    at + body[at..].len() - body[at..].trim_start().len()
+}
+
+impl<'a> Sorted<'a> {
+    fn len(&self) -> usize {
+        self.valid.len() + self.rejected.len()
+    }
+
+    /// Sorts event `index`, whose JSON is `raw` (already parsed as `parsed`, when it was).
+    fn check(
+        &mut self,
+        index: usize,
+        raw: &'a str,
+        parsed: Option<WireEvent<'a>>,
+        limits: &Limits,
+        rules: &TimeRules,
+    ) {
         if raw.len() > limits.max_event_bytes {
-            sorted.rejected.push(Rejection {
+            self.rejected.push(Rejection {
                 index,
                 event_id: event_id_of(raw),
                 errors: vec![FieldError::new(
@@ -92,9 +183,13 @@ pub fn sort_events<'a>(
                 )],
                 reason: RejectReason::TooLarge,
             });
-            continue;
+            return;
         }
-        let checked = match serde_json::from_str::<WireEvent<'a>>(raw) {
+        let parsed = match parsed {
+            Some(event) => Ok(event),
+            None => serde_json::from_str::<WireEvent<'a>>(raw),
+        };
+        let checked = match parsed {
             Ok(event) => {
                 let id = event.event_id;
                 event
@@ -104,8 +199,8 @@ pub fn sort_events<'a>(
             Err(_) => Err((event_id_of(raw), vec![explain_parse_error(raw)])),
         };
         match checked {
-            Ok(valid) => sorted.valid.push(valid),
-            Err((event_id, errors)) => sorted.rejected.push(Rejection {
+            Ok(valid) => self.valid.push(valid),
+            Err((event_id, errors)) => self.rejected.push(Rejection {
                 index,
                 event_id,
                 errors,
@@ -113,7 +208,6 @@ pub fn sort_events<'a>(
             }),
         }
     }
-    Ok(sorted)
 }
 
 /// Raw JSON per event; an NDJSON line that is not JSON at all is an error of that event only.
@@ -268,6 +362,69 @@ mod tests {
         assert_eq!(err, BodyError::NotAnEventOrArray);
         let err = sort_events("  ", BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
         assert_eq!(err, BodyError::Empty);
+    }
+
+    /// What a client sees of a sorted body.
+    fn seen(sorted: &Sorted) -> (usize, Vec<String>) {
+        let rejected = sorted
+            .rejected
+            .iter()
+            .map(|r| format!("{} {:?} {:?} {:?}", r.index, r.event_id, r.errors, r.reason))
+            .collect();
+        (sorted.valid.len(), rejected)
+    }
+
+    #[test]
+    fn reading_json_in_one_pass_sorts_events_exactly_as_splitting_first() {
+        let r = rules();
+        let big = event(9).replace(r#""p"}"#, &format!(r#""p","os":"{}"}}"#, "o".repeat(300)));
+        let bad_id = event(3).replace("00000000-0000-4000-8000-000000000003", "nope");
+        let unknown = event(4).replace(r#""c","#, r#""c","colour":"red","#);
+        let missing = event(5).replace(r#","ad_id":"a""#, "");
+        let late = event(6).replace(&chrono::Utc::now().format("%Y").to_string(), "2001");
+        let limits = Limits {
+            max_events: 10,
+            ..LIMITS
+        };
+        let bodies = [
+            event(1),
+            format!("  {}\n ", event(1)),
+            format!("[{}]", event(1)),
+            format!("[ {} ,\n\t{} ]\n", event(1), event(2)),
+            format!("[{},{big},{bad_id},{unknown}]", event(1)),
+            format!("[{missing},{late},42,\"x\",[1],null,{}]", event(2)),
+            format!("[{bad_id}]"),
+            bad_id.clone(),
+            big.clone(),
+        ];
+        for body in &bodies {
+            let fast = sort_json_in_one_pass(body, &limits, &r)
+                .unwrap_or_else(|| panic!("not read in one pass: {body}"));
+            let split = sort_split(body, BodyFormat::Json, &limits, &r).unwrap();
+            assert_eq!(seen(&fast), seen(&split), "{body}");
+        }
+        // Bodies the one pass leaves to `split`, for its errors.
+        for body in [
+            "[]".to_string(),
+            " [ ] ".to_string(),
+            format!("[{},]", event(1)),
+            format!("[{}", event(1)),
+            format!("[{}] x", event(1)),
+            format!("{} {}", event(1), event(2)),
+            format!("[{},{{\"a\": }}]", event(1)),
+            "42".to_string(),
+            (0..11).map(event).collect::<Vec<_>>().join(","),
+            format!("[{}]", (0..11).map(event).collect::<Vec<_>>().join(",")),
+        ] {
+            assert!(
+                sort_json_in_one_pass(&body, &limits, &r).is_none(),
+                "{body}"
+            );
+            assert!(
+                sort_events(&body, BodyFormat::Json, &limits, &r).is_err(),
+                "{body}"
+            );
+        }
     }
 
     #[test]
