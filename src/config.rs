@@ -48,6 +48,8 @@ pub struct WalSettings {
     pub max_pending_bytes: u64,
     /// `fdatasync` before acknowledging. Only benchmarks of the bare pipeline turn this off.
     pub fsync: bool,
+    /// The log starts a write + fsync at most this often; requests arriving meanwhile share it.
+    pub min_group_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +218,10 @@ impl Settings {
                     parse("ADTRACK_WAL_MAX_PENDING_BYTES", "1073741824")?,
                 )?,
                 fsync: flag("ADTRACK_WAL_FSYNC", true)?,
+                min_group_interval: Duration::from_micros(num(
+                    "ADTRACK_WAL_GROUP_INTERVAL_US",
+                    parse("ADTRACK_WAL_GROUP_INTERVAL_US", "500")?,
+                )?),
             },
             flush: FlushSettings {
                 max_rows: num(
@@ -425,6 +431,27 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    #[test]
+    fn every_setting_is_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let source = include_str!("config.rs");
+        let names: std::collections::BTreeSet<&str> = source
+            .split('"')
+            .filter(|s| {
+                s.len() > "ADTRACK_".len()
+                    && s.starts_with("ADTRACK_")
+                    && s.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+            })
+            .collect();
+        assert!(names.len() > 30, "{names:?}");
+        for name in names {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "{name} is not in the README"
+            );
+        }
+    }
+
     fn settings(vars: &[(&str, &str)]) -> anyhow::Result<Settings> {
         let map: HashMap<String, String> = vars
             .iter()
@@ -445,6 +472,7 @@ mod tests {
         assert_eq!(s.limits.max_event_bytes, 16 * 1024);
         assert_eq!(s.retention_days, 30);
         assert!(s.wal.fsync);
+        assert_eq!(s.wal.min_group_interval, Duration::from_micros(500));
         assert!(s.admin_key.is_none());
         assert_eq!(s.usage.retention_days, 90);
         assert_eq!(s.rate_limits.requests_per_sec, 1000);

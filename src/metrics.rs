@@ -45,6 +45,11 @@ impl Histogram {
         }
     }
 
+    /// How many observations were made.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
     pub fn observe(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
         if let Some(i) = self.bounds.iter().position(|&b| secs <= b) {

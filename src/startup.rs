@@ -92,11 +92,15 @@ impl Application {
         };
 
         let metrics = Arc::new(Metrics::default());
+        let durability = wal::Durability {
+            fsync: settings.wal.fsync,
+            min_group_interval: settings.wal.min_group_interval,
+        };
         let wal = wal::open(
             &settings.wal.dir,
             settings.wal.segment_bytes,
             settings.wal.max_pending_bytes,
-            settings.wal.fsync,
+            durability,
             metrics.clone(),
         )?;
         let usage_metrics = Arc::new(Metrics::default());
@@ -104,7 +108,7 @@ impl Application {
             &settings.wal.dir.join("usage"),
             settings.wal.segment_bytes.min(8 << 20),
             settings.usage.max_pending_bytes,
-            settings.wal.fsync,
+            durability,
             usage_metrics.clone(),
         )?;
         let (committed_tx, committed) = watch::channel(wal.start.lsn);

@@ -9,7 +9,10 @@
 //! The log is a directory of numbered segment files. A record is
 //! `len u32 | crc32 u32 | lsn u64 | rows u32 | payload` (little-endian; the CRC covers
 //! everything after itself), where the payload is RowBinary rows ready for ClickHouse.
-//! Group commit: while one fsync runs, new requests queue up and share the next one.
+//! Group commit: while one fsync runs, new requests queue up and share the next one; and a
+//! group starts at most once per `Durability::min_group_interval`, so under load each fsync
+//! (and each wake-up of the log thread) serves more requests, while a lone request after a
+//! quiet moment is written at once.
 //! Segments are zero-filled to their full size before use (in the background, one segment
 //! ahead), so an append never changes the file's size and `fdatasync` never has to commit
 //! file-system metadata: measured here under concurrent disk writes, that took the fsync p99
@@ -42,6 +45,24 @@ const HEADER_LEN: usize = 20;
 const MAX_RECORD_LEN: usize = 256 * 1024 * 1024;
 /// The log thread writes at most this much per fsync, so one huge burst cannot delay acks.
 const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+/// How records are made durable.
+#[derive(Debug, Clone, Copy)]
+pub struct Durability {
+    /// `fdatasync` after each group (off only to measure the rest of the pipeline).
+    pub fsync: bool,
+    /// A group is started at most this often (measured on 2 cores at saturation: 500 µs
+    /// took fsyncs from ~3,300/s to ~1,250/s and CPU per request down ~10 %).
+    pub min_group_interval: std::time::Duration,
+}
+
+impl Durability {
+    /// fsync every group, start each group as soon as a record waits (tests).
+    pub const IMMEDIATE: Self = Self {
+        fsync: true,
+        min_group_interval: std::time::Duration::ZERO,
+    };
+}
 
 /// A position in the log: just after the record with sequence number `lsn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -135,7 +156,7 @@ pub fn open(
     dir: &Path,
     segment_bytes: u64,
     max_pending_bytes: u64,
-    fsync: bool,
+    durability: Durability,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Wal> {
     fs::create_dir_all(dir).with_context(|| format!("creating WAL dir {}", dir.display()))?;
@@ -212,7 +233,7 @@ pub fn open(
         file,
         pos: initial,
         segment_bytes,
-        fsync,
+        durability,
         durable: durable_tx,
         shared: shared.clone(),
         metrics,
@@ -242,7 +263,7 @@ struct LogWriter {
     file: File,
     pos: WalPos,
     segment_bytes: u64,
-    fsync: bool,
+    durability: Durability,
     durable: watch::Sender<WalPos>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
@@ -252,8 +273,15 @@ impl LogWriter {
     fn run(&mut self, mut rx: mpsc::Receiver<AppendRequest>) {
         let mut buf = Vec::with_capacity(MAX_GROUP_BYTES);
         let mut group: Vec<(u64, oneshot::Sender<Result<u64, AppendError>>)> = Vec::new();
+        let mut last_group = std::time::Instant::now();
         while let Some(first) = rx.blocking_recv() {
-            // Group commit: take whatever else is already waiting.
+            // Group commit: let more records gather if the last group began only moments ago,
+            // then take whatever is waiting.
+            let since = last_group.elapsed();
+            if since < self.durability.min_group_interval {
+                std::thread::sleep(self.durability.min_group_interval - since);
+            }
+            last_group = std::time::Instant::now();
             let mut next = Some(first);
             let mut lsn = self.pos.lsn;
             while let Some(req) = next.take() {
@@ -295,7 +323,7 @@ impl LogWriter {
 
     fn write_group(&mut self, buf: &[u8], last_lsn: u64) -> io::Result<()> {
         let write = self.file.write_all(buf).and_then(|()| {
-            if self.fsync {
+            if self.durability.fsync {
                 let started = std::time::Instant::now();
                 let synced = self.file.sync_data();
                 self.metrics.fsync_seconds.observe(started.elapsed());
@@ -670,7 +698,7 @@ mod tests {
     #[tokio::test]
     async fn appended_records_read_back_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = open(dir.path(), 4096, u64::MAX, true, metrics()).unwrap();
+        let wal = open(dir.path(), 4096, u64::MAX, Durability::IMMEDIATE, metrics()).unwrap();
         for i in 0..100u32 {
             let lsn = wal.handle.append(vec![i as u8; 100], i).await.unwrap();
             assert_eq!(lsn, u64::from(i) + 1);
@@ -690,7 +718,14 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_caught_up_sees_later_records() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = open(dir.path(), 1 << 20, u64::MAX, true, metrics()).unwrap();
+        let wal = open(
+            dir.path(),
+            1 << 20,
+            u64::MAX,
+            Durability::IMMEDIATE,
+            metrics(),
+        )
+        .unwrap();
         let mut reader = WalReader::new(dir.path(), wal.start);
         let mut out = Vec::new();
         wal.handle.append(b"first".to_vec(), 1).await.unwrap();
@@ -709,7 +744,14 @@ mod tests {
     async fn a_torn_tail_is_cut_and_numbering_continues() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let wal = open(dir.path(), 1 << 20, u64::MAX, true, metrics()).unwrap();
+            let wal = open(
+                dir.path(),
+                1 << 20,
+                u64::MAX,
+                Durability::IMMEDIATE,
+                metrics(),
+            )
+            .unwrap();
             wal.handle.append(b"one".to_vec(), 1).await.unwrap();
             wal.handle.append(b"two".to_vec(), 1).await.unwrap();
         }
@@ -724,7 +766,14 @@ mod tests {
         drop(file);
         assert!(!scan_segment(&seg).unwrap().clean_end);
 
-        let wal = open(dir.path(), 1 << 20, u64::MAX, true, metrics()).unwrap();
+        let wal = open(
+            dir.path(),
+            1 << 20,
+            u64::MAX,
+            Durability::IMMEDIATE,
+            metrics(),
+        )
+        .unwrap();
         let lsn = wal.handle.append(b"four".to_vec(), 1).await.unwrap();
         assert_eq!(
             lsn, 3,
@@ -745,7 +794,14 @@ mod tests {
     async fn a_corrupt_record_is_not_replayed() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let wal = open(dir.path(), 1 << 20, u64::MAX, true, metrics()).unwrap();
+            let wal = open(
+                dir.path(),
+                1 << 20,
+                u64::MAX,
+                Durability::IMMEDIATE,
+                metrics(),
+            )
+            .unwrap();
             wal.handle.append(b"good".to_vec(), 1).await.unwrap();
             wal.handle.append(b"flipped".to_vec(), 1).await.unwrap();
         }
@@ -755,7 +811,14 @@ mod tests {
         bytes[last] ^= 0xff;
         fs::write(&seg, bytes).unwrap();
 
-        let wal = open(dir.path(), 1 << 20, u64::MAX, true, metrics()).unwrap();
+        let wal = open(
+            dir.path(),
+            1 << 20,
+            u64::MAX,
+            Durability::IMMEDIATE,
+            metrics(),
+        )
+        .unwrap();
         let durable = *wal.durable.borrow();
         let records = read_all(dir.path(), wal.start, durable);
         assert_eq!(records.len(), 1);
@@ -767,7 +830,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let committed;
         {
-            let wal = open(dir.path(), 4096, u64::MAX, true, metrics()).unwrap();
+            let wal = open(dir.path(), 4096, u64::MAX, Durability::IMMEDIATE, metrics()).unwrap();
             for i in 0..60u8 {
                 wal.handle.append(vec![i; 200], 1).await.unwrap();
             }
@@ -777,7 +840,7 @@ mod tests {
             checkpoint(dir.path(), committed).unwrap();
         }
         assert!(list_segments(dir.path()).unwrap()[0] >= committed.segment);
-        let wal = open(dir.path(), 4096, u64::MAX, true, metrics()).unwrap();
+        let wal = open(dir.path(), 4096, u64::MAX, Durability::IMMEDIATE, metrics()).unwrap();
         assert_eq!(wal.start, committed);
         let durable = *wal.durable.borrow();
         let records = read_all(dir.path(), wal.start, durable);
@@ -790,9 +853,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn records_arriving_within_the_group_interval_share_one_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = metrics();
+        let durability = Durability {
+            fsync: true,
+            min_group_interval: std::time::Duration::from_millis(500),
+        };
+        let wal = open(dir.path(), 1 << 20, u64::MAX, durability, metrics.clone()).unwrap();
+        wal.handle.append(vec![0], 1).await.unwrap();
+        let groups_before = metrics.fsync_seconds.count();
+        // Ten records, 5 ms apart: without the interval each would get a group of its own.
+        let mut appends = Vec::new();
+        for i in 1..=10u8 {
+            let handle = wal.handle.clone();
+            appends.push(tokio::spawn(async move { handle.append(vec![i], 1).await }));
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let mut lsns = Vec::new();
+        for append in appends {
+            lsns.push(append.await.unwrap().unwrap());
+        }
+        lsns.sort();
+        assert_eq!(lsns, (2..=11).collect::<Vec<u64>>());
+        assert_eq!(metrics.fsync_seconds.count() - groups_before, 1);
+    }
+
+    #[tokio::test]
     async fn appends_past_the_budget_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = open(dir.path(), 1 << 20, 1000, true, metrics()).unwrap();
+        let wal = open(dir.path(), 1 << 20, 1000, Durability::IMMEDIATE, metrics()).unwrap();
         wal.handle.append(vec![0; 500], 1).await.unwrap();
         let err = wal.handle.append(vec![0; 500], 1).await.unwrap_err();
         assert!(matches!(err, AppendError::Full));
