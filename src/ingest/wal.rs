@@ -680,6 +680,18 @@ fn remove_unfinished_segments(dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// Opens the log with every group fsynced at once.
+    fn open_at(dir: &Path, segment_bytes: u64, max_pending_bytes: u64) -> Wal {
+        open(
+            dir,
+            segment_bytes,
+            max_pending_bytes,
+            Durability::IMMEDIATE,
+            metrics(),
+        )
+        .unwrap()
+    }
+
     fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::default())
     }
@@ -698,7 +710,7 @@ mod tests {
     #[tokio::test]
     async fn appended_records_read_back_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = open(dir.path(), 4096, u64::MAX, Durability::IMMEDIATE, metrics()).unwrap();
+        let wal = open_at(dir.path(), 4096, u64::MAX);
         for i in 0..100u32 {
             let lsn = wal.handle.append(vec![i as u8; 100], i).await.unwrap();
             assert_eq!(lsn, u64::from(i) + 1);
@@ -718,14 +730,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_caught_up_sees_later_records() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = open(
-            dir.path(),
-            1 << 20,
-            u64::MAX,
-            Durability::IMMEDIATE,
-            metrics(),
-        )
-        .unwrap();
+        let wal = open_at(dir.path(), 1 << 20, u64::MAX);
         let mut reader = WalReader::new(dir.path(), wal.start);
         let mut out = Vec::new();
         wal.handle.append(b"first".to_vec(), 1).await.unwrap();
@@ -744,14 +749,7 @@ mod tests {
     async fn a_torn_tail_is_cut_and_numbering_continues() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let wal = open(
-                dir.path(),
-                1 << 20,
-                u64::MAX,
-                Durability::IMMEDIATE,
-                metrics(),
-            )
-            .unwrap();
+            let wal = open_at(dir.path(), 1 << 20, u64::MAX);
             wal.handle.append(b"one".to_vec(), 1).await.unwrap();
             wal.handle.append(b"two".to_vec(), 1).await.unwrap();
         }
@@ -766,14 +764,7 @@ mod tests {
         drop(file);
         assert!(!scan_segment(&seg).unwrap().clean_end);
 
-        let wal = open(
-            dir.path(),
-            1 << 20,
-            u64::MAX,
-            Durability::IMMEDIATE,
-            metrics(),
-        )
-        .unwrap();
+        let wal = open_at(dir.path(), 1 << 20, u64::MAX);
         let lsn = wal.handle.append(b"four".to_vec(), 1).await.unwrap();
         assert_eq!(
             lsn, 3,
@@ -794,14 +785,7 @@ mod tests {
     async fn a_corrupt_record_is_not_replayed() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let wal = open(
-                dir.path(),
-                1 << 20,
-                u64::MAX,
-                Durability::IMMEDIATE,
-                metrics(),
-            )
-            .unwrap();
+            let wal = open_at(dir.path(), 1 << 20, u64::MAX);
             wal.handle.append(b"good".to_vec(), 1).await.unwrap();
             wal.handle.append(b"flipped".to_vec(), 1).await.unwrap();
         }
@@ -811,14 +795,7 @@ mod tests {
         bytes[last] ^= 0xff;
         fs::write(&seg, bytes).unwrap();
 
-        let wal = open(
-            dir.path(),
-            1 << 20,
-            u64::MAX,
-            Durability::IMMEDIATE,
-            metrics(),
-        )
-        .unwrap();
+        let wal = open_at(dir.path(), 1 << 20, u64::MAX);
         let durable = *wal.durable.borrow();
         let records = read_all(dir.path(), wal.start, durable);
         assert_eq!(records.len(), 1);
@@ -830,7 +807,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let committed;
         {
-            let wal = open(dir.path(), 4096, u64::MAX, Durability::IMMEDIATE, metrics()).unwrap();
+            let wal = open_at(dir.path(), 4096, u64::MAX);
             for i in 0..60u8 {
                 wal.handle.append(vec![i; 200], 1).await.unwrap();
             }
@@ -840,7 +817,7 @@ mod tests {
             checkpoint(dir.path(), committed).unwrap();
         }
         assert!(list_segments(dir.path()).unwrap()[0] >= committed.segment);
-        let wal = open(dir.path(), 4096, u64::MAX, Durability::IMMEDIATE, metrics()).unwrap();
+        let wal = open_at(dir.path(), 4096, u64::MAX);
         assert_eq!(wal.start, committed);
         let durable = *wal.durable.borrow();
         let records = read_all(dir.path(), wal.start, durable);
@@ -882,7 +859,7 @@ mod tests {
     #[tokio::test]
     async fn appends_past_the_budget_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = open(dir.path(), 1 << 20, 1000, Durability::IMMEDIATE, metrics()).unwrap();
+        let wal = open_at(dir.path(), 1 << 20, 1000);
         wal.handle.append(vec![0; 500], 1).await.unwrap();
         let err = wal.handle.append(vec![0; 500], 1).await.unwrap_err();
         assert!(matches!(err, AppendError::Full));
