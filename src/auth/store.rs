@@ -121,6 +121,12 @@ impl KeyStore {
         if let Some(hit) = self.read_cache().get(id) {
             return Ok(Some(hit.clone()));
         }
+        // Boxed: the ClickHouse query's future is several KB, and every request's future
+        // (which holds this one) is moved into the heap by the framework.
+        Box::pin(self.look_up_missing(id)).await
+    }
+
+    async fn look_up_missing(&self, id: &str) -> Result<Option<Arc<CachedKey>>, StoreError> {
         // One lookup at a time: requests arriving together with a new key wait for the first
         // one's answer instead of racing it (and a key answered "unknown" within the last
         // second is not asked for again).
