@@ -58,8 +58,20 @@ pub struct UsageRow<'a> {
     pub events_rejected: u32,
 }
 
+/// `YYYY-MM-DD hh:mm:ss.ffffff`, as `DateTime64(6)` reads it (written field by field: a
+/// `format` string would be parsed again for every request).
 fn micros<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&t.format("%Y-%m-%d %H:%M:%S%.6f"))
+    use chrono::{Datelike, Timelike};
+    s.collect_str(&format_args!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.timestamp_subsec_micros().min(999_999)
+    ))
 }
 
 pub struct UsageLog {
@@ -167,6 +179,21 @@ pub async fn run_flusher(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_written_as_datetime64_reads_them() {
+        let text = |us| {
+            let mut out = Vec::new();
+            let t = DateTime::from_timestamp_micros(us).unwrap();
+            micros(&t, &mut serde_json::Serializer::new(&mut out)).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            text(1_700_000_000_000_042),
+            r#""2023-11-14 22:13:20.000042""#
+        );
+        assert_eq!(text(946_684_800_000_000), r#""2000-01-01 00:00:00.000000""#);
+    }
 
     #[test]
     fn a_row_is_one_json_line_with_microsecond_time() {

@@ -94,9 +94,10 @@ pub struct WireEvent<'a> {
     #[garde(skip)]
     pub event_type: EventType,
     #[garde(skip)]
+    #[serde(deserialize_with = "time::required")]
     pub timestamp: DateTime<Utc>,
     #[garde(skip)]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "time::optional")]
     pub sent_at: Option<DateTime<Utc>>,
     #[garde(custom(id_chars))]
     #[serde(borrow)]
@@ -267,6 +268,96 @@ impl<'a> WireEvent<'a> {
             })
         } else {
             Err(errors)
+        }
+    }
+}
+
+/// Event times as chrono's own deserializer reads them, with RFC 3339 (what clients send)
+/// tried first: chrono's general parser walks a format description for every value, which
+/// was ~3 % of the CPU of 100-event batches.
+mod time {
+    use std::fmt;
+
+    use chrono::{DateTime, FixedOffset, Utc};
+    use serde::de::{self, Deserializer, Visitor};
+
+    fn parse(text: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+        DateTime::parse_from_rfc3339(text)
+            .or_else(|_| text.parse::<DateTime<FixedOffset>>())
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    struct Time;
+
+    impl Visitor<'_> for Time {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an RFC 3339 date and time")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            parse(text).map_err(E::custom)
+        }
+    }
+
+    struct MaybeTime;
+
+    impl<'de> Visitor<'de> for MaybeTime {
+        type Value = Option<DateTime<Utc>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an RFC 3339 date and time, or null")
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            required(d).map(Some)
+        }
+    }
+
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        d.deserialize_str(Time)
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        d.deserialize_option(MaybeTime)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn reads_what_chrono_reads() {
+            for text in [
+                "2026-11-30T12:00:00Z",
+                "2026-11-30T12:00:00.123Z",
+                "2026-11-30T12:00:00.123456789+05:30",
+                "2026-11-30t12:00:00z",
+                "2026-11-30 12:00:00Z",
+                "2026-11-30T12:00:00",
+                "2026-11-30",
+                "2026-13-30T12:00:00Z",
+                "yesterday",
+            ] {
+                let ours = serde_json::from_value::<Wrapped>(serde_json::json!({ "t": text }));
+                let chrono = serde_json::from_value::<DateTime<Utc>>(serde_json::json!(text));
+                assert_eq!(ours.ok().map(|w| w.t), chrono.ok(), "{text}");
+            }
+        }
+
+        #[derive(serde::Deserialize)]
+        struct Wrapped {
+            #[serde(deserialize_with = "required")]
+            t: DateTime<Utc>,
         }
     }
 }
