@@ -107,7 +107,7 @@ fn sort_json_in_one_pass<'a>(
     limits: &Limits,
     rules: &TimeRules,
 ) -> Option<Sorted<'a>> {
-    let start = body.len() - body.trim_start().len();
+    let start = skip_whitespace(body, 0);
     let (mut at, array) = match body.as_bytes().get(start)? {
         b'[' => (start + 1, true),
         b'{' => (start, false),
@@ -151,8 +151,10 @@ fn sort_json_in_one_pass<'a>(
     }
 }
 
+/// Where the JSON whitespace (only space, tab, CR, LF) at `at` ends.
 fn skip_whitespace(body: &str, at: usize) -> usize {
-    at + body[at..].len() - body[at..].trim_start().len()
+    let rest = &body[at..];
+    at + rest.len() - rest.trim_start_matches([' ', '\t', '\n', '\r']).len()
 }
 
 impl<'a> Sorted<'a> {
@@ -412,6 +414,8 @@ mod tests {
             format!("[{}] x", event(1)),
             format!("{} {}", event(1), event(2)),
             format!("[{},{{\"a\": }}]", event(1)),
+            format!("[{},\u{a0}{}]", event(1), event(2)),
+            format!("{}\u{2028}", event(1)),
             "42".to_string(),
             (0..11).map(event).collect::<Vec<_>>().join(","),
             format!("[{}]", (0..11).map(event).collect::<Vec<_>>().join(",")),

@@ -17,17 +17,17 @@ const KEPT: usize = 4096;
 /// Cheap to clone; shared by the events shipper and the ingest handlers.
 #[derive(Clone, Default)]
 pub struct Refusals {
-    /// Record sequence number → rows of it ClickHouse refused.
-    by_lsn: Arc<Mutex<BTreeMap<u64, u32>>>,
+    /// Record sequence number → (where the refused rows start in their batch → how many).
+    by_lsn: Arc<Mutex<BTreeMap<u64, BTreeMap<usize, u32>>>>,
 }
 
 impl Refusals {
-    /// `rows` rows of record `lsn` went to the dead-letter file. A record refused again (its
-    /// batch retried after a network error) keeps the larger count.
-    pub fn note(&self, lsn: u64, rows: u32) {
+    /// `rows` rows of record `lsn`, starting at byte `at` of their batch, went to the
+    /// dead-letter file. The same rows refused again (their batch retried after a network
+    /// error) count once.
+    pub fn note(&self, lsn: u64, at: usize, rows: u32) {
         let mut by_lsn = self.by_lsn.lock().unwrap_or_else(|e| e.into_inner());
-        let count = by_lsn.entry(lsn).or_default();
-        *count = (*count).max(rows);
+        by_lsn.entry(lsn).or_default().insert(at, rows);
         while by_lsn.len() > KEPT {
             by_lsn.pop_first();
         }
@@ -36,7 +36,7 @@ impl Refusals {
     /// Rows of record `lsn` ClickHouse refused (0 when none), forgetting the record.
     pub fn take(&self, lsn: u64) -> u32 {
         let mut by_lsn = self.by_lsn.lock().unwrap_or_else(|e| e.into_inner());
-        by_lsn.remove(&lsn).unwrap_or(0)
+        by_lsn.remove(&lsn).map_or(0, |rows| rows.values().sum())
     }
 }
 
@@ -47,9 +47,9 @@ mod tests {
     #[test]
     fn a_refused_record_is_reported_once_and_others_are_clean() {
         let refusals = Refusals::default();
-        refusals.note(7, 1);
-        refusals.note(7, 2);
-        refusals.note(7, 1);
+        refusals.note(7, 100, 1);
+        refusals.note(7, 300, 1);
+        refusals.note(7, 100, 1); // the batch retried
         assert_eq!(refusals.take(6), 0);
         assert_eq!(refusals.take(7), 2);
         assert_eq!(refusals.take(7), 0);
@@ -59,7 +59,7 @@ mod tests {
     fn only_the_most_recent_records_are_kept() {
         let refusals = Refusals::default();
         for lsn in 0..(KEPT as u64 + 10) {
-            refusals.note(lsn, 1);
+            refusals.note(lsn, 0, 1);
         }
         assert_eq!(refusals.take(9), 0);
         assert_eq!(refusals.take(10), 1);

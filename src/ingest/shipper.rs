@@ -336,7 +336,7 @@ impl<F: RowFormat> Shipper<F> {
                         let lsn = record_at(records, at);
                         let count = self.dead_letter(&rows, &err, lsn);
                         if let Some(refusals) = &self.refusals {
-                            refusals.note(lsn, count);
+                            refusals.note(lsn, at, count);
                         }
                     }
                 }

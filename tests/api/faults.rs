@@ -117,10 +117,13 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
 
     // A client that waits for the commit is told when some of its events did not make it,
     // and a wait for clean events in the same batches still answers 200.
-    let mut refused = event();
-    refused["campaign_id"] = json!("poison");
+    let refused = || {
+        let mut e = event();
+        e["campaign_id"] = json!("poison");
+        e
+    };
     let r = app
-        .post_and_wait(Value::from(vec![event(), refused, event()]).to_string())
+        .post_and_wait(Value::from(vec![event(), refused(), event(), refused()]).to_string())
         .await;
     assert_eq!(r.status, 500, "{:?}", r.text);
     assert_eq!(r.json["error"], "refused_by_clickhouse");
@@ -128,7 +131,7 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
         r.json["message"]
             .as_str()
             .unwrap()
-            .contains("refused 1 of the 3"),
+            .contains("refused 2 of the 4"),
         "{:?}",
         r.text
     );
@@ -139,7 +142,7 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
     assert_eq!(clean.status, 200, "{:?}", clean.text);
     assert_eq!(waited.status, 500, "{:?}", waited.text);
     assert_eq!(app.wait_for_count(16).await, 16);
-    assert_eq!(app.metric("adtrack_dead_lettered_events_total").await, 3.0);
+    assert_eq!(app.metric("adtrack_dead_lettered_events_total").await, 4.0);
 }
 
 #[tokio::test]
