@@ -90,22 +90,19 @@ impl EventsApi {
         wait: Query<Option<bool>>,
         usage: Data<&Arc<RequestUsage>>,
     ) -> IngestResponse {
-        let response = self.handle(&auth.0, body, wait.0.unwrap_or(false)).await;
-        if let IngestResponse::Committed(Json(r))
-        | IngestResponse::Accepted(Json(r))
-        | IngestResponse::Invalid(Json(r)) = &response
-        {
-            usage.events_accepted.store(r.accepted, Ordering::Relaxed);
-            usage
-                .events_rejected
-                .store(r.rejected.len() as u32, Ordering::Relaxed);
-        }
-        response
+        self.handle(&auth.0, body, wait.0.unwrap_or(false), &usage)
+            .await
     }
 }
 
 impl EventsApi {
-    async fn handle(&self, caller: &Principal, body: EventsBody, wait: bool) -> IngestResponse {
+    async fn handle(
+        &self,
+        caller: &Principal,
+        body: EventsBody,
+        wait: bool,
+        usage: &RequestUsage,
+    ) -> IngestResponse {
         let Principal::Key(key) = caller else {
             unreachable!("the guard lets only tenant keys with the ingest scope through");
         };
@@ -124,7 +121,15 @@ impl EventsApi {
             )
             .await;
         match ingested {
-            Ok(outcome) => outcome_response(outcome, wait),
+            Ok(outcome) => {
+                usage
+                    .events_accepted
+                    .store(outcome.accepted as u32, Ordering::Relaxed);
+                usage
+                    .events_rejected
+                    .store(outcome.rejected.len() as u32, Ordering::Relaxed);
+                outcome_response(outcome, wait)
+            }
             Err(IngestError::Body(err)) => body_error(err),
             Err(IngestError::Log(err)) => log_error(&self.ingest, err),
             Err(IngestError::RateLimited(over)) => events_rate_limited(over),
