@@ -25,7 +25,7 @@ use crate::{
     clickhouse::schema::{self, Retention},
     config::{ClickHouseTarget, Settings},
     ingest::{
-        shipper::{EventRows, JsonRows, Shipper},
+        shipper::{EventRows, Shipper, UsageRows},
         wal, Ingest, Refusals,
     },
     local_engine::LocalEngine,
@@ -104,8 +104,10 @@ impl Application {
             metrics.clone(),
         )?;
         let usage_metrics = Arc::new(Metrics::default());
+        // `usage-rows` since the rows are RowBinary; `usage` held JSON lines (older builds).
+        warn_of_old_usage_log(&settings.wal.dir.join("usage"));
         let usage_wal = wal::open(
-            &settings.wal.dir.join("usage"),
+            &settings.wal.dir.join("usage-rows"),
             settings.wal.segment_bytes.min(8 << 20),
             settings.usage.max_pending_bytes,
             durability,
@@ -133,7 +135,7 @@ impl Application {
             drain_timeout: settings.shutdown_timeout,
         };
         let usage_shipper = Shipper {
-            format: JsonRows { table: "usage_log" },
+            format: UsageRows,
             client: crate::clickhouse::client(&url, &settings.clickhouse),
             schema: (!schema_ready).then_some(schema),
             settings: settings.flush.clone(),
@@ -318,6 +320,14 @@ impl SchemaSetup {
         schema::verify(client)
             .await
             .context("the ClickHouse schema is not usable")
+    }
+}
+
+/// Warns when an older build's usage log (JSON lines) is still there: it is not sent.
+fn warn_of_old_usage_log(dir: &std::path::Path) {
+    let segments = std::fs::read_dir(dir).map_or(0, |entries| entries.count());
+    if segments > 0 {
+        tracing::warn!(dir = %dir.display(), "a usage log from an older version is not sent (its format changed); delete the directory once it is no longer wanted");
     }
 }
 

@@ -88,7 +88,7 @@ pub fn encode(event: &ValidEvent<'_>, tenant: &str, received_at_ms: i64, out: &m
     }
 }
 
-fn put_len(out: &mut Vec<u8>, mut n: usize) {
+pub(crate) fn put_len(out: &mut Vec<u8>, mut n: usize) {
     // Unsigned LEB128, as ClickHouse writes string and collection lengths.
     loop {
         let byte = (n & 0x7f) as u8;
@@ -101,7 +101,7 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_len(out, s.len());
     out.extend_from_slice(s.as_bytes());
 }
@@ -167,12 +167,46 @@ pub fn for_each_identity(rows: &[u8], mut f: impl FnMut(&[u8], u128)) -> Result<
     Ok(())
 }
 
-struct Reader<'a> {
+/// Reads RowBinary values one after another.
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    /// Where the next value starts.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub(crate) fn at_end(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let at = self.pos;
+        self.take(N)?.try_into().map_err(|_| DecodeError(at))
+    }
+
+    /// A string borrowed from the rows.
+    pub(crate) fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let n = self.len()?;
+        let at = self.pos;
+        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError(at))
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError(self.pos))?;
         let slice = self.buf.get(self.pos..end).ok_or(DecodeError(self.pos))?;
@@ -184,15 +218,11 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
 
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        let bytes: [u8; 8] = self
-            .take(8)?
-            .try_into()
-            .map_err(|_| DecodeError(self.pos))?;
-        Ok(u64::from_le_bytes(bytes))
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn i64(&mut self) -> Result<i64, DecodeError> {
+    pub(crate) fn i64(&mut self) -> Result<i64, DecodeError> {
         Ok(self.u64()? as i64)
     }
 

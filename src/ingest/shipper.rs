@@ -76,45 +76,31 @@ impl RowFormat for EventRows {
     }
 }
 
-/// Rows of any table as `JSONEachRow` (one JSON object per line).
-pub struct JsonRows {
-    pub table: &'static str,
-}
+/// Usage-log rows, as `usage::UsageRow::encode` writes them.
+pub struct UsageRows;
 
-impl RowFormat for JsonRows {
+impl RowFormat for UsageRows {
     fn insert_sql(&self) -> String {
-        format!("INSERT INTO {} FORMAT JSONEachRow", self.table)
+        crate::usage::insert_sql()
     }
 
     fn row_bounds(&self, rows: &[u8]) -> Vec<std::ops::Range<usize>> {
-        let mut bounds = Vec::new();
-        let mut start = 0;
-        for (i, b) in rows.iter().enumerate() {
-            if *b == b'\n' {
-                bounds.push(start..i + 1);
-                start = i + 1;
-            }
-        }
-        if start < rows.len() {
-            bounds.push(start..rows.len());
-        }
-        bounds
+        crate::usage::decode(rows)
+            .map(|rows| rows.into_iter().map(|(bounds, _)| bounds).collect())
+            .unwrap_or_default()
     }
 
     fn describe(&self, rows: &[u8]) -> (&'static str, serde_json::Value) {
-        let parsed: Vec<serde_json::Value> = rows
-            .split(|b| *b == b'\n')
-            .filter(|line| !line.is_empty())
-            .map(|line| {
-                serde_json::from_slice(line)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(line).into())
-            })
+        let decoded: Vec<_> = crate::usage::decode(rows)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, row)| row)
             .collect();
-        ("rows", serde_json::json!(parsed))
+        ("rows", serde_json::json!(decoded))
     }
 
     fn dead_letter_name(&self) -> &'static str {
-        self.table
+        "usage_log"
     }
 }
 
