@@ -323,11 +323,11 @@ impl SchemaSetup {
     }
 }
 
-/// Warns when an older build's usage log (JSON lines) is still there: it is not sent.
+/// Warns when an older build's usage log directory (JSON lines) is still there: it is no
+/// longer read, so rows it may still hold are not sent.
 fn warn_of_old_usage_log(dir: &std::path::Path) {
-    let segments = std::fs::read_dir(dir).map_or(0, |entries| entries.count());
-    if segments > 0 {
-        tracing::warn!(dir = %dir.display(), "a usage log from an older version is not sent (its format changed); delete the directory once it is no longer wanted");
+    if dir.is_dir() {
+        tracing::warn!(dir = %dir.display(), "this usage log directory of an older version is no longer read (the format changed; rows it still holds are not sent): delete it");
     }
 }
 
