@@ -75,9 +75,14 @@ impl<'a> ApiExtractor<'a> for EventsBody {
         body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let limit = request.data::<BodyLimit>().map_or(10 << 20, |l| l.0);
-        Ok(EventsBody(read(request, body, limit).await))
+        Ok(events_body(request, body).await)
     }
+}
+
+/// Reads the events body of `request` within the route's [`BodyLimit`].
+pub async fn events_body(request: &Request, body: &mut RequestBody) -> EventsBody {
+    let limit = request.data::<BodyLimit>().map_or(10 << 20, |l| l.0);
+    EventsBody(read(request, body, limit).await)
 }
 
 async fn read(

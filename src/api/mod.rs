@@ -12,7 +12,9 @@ pub mod shared_paths;
 pub mod stats;
 pub mod types;
 
-use poem::{endpoint::BoxEndpoint, EndpointExt, Route};
+use std::sync::Arc;
+
+use poem::{endpoint::BoxEndpoint, EndpointExt, IntoEndpoint, Route};
 use poem_openapi::{OpenApiService, Tags};
 
 #[derive(Tags)]
@@ -47,6 +49,7 @@ pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Box
         raw_events,
         admin,
     } = apis;
+    let ingest = events.ingest.clone();
     let service = OpenApiService::new(
         // GET and POST /v1/events live in two APIs; SharedPaths documents them as one path.
         shared_paths::SharedPaths((events, raw_events, stats, admin, health)),
@@ -64,8 +67,14 @@ pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Box
     );
     let spec = service.spec_endpoint();
     let docs = service.swagger_ui();
+    let documented = Arc::new(service.into_endpoint().boxed());
     Route::new()
-        .nest("/", service)
+        // The hot path skips the OpenAPI layers; anything unusual still goes through them.
+        .at(
+            "/v1/events",
+            events::DirectIngest::new(ingest, documented.clone()),
+        )
+        .nest("/", documented)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .data(body::BodyLimit(body_limit))

@@ -447,3 +447,113 @@ async fn every_response_carries_a_request_id_and_latency_is_measured_by_route() 
     let line = r#"adtrack_request_seconds_count{route="/v1/events",method="POST",status="400"}"#;
     assert_eq!(metric_value(&text, line), 1.0);
 }
+
+/// The usual `POST /v1/events` (no query, or only `wait`) is served by a direct route in front
+/// of the OpenAPI service; any other query string goes through the documented operation (an
+/// unknown parameter is ignored there). Both must answer alike and log alike.
+#[tokio::test]
+async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
+    let app = spawn_app_with("direct_route", &[("ADTRACK_MAX_BODY_BYTES", "20000")]).await;
+    let mut mixed = events(2);
+    mixed.push(json!({"event_id": "not-a-uuid", "event_type": "view"}));
+    type Headers = Vec<(&'static str, &'static str)>;
+    let cases: Vec<(&str, Vec<u8>, Headers)> = vec![
+        ("one event", event().to_string().into(), vec![]),
+        ("mixed batch", Value::from(mixed).to_string().into(), vec![]),
+        (
+            "nothing valid",
+            json!([{"event_id": "x"}]).to_string().into(),
+            vec![],
+        ),
+        ("malformed", b"[{\"event_id\": ".to_vec(), vec![]),
+        ("not an event", b"42".to_vec(), vec![]),
+        ("empty", Vec::new(), vec![]),
+        (
+            "ndjson",
+            ndjson(&events(3)).into(),
+            vec![("content-type", NDJSON)],
+        ),
+        (
+            "gzip",
+            gzip(Value::from(events(4)).to_string().as_bytes()),
+            vec![("content-encoding", "gzip")],
+        ),
+        (
+            "broken gzip",
+            b"not gzip".to_vec(),
+            vec![("content-encoding", "gzip")],
+        ),
+        ("csv", b"a,b".to_vec(), vec![("content-type", "text/csv")]),
+        ("too large", vec![b' '; 20_001], vec![]),
+    ];
+    let mut compared = 0;
+    for (name, body, headers) in &cases {
+        for wait in ["", "?wait=false", "?wait=true"] {
+            let documented = if wait.is_empty() {
+                "?via=documented".to_string()
+            } else {
+                format!("{wait}&via=documented")
+            };
+            let mut answers = Vec::new();
+            for (path, id) in [
+                (wait.to_string(), format!("direct-{compared}")),
+                (documented, format!("documented-{compared}")),
+            ] {
+                let mut all = vec![("content-type", JSON), ("x-request-id", id.as_str())];
+                all.retain(|(k, _)| !headers.iter().any(|(h, _)| h == k));
+                all.extend(headers.iter().copied());
+                let r = app
+                    .post_to(&format!("/v1/events{path}"), body.clone(), &all)
+                    .await;
+                let kept = ["content-type", "retry-after", "x-ratelimit-limit"]
+                    .map(|h| r.headers.get(h).map(|v| v.to_str().unwrap().to_string()));
+                answers.push((r.status, r.text, kept));
+            }
+            assert_eq!(answers[0], answers[1], "{name}, {wait:?}");
+            compared += 1;
+        }
+    }
+    // A query the direct route does not take is answered by the documented operation.
+    let r = app
+        .post_to(
+            "/v1/events?wait=yes",
+            event().to_string(),
+            &[("content-type", JSON)],
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("wait"), "{}", r.text);
+
+    // The usage log saw the same for each pair.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let rows = loop {
+        let rows = app
+            .db
+            .query(
+                "SELECT request_id, status, bytes_in, bytes_out, events_accepted, events_rejected \
+                 FROM usage_log FINAL WHERE route = '/v1/events' AND request_id LIKE 'd%' \
+                 ORDER BY request_id",
+            )
+            .fetch_all::<(String, u16, u64, u64, u32, u32)>()
+            .await
+            .unwrap();
+        if rows.len() >= 2 * compared || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(rows.len(), 2 * compared);
+    let by_id: std::collections::HashMap<_, _> = rows
+        .iter()
+        .map(|(id, s, bi, bo, a, r)| (id.as_str(), (*s, *bi, *bo, *a, *r)))
+        .collect();
+    for i in 0..compared {
+        let direct = by_id[format!("direct-{i}").as_str()];
+        assert_eq!(
+            direct,
+            by_id[format!("documented-{i}").as_str()],
+            "pair {i}"
+        );
+    }
+    assert!(by_id.values().any(|row| row.3 == 2 && row.4 == 1));
+}
