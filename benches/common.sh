@@ -2,6 +2,7 @@
 # directory, and cleanup of every process a script starts (append its pid to `pids`).
 
 command -v oha >/dev/null || { echo "installing oha (cargo install oha --locked, ~8 min)"; cargo install oha --locked; }
+command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 command -v jq >/dev/null || { apt-get install -y -qq jq >/dev/null; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# End-to-end ingest benchmark (not a test): oha against a release build with the write-ahead
-# log on (fsync grouped), next to the bare-poem ceiling measured in the same run.
+# End-to-end ingest benchmark (not a test): oha and wrk against a release build with the
+# write-ahead log on (fsync grouped), next to the bare-poem ceiling measured in the same run.
+# Saturation of single events is measured with both tools: wrk costs far less CPU per request
+# than oha, and on two shared cores what the load tool burns is taken from the service. The
+# fixed-rate cases use oha only (wrk has no fixed rate, and oha corrects for coordinated
+# omission).
 #
 #   benches/ingest.sh            # full run (~3 minutes)
 #   DURATION=5s benches/ingest.sh
@@ -118,21 +122,51 @@ run() { # name server-pid url body extra-args...
     jq -r --arg n "$name" --argjson ticks "$used" --arg server "$server" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), $server, ($ticks * 10000 / ([.statusCodeDistribution[]]|add) | floor), (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
 }
 
+# The same single-event saturation with wrk (one thread): same table columns.
+run_wrk() { # name server-pid url body
+    local name=$1 pid=$2 url=$3 body=$4
+    drained
+    local before; before=$(cpu_ticks "$pid")
+    server_histogram > "$tmp/hist-before"
+    cat > "$tmp/post.lua" <<LUA
+wrk.method = "POST"
+local f = io.open("$body"); wrk.body = f:read("*a"); f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %f %.2f %.2f %d\\n", summary.requests, summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+LUA
+    wrk -t1 -c "$CONNS" -d "$DURATION" -s "$tmp/post.lua" "$url" > "$OUT/$name.txt"
+    local used=$(( $(cpu_ticks "$pid") - before ))
+    server_histogram > "$tmp/hist-after"
+    local server; server=$(if [ "$pid" = "$app_pid" ]; then server_p99 "$tmp/hist-before" "$tmp/hist-after"; else echo -; fi)
+    read -r _ requests rate p50 p99 errors < <(grep '^RESULT' "$OUT/$name.txt")
+    echo -e "$name\t${rate%.*}\t$p50\t$p99\t$server\t$(( used * 10000 / requests ))\t{\"non-2xx or errors\":$errors}"
+}
+
 echo -e "case\treq/s\tp50 ms\tp99 ms\tservice p99 ms\tserver CPU us/req\tstatuses"
 bare="http://127.0.0.1:$bare_port/v1/events"
 app="http://127.0.0.1:$app_port/v1/events"
 run bare-single         "$bare_pid" "$bare" "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
 run app-single          "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
+run_wrk bare-single-wrk "$bare_pid" "$bare" "$tmp/one.json"
+run_wrk app-single-wrk  "$app_pid"  "$app"  "$tmp/one.json"
 run bare-batch100       "$bare_pid" "$bare" "$tmp/batch.json" -z "$DURATION" -c 16
 run app-batch100        "$app_pid"  "$app"  "$tmp/batch.json" -z "$DURATION" -c 16
 run app-single-20k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 20000 --latency-correction
 run app-single-10k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 10000 --latency-correction
 echo "adtrack peak RSS: $(rss_peak) MB"
 rps() { jq -r '.summary.requestsPerSec' "$OUT/$1.json"; }
-python3 - "$(rps app-single)" "$(rps bare-single)" "$(rps app-batch100)" "$(rps bare-batch100)" <<'PY'
+wrk_rps() { awk '/^RESULT/ {print $3}' "$OUT/$1.txt"; }
+python3 - "$(rps app-single)" "$(rps bare-single)" "$(rps app-batch100)" "$(rps bare-batch100)" \
+    "$(wrk_rps app-single-wrk)" "$(wrk_rps bare-single-wrk)" <<'PY'
 import sys
-a1, b1, a100, b100 = map(float, sys.argv[1:])
-print(f"single event: {a1:,.0f} req/s = {a1 / b1:.0%} of bare poem ({b1:,.0f})")
+a1, b1, a100, b100, w1, wb1 = map(float, sys.argv[1:])
+print(f"single event (oha): {a1:,.0f} req/s = {a1 / b1:.0%} of bare poem ({b1:,.0f})")
+print(f"single event (wrk): {w1:,.0f} req/s = {w1 / wb1:.0%} of bare poem ({wb1:,.0f})")
 print(f"100-event batches: {a100 * 100:,.0f} events/s = {a100 / b100:.0%} of bare poem's request rate ({b100:,.0f} req/s)")
 PY
 
