@@ -66,8 +66,9 @@ wait_http "http://127.0.0.1:$app_port/health/ready"
 key=$(bench_key "http://127.0.0.1:$app_port" bench)
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$bare_port") 2>/dev/null && break; sleep 0.1; done
 
-# Peak RSS of the service, sampled while oha runs.
+# Peak RSS of the service (MB): over the whole run, or since the last rss_reset (each case).
 rss_peak() { grep VmHWM "/proc/$app_pid/status" | awk '{print int($2/1024)}'; }
+rss_reset() { echo 5 > "/proc/$app_pid/clear_refs" 2>/dev/null || true; }
 
 # CPU time (user + system, in clock ticks of 10 ms) a process has used so far: per-request
 # CPU is robust to other load on the machine, unlike throughput.
@@ -113,19 +114,22 @@ PY
 run() { # name server-pid url body extra-args...
     local name=$1 pid=$2 url=$3 body=$4; shift 4
     drained
+    rss_reset
     local before; before=$(cpu_ticks "$pid")
     server_histogram > "$tmp/hist-before"
     oha --no-tui --output-format json -m POST -H 'content-type: application/json' -H "authorization: Bearer $key" -D "$body" "$@" "$url" > "$OUT/$name.json"
     local used=$(( $(cpu_ticks "$pid") - before ))
     server_histogram > "$tmp/hist-after"
     local server; server=$(if [ "$pid" = "$app_pid" ]; then server_p99 "$tmp/hist-before" "$tmp/hist-after"; else echo -; fi)
-    jq -r --arg n "$name" --argjson ticks "$used" --arg server "$server" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), $server, ($ticks * 10000 / ([.statusCodeDistribution[]]|add) | floor), (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
+    local rss; rss=$(if [ "$pid" = "$app_pid" ]; then rss_peak; else echo -; fi)
+    jq -r --arg n "$name" --argjson ticks "$used" --arg server "$server" --arg rss "$rss" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), $server, ($ticks * 10000 / ([.statusCodeDistribution[]]|add) | floor), $rss, (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
 }
 
 # The same single-event saturation with wrk (one thread): same table columns.
 run_wrk() { # name server-pid url body
     local name=$1 pid=$2 url=$3 body=$4
     drained
+    rss_reset
     local before; before=$(cpu_ticks "$pid")
     server_histogram > "$tmp/hist-before"
     cat > "$tmp/post.lua" <<LUA
@@ -144,10 +148,11 @@ LUA
     server_histogram > "$tmp/hist-after"
     local server; server=$(if [ "$pid" = "$app_pid" ]; then server_p99 "$tmp/hist-before" "$tmp/hist-after"; else echo -; fi)
     read -r _ requests rate p50 p99 errors < <(grep '^RESULT' "$OUT/$name.txt")
-    echo -e "$name\t${rate%.*}\t$p50\t$p99\t$server\t$(( used * 10000 / requests ))\t{\"non-2xx or errors\":$errors}"
+    local rss; rss=$(if [ "$pid" = "$app_pid" ]; then rss_peak; else echo -; fi)
+    echo -e "$name\t${rate%.*}\t$p50\t$p99\t$server\t$(( used * 10000 / requests ))\t$rss\t{\"non-2xx or errors\":$errors}"
 }
 
-echo -e "case\treq/s\tp50 ms\tp99 ms\tservice p99 ms\tserver CPU us/req\tstatuses"
+echo -e "case\treq/s\tp50 ms\tp99 ms\tservice p99 ms\tserver CPU us/req\tpeak RSS MB\tstatuses"
 bare="http://127.0.0.1:$bare_port/v1/events"
 app="http://127.0.0.1:$app_port/v1/events"
 run bare-single         "$bare_pid" "$bare" "$tmp/one.json"   -z "$DURATION" -c "$CONNS"
@@ -158,7 +163,6 @@ run bare-batch100       "$bare_pid" "$bare" "$tmp/batch.json" -z "$DURATION" -c 
 run app-batch100        "$app_pid"  "$app"  "$tmp/batch.json" -z "$DURATION" -c 16
 run app-single-20k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 20000 --latency-correction
 run app-single-10k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 10000 --latency-correction
-echo "adtrack peak RSS: $(rss_peak) MB"
 rps() { jq -r '.summary.requestsPerSec' "$OUT/$1.json"; }
 wrk_rps() { awk '/^RESULT/ {print $3}' "$OUT/$1.txt"; }
 python3 - "$(rps app-single)" "$(rps bare-single)" "$(rps app-batch100)" "$(rps bare-batch100)" \
