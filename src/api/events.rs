@@ -98,7 +98,7 @@ impl EventsApi {
 /// `POST /v1/events` served straight from the router, in front of the OpenAPI service.
 ///
 /// The OpenAPI service takes every request through several boxed layers and parses its query
-/// string into a map before a handler runs; for single-event requests that was about an eighth
+/// string into a map before a handler runs; for single-event requests that was about a fifth
 /// of the service's CPU (A/B in BENCHMARKS.md). Requests of the common shape — a `POST` with no
 /// query or just `wait=true|false`, from a caller the guard let through — call the same
 /// [`EventsApi::handle`] directly. Every other request (other methods, other query strings,
