@@ -21,6 +21,7 @@ use crate::{
 const RETRY_AFTER_SECS: u32 = 5;
 
 #[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_parameter")]
 pub enum IngestResponse {
     /// Every accepted event is committed in ClickHouse (only with `wait=true`).
     #[oai(status = 200)]
@@ -33,7 +34,8 @@ pub enum IngestResponse {
     #[oai(status = 202)]
     Accepted(Json<IngestResult>),
     /// The body cannot be read as events: malformed JSON (`line`/`column` say where), not an
-    /// object or array, empty, not UTF-8, or broken gzip.
+    /// object or array, empty, not UTF-8, or broken gzip; or a query parameter is not valid
+    /// (`invalid_parameter`, `field` names it; e.g. `wait` must be `true` or `false`).
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// Body (after decompression) or event count over the limit (`limit`).
@@ -186,6 +188,14 @@ impl EventsApi {
             Err(IngestError::RateLimited(over)) => events_rate_limited(over),
         }
     }
+}
+
+/// A query parameter poem-openapi could not parse: the same JSON error body as every other 400.
+fn bad_parameter(err: poem::Error) -> IngestResponse {
+    let parsed = super::stats::parse_error_body(&err);
+    let mut body = ErrorBody::new(&parsed.error, parsed.message);
+    body.field = parsed.field;
+    IngestResponse::BadRequest(Json(body))
 }
 
 fn events_rate_limited(over: Exceeded) -> IngestResponse {

@@ -125,6 +125,9 @@ pub struct ErrorBody {
     /// For limits: the limit that was exceeded.
     #[oai(skip_serializing_if_is_none)]
     pub limit: Option<u64>,
+    /// For `invalid_parameter`: the query parameter at fault.
+    #[oai(skip_serializing_if_is_none)]
+    pub field: Option<String>,
 }
 
 impl ErrorBody {
@@ -135,6 +138,7 @@ impl ErrorBody {
             line: None,
             column: None,
             limit: None,
+            field: None,
         }
     }
 

@@ -513,7 +513,8 @@ async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
             compared += 1;
         }
     }
-    // A query the direct route does not take is answered by the documented operation.
+    // A query the direct route does not take is answered by the documented operation, with
+    // the same JSON error body as every other 400.
     let r = app
         .post_to(
             "/v1/events?wait=yes",
@@ -522,7 +523,13 @@ async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert!(r.text.contains("wait"), "{}", r.text);
+    assert_eq!(
+        (r.json["error"].as_str(), r.json["field"].as_str()),
+        (Some("invalid_parameter"), Some("wait")),
+        "{}",
+        r.text
+    );
+    assert!(r.json["message"].as_str().unwrap().contains("true"));
 
     // The usage log saw the same for each pair.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
