@@ -12,7 +12,11 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use http_body_util::combinators::BoxBody;
-use poem::{Body, Endpoint, IntoResponse, Request, Response, Result};
+use poem::{
+    error::{MethodNotAllowedError, NotFoundError},
+    http::Method,
+    Body, Endpoint, IntoResponse, Request, Response, Result,
+};
 
 use super::guard;
 use crate::{
@@ -108,9 +112,10 @@ pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -
             if let Some(p) = &principal {
                 req.extensions_mut().insert(p.clone());
             }
+            let path = req.uri().path().to_string();
             let resp = match ep.call(req).await {
                 Ok(resp) => resp.into_response(),
-                Err(err) => err.into_response(),
+                Err(err) => error_response(err, &method, &path),
             };
             (resp, quota)
         }
@@ -143,6 +148,26 @@ pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -
         usage,
     };
     Ok(count_body(resp, row))
+}
+
+/// Errors that reach this layer as errors: poem's own routing answers (no such path, or not
+/// with this method) get the JSON error body every other error has; the rest keep theirs.
+fn error_response(err: poem::Error, method: &Method, path: &str) -> Response {
+    let (error, message) = if err.is::<NotFoundError>() {
+        ("not_found", format!("no such path: {path}"))
+    } else if err.is::<MethodNotAllowedError>() {
+        (
+            "method_not_allowed",
+            format!("{method} is not supported on {path}; the API is described at /openapi.json"),
+        )
+    } else {
+        return err.into_response();
+    };
+    let body = serde_json::json!({ "error": error, "message": message });
+    Response::builder()
+        .status(err.status())
+        .content_type("application/json; charset=utf-8")
+        .body(body.to_string())
 }
 
 /// A request's usage row, written once the size of its response is known.
