@@ -403,20 +403,23 @@ async fn every_endpoint_checks_the_scope_and_the_tenant_of_its_key() {
         401
     );
     // With a key: 404, and 405 for a method a path does not have, as JSON like every error.
-    let r = send(&app, Some(&read), Method::GET, "/v1/nothing", None).await;
-    assert_eq!(
-        (r.status, r.json["error"].as_str()),
-        (404, Some("not_found")),
-        "{}",
-        r.text
-    );
-    let r = send(&app, Some(&read), Method::DELETE, "/v1/stats/summary", None).await;
-    assert_eq!(
-        (r.status, r.json["error"].as_str()),
-        (405, Some("method_not_allowed")),
-        "{}",
-        r.text
-    );
+    for (method, path, status, error) in [
+        (Method::GET, "/v1/nothing", 404, "not_found"),
+        (
+            Method::DELETE,
+            "/v1/stats/summary",
+            405,
+            "method_not_allowed",
+        ),
+    ] {
+        let r = send(&app, Some(&read), method, path, None).await;
+        assert_eq!(
+            (r.status, r.json["error"].as_str()),
+            (status, Some(error)),
+            "{}",
+            r.text
+        );
+    }
     for path in ["/health/live", "/metrics", "/openapi.json"] {
         assert_eq!(
             send(&app, None, Method::GET, path, None).await.status,
