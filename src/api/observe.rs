@@ -112,10 +112,11 @@ pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -
             if let Some(p) = &principal {
                 req.extensions_mut().insert(p.clone());
             }
-            let path = req.uri().path().to_string();
+            // A cheap clone (shared bytes), for the message of a routing error.
+            let uri = req.uri().clone();
             let resp = match ep.call(req).await {
                 Ok(resp) => resp.into_response(),
-                Err(err) => error_response(err, &method, &path),
+                Err(err) => error_response(err, &method, uri.path()),
             };
             (resp, quota)
         }
