@@ -145,19 +145,13 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
     assert_eq!(app.metric("adtrack_dead_lettered_events_total").await, 4.0);
 
     // The usage log counts what the 500s accepted (2 of them: 4 events, then 1).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let accepted = loop {
-        let rows: Vec<u32> = app
-            .db
-            .query("SELECT events_accepted FROM usage_log FINAL WHERE status = 500 ORDER BY seq")
-            .fetch_all()
-            .await
-            .unwrap();
-        if rows.len() == 2 || std::time::Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let accepted: Vec<u32> = wait_for_rows(
+        &app.db,
+        "SELECT events_accepted FROM usage_log FINAL WHERE status = 500 ORDER BY seq",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(accepted, vec![4, 1]);
 }
 

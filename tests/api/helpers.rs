@@ -289,6 +289,26 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} not found"))
 }
 
+/// Runs `sql` until it returns at least `n` rows or `limit` has passed; the last rows read.
+pub async fn wait_for_rows<T>(
+    db: &clickhouse::Client,
+    sql: &str,
+    n: usize,
+    limit: Duration,
+) -> Vec<T>
+where
+    T: clickhouse::RowOwned + clickhouse::RowRead,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let rows = db.query(sql).fetch_all::<T>().await.unwrap();
+        if rows.len() >= n || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn wait_for_count(db: &clickhouse::Client, expected: u64, limit: Duration) -> u64 {
     let deadline = Instant::now() + limit;
     loop {

@@ -532,23 +532,15 @@ async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
     assert!(r.json["message"].as_str().unwrap().contains("true"));
 
     // The usage log saw the same for each pair.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let rows = loop {
-        let rows = app
-            .db
-            .query(
-                "SELECT request_id, status, bytes_in, bytes_out, events_accepted, events_rejected \
-                 FROM usage_log FINAL WHERE route = '/v1/events' AND request_id LIKE 'd%' \
-                 ORDER BY request_id",
-            )
-            .fetch_all::<(String, u16, u64, u64, u32, u32)>()
-            .await
-            .unwrap();
-        if rows.len() >= 2 * compared || std::time::Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let rows: Vec<(String, u16, u64, u64, u32, u32)> = wait_for_rows(
+        &app.db,
+        "SELECT request_id, status, bytes_in, bytes_out, events_accepted, events_rejected \
+         FROM usage_log FINAL WHERE route = '/v1/events' AND request_id LIKE 'd%' \
+         ORDER BY request_id",
+        2 * compared,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(rows.len(), 2 * compared);
     let by_id: std::collections::HashMap<_, _> = rows
         .iter()
