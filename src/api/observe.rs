@@ -17,8 +17,9 @@ use poem::{
     http::Method,
     Body, Endpoint, IntoResponse, Request, Response, Result,
 };
+use poem_openapi::payload::Json;
 
-use super::guard;
+use super::{guard, types::ErrorBody};
 use crate::{
     auth::{Auth, Principal},
     metrics::Metrics,
@@ -164,11 +165,9 @@ fn error_response(err: poem::Error, method: &Method, path: &str) -> Response {
     } else {
         return err.into_response();
     };
-    let body = serde_json::json!({ "error": error, "message": message });
-    Response::builder()
-        .status(err.status())
-        .content_type("application/json; charset=utf-8")
-        .body(body.to_string())
+    let mut resp = Json(ErrorBody::new(error, message)).into_response();
+    resp.set_status(err.status());
+    resp
 }
 
 /// A request's usage row, written once the size of its response is known.
