@@ -17,10 +17,12 @@ use tokio::sync::watch;
 
 use super::{
     guard::ApiKey,
+    json_body::{JsonBody, UNSUPPORTED_MEDIA_TYPE},
     stats::{parse_error_body, QueryErrorBody},
     ApiTags,
 };
 use crate::{
+    analytics::InvalidInput,
     auth::{
         keys, store::format_time, ApiKey as StoredKey, KeyStore, LimitOverrides, Principal,
         RateLimits, Scopes, Tenant,
@@ -50,6 +52,9 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// The tenant exists already.
     #[oai(status = 409)]
     Conflict(Json<QueryErrorBody>),
+    /// The body was not sent as `application/json` (`unsupported_media_type`).
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<QueryErrorBody>),
     /// ClickHouse is unavailable, or (deletion) events accepted earlier are still on their
     /// way to it; retry.
     #[oai(status = 503)]
@@ -58,6 +63,15 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
 
 fn bad_request<T: ToJSON + Send + Sync>(err: poem::Error) -> AdminResponse<T> {
     AdminResponse::BadRequest(Json(parse_error_body(&err)))
+}
+
+/// The answer to a body that could not be read: 415 or 400, naming the field at fault.
+fn bad_body<T: ToJSON + Send + Sync>(err: InvalidInput) -> AdminResponse<T> {
+    if err.code == UNSUPPORTED_MEDIA_TYPE {
+        AdminResponse::UnsupportedMediaType(Json(err.into()))
+    } else {
+        AdminResponse::BadRequest(Json(err.into()))
+    }
 }
 
 fn error(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<QueryErrorBody> {
@@ -109,12 +123,15 @@ fn valid_tenant_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct NewTenant {
     /// 1–64 characters of `A-Z a-z 0-9 _ - .`; fixed for life.
     pub tenant_id: String,
     /// A display name (optional).
     #[oai(default)]
+    #[serde(default)]
     pub name: String,
 }
 
@@ -136,8 +153,9 @@ impl From<Tenant> for TenantBody {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
 #[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum ScopeName {
     Ingest,
     Read,
@@ -145,7 +163,9 @@ pub enum ScopeName {
 }
 
 /// Per-key rate limits; an omitted field takes the deployment default, 0 means unlimited.
-#[derive(Debug, Clone, Copy, Default, Object)]
+#[derive(Debug, Clone, Copy, Default, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimitBody {
     pub requests_per_sec: Option<u32>,
     pub requests_burst: Option<u32>,
@@ -153,7 +173,9 @@ pub struct RateLimitBody {
     pub events_burst: Option<u32>,
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// The key's tenant. Required with the bootstrap admin key; a tenant's admin key creates
     /// keys of its own tenant only.
@@ -163,6 +185,7 @@ pub struct NewKey {
     /// At least one of `ingest`, `read`, `admin`.
     pub scopes: Vec<ScopeName>,
     #[oai(default)]
+    #[serde(default)]
     pub rate_limit: RateLimitBody,
 }
 
@@ -315,7 +338,7 @@ impl AdminApi {
     async fn create_tenant(
         &self,
         auth: ApiKey,
-        body: Json<NewTenant>,
+        body: JsonBody<NewTenant>,
     ) -> AdminResponse<TenantBody> {
         if !matches!(auth.0, Principal::Operator) {
             return AdminResponse::Forbidden(error(
@@ -324,7 +347,10 @@ impl AdminApi {
                 None,
             ));
         }
-        let NewTenant { tenant_id, name } = body.0;
+        let NewTenant { tenant_id, name } = match body.0 {
+            Ok(body) => body,
+            Err(e) => return bad_body(e),
+        };
         if !valid_tenant_id(&tenant_id) {
             return AdminResponse::BadRequest(error(
                 "invalid_tenant_id",
@@ -366,8 +392,11 @@ impl AdminApi {
     ///
     /// The response holds the key; it is stored only as a hash and never shown again.
     #[oai(path = "/admin/keys", method = "post", tag = "ApiTags::Admin")]
-    async fn create_key(&self, auth: ApiKey, body: Json<NewKey>) -> AdminResponse<CreatedKey> {
-        let body = body.0;
+    async fn create_key(&self, auth: ApiKey, body: JsonBody<NewKey>) -> AdminResponse<CreatedKey> {
+        let body = match body.0 {
+            Ok(body) => body,
+            Err(e) => return bad_body(e),
+        };
         let tenant = match acting_tenant(&auth.0, body.tenant_id.as_deref(), true) {
             Ok(t) => t.unwrap_or_default(),
             Err(resp) => return resp,

@@ -6,6 +6,7 @@ pub mod body;
 pub mod events;
 pub mod guard;
 pub mod health;
+pub mod json_body;
 pub mod observe;
 pub mod raw_events;
 pub mod shared_paths;

@@ -15,14 +15,17 @@ use poem_openapi::{
     error::{ParseParamError, ParseRequestPayloadError},
     param::Query,
     payload::Json,
-    registry::{MetaMediaType, MetaRequest, MetaSchema, MetaSchemaRef, Registry},
+    registry::{MetaSchema, MetaSchemaRef, Registry},
     types::{MaybeUndefined, ParseError, ParseFromParameter, ParseResult, ToJSON, Type},
-    ApiExtractor, ApiExtractorType, ApiResponse, Enum, ExtractParamOptions, Object, OpenApi,
+    ApiResponse, Enum, Object, OpenApi,
 };
 use serde::Deserialize;
-use tokio::io::AsyncReadExt;
 
-use super::{guard::ApiKey, ApiTags};
+use super::{
+    guard::ApiKey,
+    json_body::{JsonBody, UNSUPPORTED_MEDIA_TYPE},
+    ApiTags,
+};
 use crate::analytics::{
     engine::MetricValue, model::parse_time_zone, Aggregates, Analytics, AnalyticsError,
     AnalyticsQuery, Bucket, Dimension, Filter, GroupResult, InvalidInput, Metric, TimeRange,
@@ -35,6 +38,7 @@ pub struct QueryErrorBody {
     /// E.g. `invalid_parameter`, `missing_parameter`, `unknown_parameter`, `invalid_filter`,
     /// `invalid_dimension`, `invalid_time_zone`, `invalid_time_range`, `time_range_too_large`,
     /// `too_many_points`, `invalid_limit`, `invalid_cursor`, `invalid_body` (400);
+    /// `unsupported_media_type` (415, a body not sent as `application/json`);
     /// `query_timeout`, `query_memory_limit`, `result_too_large`, `too_many_groups` (422);
     /// `not_found` (404); `clickhouse_unavailable` (503); `internal` (500).
     pub error: String,
@@ -63,7 +67,7 @@ impl From<InvalidInput> for QueryErrorBody {
         QueryErrorBody {
             error: i.code.to_string(),
             message: i.message,
-            field: Some(i.field),
+            field: (!i.field.is_empty()).then_some(i.field),
             limit: i.limit,
         }
     }
@@ -83,6 +87,9 @@ pub enum AnalyticsResponse<T: ToJSON + Send + Sync> {
     /// The event does not exist for this tenant.
     #[oai(status = 404)]
     NotFound(Json<QueryErrorBody>),
+    /// `POST /v1/query` only: the body was not sent as `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<QueryErrorBody>),
     /// The query is valid but a guard stopped it (`query_timeout`, `query_memory_limit`,
     /// `result_too_large`, `too_many_groups`); `limit` is the guard's value. Narrow the
     /// time range, add filters, use a limit or a coarser bucket.
@@ -130,6 +137,7 @@ pub fn parse_error_body(err: &poem::Error) -> QueryErrorBody {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     BadRequest,
+    UnsupportedMediaType,
     NotFound,
     TooExpensive,
     Unavailable,
@@ -139,6 +147,9 @@ pub enum ErrorKind {
 /// The status class and body of an error; causes go to the log, not to the client.
 pub fn error_body(err: AnalyticsError) -> (ErrorKind, QueryErrorBody) {
     match err {
+        AnalyticsError::Invalid(i) if i.code == UNSUPPORTED_MEDIA_TYPE => {
+            (ErrorKind::UnsupportedMediaType, i.into())
+        }
         AnalyticsError::Invalid(i) => (ErrorKind::BadRequest, i.into()),
         AnalyticsError::Guard {
             code,
@@ -183,6 +194,7 @@ impl<T: ToJSON + Send + Sync> From<AnalyticsError> for AnalyticsResponse<T> {
         let body = Json(body);
         match kind {
             ErrorKind::BadRequest => AnalyticsResponse::BadRequest(body),
+            ErrorKind::UnsupportedMediaType => AnalyticsResponse::UnsupportedMediaType(body),
             ErrorKind::NotFound => AnalyticsResponse::NotFound(body),
             ErrorKind::TooExpensive => AnalyticsResponse::TooExpensive(body),
             ErrorKind::Unavailable => AnalyticsResponse::Unavailable(body),
@@ -659,7 +671,7 @@ impl StatsApi {
     /// time range, optional buckets in a time zone, top-N groups and an other group.
     #[oai(path = "/v1/query", method = "post", tag = "ApiTags::Analytics")]
     #[tracing::instrument(skip_all, name = "stats.query")]
-    async fn query(&self, auth: ApiKey, body: QueryBody) -> Response<QueryResult> {
+    async fn query(&self, auth: ApiKey, body: JsonBody<QueryRequest>) -> Response<QueryResult> {
         let run = async {
             let request = body.0?;
             let q = self.model_of(&request)?;
@@ -787,81 +799,6 @@ impl StatsApi {
             other: r.other,
         })
     }
-}
-
-/// Largest `POST /v1/query` body accepted.
-const MAX_QUERY_BODY: usize = 64 * 1024;
-
-/// The `POST /v1/query` body, parsed with the JSON path of any error (`filters[2].op`), which
-/// poem-openapi's `Json<T>` does not report. The OpenAPI document shows the `Query` schema.
-pub struct QueryBody(pub Result<QueryRequest, InvalidInput>);
-
-impl<'a> ApiExtractor<'a> for QueryBody {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
-    type ParamType = ();
-    type ParamRawType = ();
-
-    fn register(registry: &mut Registry) {
-        QueryRequest::register(registry);
-    }
-
-    fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: Some("The query model, as JSON."),
-            content: vec![MetaMediaType {
-                content_type: "application/json",
-                schema: QueryRequest::schema_ref(),
-            }],
-            required: true,
-        })
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        body: &mut poem::RequestBody,
-        _param_opts: ExtractParamOptions<Self::ParamType>,
-    ) -> poem::Result<Self> {
-        Ok(QueryBody(read_query(request, body).await))
-    }
-}
-
-async fn read_query(
-    request: &Request,
-    body: &mut poem::RequestBody,
-) -> Result<QueryRequest, InvalidInput> {
-    let invalid = |msg: String| InvalidInput::new("invalid_body", "", msg);
-    let json = request
-        .content_type()
-        .and_then(|ct| ct.split(';').next())
-        .is_some_and(|ct| ct.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(invalid(
-            "send the query as Content-Type: application/json".into(),
-        ));
-    }
-    let mut raw = Vec::new();
-    body.take()
-        .map_err(|e| invalid(e.to_string()))?
-        .into_async_read()
-        .take(MAX_QUERY_BODY as u64 + 1)
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| invalid(format!("the body could not be read: {e}")))?;
-    if raw.len() > MAX_QUERY_BODY {
-        return Err(
-            invalid(format!("the body is larger than {MAX_QUERY_BODY} bytes"))
-                .with_limit(MAX_QUERY_BODY as u64),
-        );
-    }
-    let de = &mut serde_json::Deserializer::from_slice(&raw);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        InvalidInput::new(
-            "invalid_body",
-            if path == "." { "" } else { &path },
-            e.into_inner().to_string(),
-        )
-    })
 }
 
 #[cfg(test)]

@@ -462,34 +462,58 @@ async fn a_key_is_shown_once_and_the_admin_api_explains_bad_input() {
     assert_eq!(r.json["rate_limit"]["requests_per_sec"], 50);
     assert!(key.len() >= 4 + 12 + 1 + 32, "at least 128 random bits");
 
+    // Each bad body is answered with the field at fault.
     let cases = [
         (
             json!({"tenant_id": TENANT, "name": "x", "scopes": []}),
             400,
             "invalid_scopes",
+            "scopes",
         ),
         (
-            json!({"tenant_id": TENANT, "name": "x", "scopes": ["write"]}),
+            json!({"tenant_id": TENANT, "name": "x", "scopes": ["read", "write"]}),
             400,
             "invalid_body",
+            "scopes[1]",
         ),
         (
             json!({"tenant_id": TENANT, "name": "", "scopes": ["read"]}),
             400,
             "invalid_name",
+            "name",
         ),
         (
             json!({"tenant_id": "nope", "name": "x", "scopes": ["read"]}),
             404,
             "tenant_not_found",
+            "tenant_id",
         ),
         (
             json!({"name": "x", "scopes": ["read"]}),
             400,
             "missing_parameter",
+            "tenant_id",
+        ),
+        (
+            json!({"tenant_id": TENANT, "name": "x"}),
+            400,
+            "invalid_body",
+            "scopes",
+        ),
+        (
+            json!({"tenant_id": TENANT, "name": "x", "scopes": ["read"], "rate_limit": {"requests_per_sec": -1}}),
+            400,
+            "invalid_body",
+            "rate_limit.requests_per_sec",
+        ),
+        (
+            json!({"tenant_id": TENANT, "name": "x", "scope": ["read"]}),
+            400,
+            "invalid_body",
+            "scope",
         ),
     ];
-    for (body, status, code) in cases {
+    for (body, status, code, field) in cases {
         let r = send(
             &app,
             Some(ADMIN_KEY),
@@ -499,9 +523,43 @@ async fn a_key_is_shown_once_and_the_admin_api_explains_bad_input() {
         )
         .await;
         assert_eq!(
-            (r.status, r.json["error"].as_str()),
-            (status, Some(code)),
+            (r.status, r.json["error"].as_str(), r.json["field"].as_str()),
+            (status, Some(code), Some(field)),
             "{body}: {}",
+            r.text
+        );
+    }
+    // A body that is not JSON, or not sent as JSON, is refused as such.
+    let auth = format!("Bearer {ADMIN_KEY}");
+    for (path, body, ct, status, code) in [
+        (
+            "/v1/admin/keys",
+            "{",
+            "application/json",
+            400,
+            "invalid_body",
+        ),
+        (
+            "/v1/admin/keys",
+            "{}",
+            "text/plain",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/v1/admin/tenants",
+            "{}",
+            "application/x-www-form-urlencoded",
+            415,
+            "unsupported_media_type",
+        ),
+    ] {
+        let headers = [("authorization", auth.as_str()), ("content-type", ct)];
+        let r = app.post_to(path, body, &headers).await;
+        assert_eq!(
+            (r.status, r.json["error"].as_str(), r.json.get("field")),
+            (status, Some(code), None),
+            "{path} {ct}: {}",
             r.text
         );
     }

@@ -1149,12 +1149,15 @@ async fn bad_input_is_a_precise_400() {
             "{body}: {got}"
         );
     }
+    // Broken JSON concerns the body as a whole (no field); a body not sent as JSON is a 415.
     let r = app
         .post_to("/v1/query", "{", &[("content-type", JSON)])
         .await;
     assert_eq!(
-        (r.status, r.json["error"].as_str()),
-        (400, Some("invalid_body"))
+        (r.status, r.json["error"].as_str(), r.json.get("field")),
+        (400, Some("invalid_body"), None),
+        "{}",
+        r.text
     );
     let r = app
         .post_to(
@@ -1164,8 +1167,18 @@ async fn bad_input_is_a_precise_400() {
         )
         .await;
     assert_eq!(
-        (r.status, r.json["error"].as_str()),
-        (400, Some("invalid_body"))
+        (r.status, r.json["error"].as_str(), r.json.get("field")),
+        (415, Some("unsupported_media_type"), None),
+        "{}",
+        r.text
+    );
+    let mut no_from = ok.clone();
+    no_from.as_object_mut().unwrap().remove("from");
+    let (status, got) = post_query(&app, &no_from).await;
+    assert_eq!(
+        (status, got["error"].as_str(), got["field"].as_str()),
+        (400, Some("invalid_body"), Some("from")),
+        "{got}"
     );
 }
 
