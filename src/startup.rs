@@ -36,7 +36,7 @@ use crate::{
 pub struct Application {
     acceptor: TcpAcceptor,
     addr: SocketAddr,
-    routes: poem::endpoint::BoxEndpoint<'static>,
+    routes: api::Routes,
     wal_thread: std::thread::JoinHandle<()>,
     usage_wal_thread: std::thread::JoinHandle<()>,
     usage_flusher: tokio::task::JoinHandle<()>,

@@ -97,15 +97,16 @@ impl EventsApi {
     }
 }
 
-/// `POST /v1/events` served straight from the router, in front of the OpenAPI service.
+/// `POST /v1/events`, served in front of the router and the OpenAPI service.
 ///
-/// The OpenAPI service takes every request through several boxed layers and parses its query
-/// string into a map before a handler runs; for single-event requests that was about a fifth
-/// of the service's CPU (A/B in BENCHMARKS.md). Requests of the common shape — a `POST` with no
-/// query or just `wait=true|false`, from a caller the guard let through — call the same
-/// [`EventsApi::handle`] directly. Every other request (other methods, other query strings,
-/// no caller) goes to `documented`, the OpenAPI service, so it is answered exactly as the
-/// document says (an unparsable `wait`, a `GET` of the event list, a 405).
+/// The router and the OpenAPI service take every request through several boxed layers (each
+/// a heap copy of the request's future) and parse its query string into a map before a
+/// handler runs; for single-event requests that was a quarter or more of the service's CPU (two
+/// A/B steps in BENCHMARKS.md). Requests of the common shape — a `POST` with no query or just
+/// `wait=true|false`, from a caller the guard let through — call the same
+/// [`EventsApi::handle`] directly. Every other `POST` to this path (other query strings, no
+/// caller) goes to `documented`, the OpenAPI service, so it is answered exactly as the
+/// document says (an unparsable `wait`).
 pub struct DirectIngest {
     api: EventsApi,
     documented: Arc<BoxEndpoint<'static>>,

@@ -15,7 +15,13 @@ pub mod types;
 
 use std::sync::Arc;
 
-use poem::{endpoint::BoxEndpoint, EndpointExt, IntoEndpoint, Route};
+use observe::Observed;
+use poem::{
+    endpoint::BoxEndpoint,
+    http::Method,
+    middleware::{AddDataEndpoint, CatchPanic, CatchPanicEndpoint},
+    Endpoint, EndpointExt, IntoEndpoint, Middleware, Request, Response, Route,
+};
 use poem_openapi::{OpenApiService, Tags};
 
 #[derive(Tags)]
@@ -42,7 +48,7 @@ pub struct Apis {
 }
 
 /// Builds every route of the service.
-pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> BoxEndpoint<'static> {
+pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Routes {
     let Apis {
         events,
         health,
@@ -69,18 +75,47 @@ pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Box
     let spec = service.spec_endpoint();
     let docs = service.swagger_ui();
     let documented = Arc::new(service.into_endpoint().boxed());
-    Route::new()
-        // The hot path skips the OpenAPI layers; anything unusual still goes through them.
-        .at(
-            "/v1/events",
-            events::DirectIngest::new(ingest, documented.clone()),
-        )
-        .nest("/", documented)
+    let rest = Route::new()
+        .nest("/", documented.clone())
         .nest("/docs", docs)
-        .at("/openapi.json", spec)
-        .data(body::BodyLimit(body_limit))
-        // A bug must cost one request a 500, not the connection (and never other requests).
-        .with(poem::middleware::CatchPanic::new())
-        .around(move |ep, req| observe::observe(ep, req, observer.clone()))
-        .boxed()
+        .at("/openapi.json", spec);
+    Routes {
+        // The hot path skips the router and the OpenAPI layers; anything unusual on it still
+        // goes through them (see `DirectIngest`).
+        ingest: layered(
+            events::DirectIngest::new(ingest, documented),
+            observer.clone(),
+            body_limit,
+        ),
+        rest: layered(rest, observer, body_limit).boxed(),
+    }
+}
+
+/// Every request passes the same layers: the request layer (usage row, key, metrics), a
+/// panic costing one request a 500 rather than the connection, the body limit.
+type Layered<E> = Observed<CatchPanicEndpoint<AddDataEndpoint<E, body::BodyLimit>, ()>>;
+
+fn layered<E: Endpoint>(ep: E, observer: observe::Observer, body_limit: usize) -> Layered<E> {
+    Observed {
+        inner: CatchPanic::new().transform(ep.data(body::BodyLimit(body_limit))),
+        observer,
+    }
+}
+
+/// Every route: `POST /v1/events` to `ingest`, everything else to `rest`.
+pub struct Routes {
+    ingest: Layered<events::DirectIngest>,
+    rest: BoxEndpoint<'static>,
+}
+
+impl Endpoint for Routes {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if req.method() == Method::POST && req.uri().path() == "/v1/events" {
+            self.ingest.call(req).await
+        } else {
+            self.rest.call(req).await
+        }
+    }
 }

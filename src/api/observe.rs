@@ -87,7 +87,21 @@ fn usable(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -> Result<Response> {
+/// `E` with this layer around it.
+pub struct Observed<E> {
+    pub inner: E,
+    pub observer: Observer,
+}
+
+impl<E: Endpoint> Endpoint for Observed<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Response> {
+        observe(&self.inner, req, &self.observer).await
+    }
+}
+
+async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> Result<Response> {
     let arrived = chrono::Utc::now();
     let started = Instant::now();
     let seq = observer.usage.next_seq();
@@ -138,7 +152,7 @@ pub async fn observe<E: Endpoint>(ep: E, mut req: Request, observer: Observer) -
     tracing::debug!(request_id = %id, %method, route, status, elapsed_us = elapsed.as_micros() as u64, "request");
 
     let row = PendingRow {
-        log: observer.usage,
+        log: observer.usage.clone(),
         time: arrived,
         started,
         request_id: id,
