@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::{
     guard::ApiKey,
-    json_body::{JsonBody, UNSUPPORTED_MEDIA_TYPE},
+    json_body::{null_as_default, JsonBody, UNSUPPORTED_MEDIA_TYPE},
     stats::{parse_error_body, QueryErrorBody},
     ApiTags,
 };
@@ -52,7 +52,8 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// The tenant exists already.
     #[oai(status = 409)]
     Conflict(Json<QueryErrorBody>),
-    /// The body was not sent as `application/json` (`unsupported_media_type`).
+    /// Operations with a JSON body: it was not sent as `application/json`
+    /// (`unsupported_media_type`).
     #[oai(status = 415)]
     UnsupportedMediaType(Json<QueryErrorBody>),
     /// ClickHouse is unavailable, or (deletion) events accepted earlier are still on their
@@ -123,15 +124,15 @@ fn valid_tenant_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
+/// A new tenant. Unknown fields are refused.
 #[derive(Debug, Object, Deserialize)]
-#[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct NewTenant {
     /// 1–64 characters of `A-Z a-z 0-9 _ - .`; fixed for life.
     pub tenant_id: String,
     /// A display name (optional).
     #[oai(default)]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub name: String,
 }
 
@@ -163,8 +164,8 @@ pub enum ScopeName {
 }
 
 /// Per-key rate limits; an omitted field takes the deployment default, 0 means unlimited.
+/// Unknown fields are refused.
 #[derive(Debug, Clone, Copy, Default, Object, Deserialize)]
-#[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitBody {
     pub requests_per_sec: Option<u32>,
@@ -173,8 +174,8 @@ pub struct RateLimitBody {
     pub events_burst: Option<u32>,
 }
 
+/// A new key. Unknown fields are refused.
 #[derive(Debug, Object, Deserialize)]
-#[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// The key's tenant. Required with the bootstrap admin key; a tenant's admin key creates
@@ -185,7 +186,7 @@ pub struct NewKey {
     /// At least one of `ingest`, `read`, `admin`.
     pub scopes: Vec<ScopeName>,
     #[oai(default)]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub rate_limit: RateLimitBody,
 }
 

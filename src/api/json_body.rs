@@ -8,7 +8,7 @@ use poem_openapi::{
     types::Type,
     ApiExtractor, ApiExtractorType, ExtractParamOptions,
 };
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Deserialize};
 use tokio::io::AsyncReadExt;
 
 use crate::analytics::InvalidInput;
@@ -58,16 +58,12 @@ async fn read<T: DeserializeOwned>(
     body: &mut poem::RequestBody,
 ) -> Result<T, InvalidInput> {
     let invalid = |msg: String| InvalidInput::new("invalid_body", "", msg);
-    let json = request
-        .content_type()
-        .and_then(|ct| ct.split(';').next())
-        .is_some_and(|ct| ct.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
+    if !request.content_type().is_some_and(is_json) {
         let sent = request.content_type().unwrap_or("none");
         return Err(InvalidInput::new(
             UNSUPPORTED_MEDIA_TYPE,
             "",
-            format!("send the body as Content-Type: application/json (got {sent})"),
+            format!("send the body as Content-Type: application/json (got {sent:?})"),
         ));
     }
     let mut raw = Vec::new();
@@ -90,26 +86,54 @@ async fn read<T: DeserializeOwned>(
 /// Parses a body, naming the JSON path of the first fault.
 fn parse<T: DeserializeOwned>(raw: &[u8]) -> Result<T, InvalidInput> {
     let de = &mut serde_json::Deserializer::from_slice(raw);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        // serde_path_to_error says `.` for the body as a whole and `?` where it lost track.
-        let path = e.path().to_string();
-        let path = if path == "." || path.contains('?') {
-            String::new()
-        } else {
-            path
-        };
-        let message = e.into_inner().to_string();
-        // A missing field is reported at the object that lacks it; name the field itself.
-        let missing = message
-            .strip_prefix("missing field `")
-            .and_then(|rest| rest.split('`').next());
-        let field = match missing {
-            Some(name) if path.is_empty() => name.to_string(),
-            Some(name) => format!("{path}.{name}"),
-            None => path,
-        };
-        InvalidInput::new("invalid_body", &field, message)
-    })
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(fault)?;
+    // Anything after the value (`{…} junk`, a second object) makes the body broken JSON too.
+    de.end()
+        .map_err(|e| InvalidInput::new("invalid_body", "", e.to_string()))?;
+    Ok(value)
+}
+
+fn fault(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidInput {
+    let inner = e.inner();
+    if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+        // Broken JSON concerns the body as a whole; the message has the line and column.
+        return InvalidInput::new("invalid_body", "", e.into_inner().to_string());
+    }
+    let path = e.path().to_string();
+    let message = e.into_inner().to_string();
+    // A missing field is reported at the object that lacks it; name the field itself.
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match (path.as_str(), missing) {
+        // serde_path_to_error lost track of where it was.
+        (path, _) if path.contains('?') => String::new(),
+        (".", Some(name)) => name.to_string(),
+        (".", None) => String::new(),
+        (path, Some(name)) => format!("{path}.{name}"),
+        (path, None) => path.to_string(),
+    };
+    InvalidInput::new("invalid_body", &field, message)
+}
+
+/// For a field with a default: `null` means the default too (as an absent field does).
+pub fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(de)?.unwrap_or_default())
+}
+
+/// `application/json`, or a JSON-based type such as `application/merge-patch+json`.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
 #[cfg(test)]
@@ -143,14 +167,62 @@ mod tests {
         assert_eq!(field(r#"{"name": "a", "nmae": 1}"#), "nmae");
         assert_eq!(field("{}"), "name");
         assert_eq!(field(r#"{"name": "a", "inner": [{}]}"#), "inner[0].n");
-        // Broken JSON concerns the body as a whole; the message gives line and column.
-        let broken = parse::<Outer>(b"{").unwrap_err();
-        assert_eq!(broken.field, "");
-        assert!(
-            broken.message.contains("line 1 column 1"),
-            "{}",
-            broken.message
-        );
         assert!(parse::<Outer>(br#"{"name": "a"}"#).is_ok());
+    }
+
+    #[test]
+    fn broken_json_concerns_the_whole_body() {
+        for broken in [
+            "{",
+            r#"{"name": "#,
+            r#"{"name": "a", "inner": [{"n": 1},"#,
+            r#"{"name": "a"} junk"#,
+            r#"{"name": "a"}{"name": "b"}"#,
+        ] {
+            let err = parse::<Outer>(broken.as_bytes()).unwrap_err();
+            assert_eq!(
+                (err.code, err.field.as_str()),
+                ("invalid_body", ""),
+                "{broken}"
+            );
+            assert!(
+                err.message.contains("line 1 column"),
+                "{broken}: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ok in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json(ok), "{ok}");
+        }
+        for not in [
+            "text/plain",
+            "application/x-ndjson",
+            "application/+json",
+            "json",
+            "",
+        ] {
+            assert!(!is_json(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn null_takes_the_default() {
+        #[derive(serde::Deserialize)]
+        struct D {
+            #[serde(default, deserialize_with = "null_as_default")]
+            name: String,
+        }
+        let name = |s: &str| parse::<D>(s.as_bytes()).unwrap().name;
+        assert_eq!(name(r#"{"name": null}"#), "");
+        assert_eq!(name("{}"), "");
+        assert_eq!(name(r#"{"name": "x"}"#), "x");
     }
 }

@@ -411,6 +411,8 @@ async fn every_endpoint_checks_the_scope_and_the_tenant_of_its_key() {
             405,
             "method_not_allowed",
         ),
+        // Only POST /v1/events takes the ingest path's shortcut; other methods are routed.
+        (Method::DELETE, "/v1/events", 405, "method_not_allowed"),
     ] {
         let r = send(&app, Some(&read), method, path, None).await;
         assert_eq!(
@@ -553,6 +555,20 @@ async fn a_key_is_shown_once_and_the_admin_api_explains_bad_input() {
             415,
             "unsupported_media_type",
         ),
+        (
+            "/v1/admin/tenants",
+            r#"{"tenant_id": "#,
+            "application/json",
+            400,
+            "invalid_body",
+        ),
+        (
+            "/v1/admin/tenants",
+            r#"{"tenant_id": "late"} {"tenant_id": "later"}"#,
+            "application/json",
+            400,
+            "invalid_body",
+        ),
     ] {
         let headers = [("authorization", auth.as_str()), ("content-type", ct)];
         let r = app.post_to(path, body, &headers).await;
@@ -563,6 +579,38 @@ async fn a_key_is_shown_once_and_the_admin_api_explains_bad_input() {
             r.text
         );
     }
+    for (body, field) in [
+        (json!({"name": "x"}), "tenant_id"),
+        (json!({"tenant_id": "x", "display": "x"}), "display"),
+    ] {
+        let r = send(
+            &app,
+            Some(ADMIN_KEY),
+            Method::POST,
+            "/v1/admin/tenants",
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.json["error"].as_str(), r.json["field"].as_str()),
+            (400, Some("invalid_body"), Some(field)),
+            "{body}: {}",
+            r.text
+        );
+    }
+    // A defaulted field may be null; parameters of the content type are fine.
+    let r = app
+        .post_to(
+            "/v1/admin/keys",
+            json!({"tenant_id": TENANT, "name": "x", "scopes": ["read"], "rate_limit": null})
+                .to_string(),
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json; charset=utf-8"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
     let r = send(
         &app,
         Some(ADMIN_KEY),
