@@ -581,9 +581,18 @@ impl WalReader {
 
 /// Records that everything before `pos` is committed, and deletes the segments before it.
 pub fn checkpoint(dir: &Path, pos: WalPos) -> anyhow::Result<()> {
+    // Durable before it counts: otherwise a machine crash could bring back an older
+    // checkpoint, and the replay re-insert rows deleted since (a user's data deletion waits
+    // only until the rows are committed).
     let tmp = dir.join("checkpoint.tmp");
-    fs::write(&tmp, serde_json::to_vec(&pos)?).context("writing WAL checkpoint")?;
+    let mut file = File::create(&tmp).context("writing WAL checkpoint")?;
+    file.write_all(&serde_json::to_vec(&pos)?)
+        .and_then(|()| file.sync_data())
+        .context("writing WAL checkpoint")?;
     fs::rename(&tmp, dir.join("checkpoint")).context("replacing WAL checkpoint")?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .context("syncing the WAL directory")?;
     for id in list_segments(dir)? {
         if id < pos.segment {
             fs::remove_file(segment_path(dir, id))
