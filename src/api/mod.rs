@@ -13,14 +13,14 @@ pub mod shared_paths;
 pub mod stats;
 pub mod types;
 
-use std::sync::Arc;
+use std::{any::Any, sync::Arc};
 
 use observe::Observed;
 use poem::{
     endpoint::BoxEndpoint,
-    http::Method,
-    middleware::{AddDataEndpoint, CatchPanic, CatchPanicEndpoint},
-    Endpoint, EndpointExt, IntoEndpoint, Middleware, Request, Response, Route,
+    http::{Method, StatusCode},
+    middleware::{AddDataEndpoint, CatchPanic, CatchPanicEndpoint, PanicHandler},
+    Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Middleware, Request, Response, Route,
 };
 use poem_openapi::{OpenApiService, Tags};
 
@@ -93,13 +93,36 @@ pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Rou
 
 /// Every request passes the same layers: the request layer (usage row, key, metrics), a
 /// panic costing one request a 500 rather than the connection, the body limit.
-type Layered<E> = Observed<CatchPanicEndpoint<AddDataEndpoint<E, body::BodyLimit>, ()>>;
+type Layered<E> = Observed<CatchPanicEndpoint<AddDataEndpoint<E, body::BodyLimit>, PanicAnswer>>;
 
 fn layered<E: Endpoint>(ep: E, observer: observe::Observer, body_limit: usize) -> Layered<E> {
     Observed {
-        inner: CatchPanic::new().transform(ep.data(body::BodyLimit(body_limit))),
+        inner: panic_guard().transform(ep.data(body::BodyLimit(body_limit))),
         observer,
     }
+}
+
+/// A handler's panic becomes a 500 with the JSON error body every error has (the panic
+/// itself is printed by the panic hook).
+#[derive(Clone)]
+struct PanicAnswer;
+
+impl PanicHandler for PanicAnswer {
+    type Response = Response;
+
+    fn get_response(&self, _: Box<dyn Any + Send + 'static>) -> Response {
+        let body = types::ErrorBody::new(
+            "internal",
+            "the request failed unexpectedly; the service log has the cause",
+        );
+        let mut resp = poem_openapi::payload::Json(body).into_response();
+        resp.set_status(StatusCode::INTERNAL_SERVER_ERROR);
+        resp
+    }
+}
+
+fn panic_guard() -> CatchPanic<PanicAnswer> {
+    CatchPanic::new().with_handler(PanicAnswer)
 }
 
 /// Every route: `POST /v1/events` to `ingest`, everything else to `rest`.
@@ -117,5 +140,28 @@ impl Endpoint for Routes {
         } else {
             self.rest.call(req).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_is_a_json_500() {
+        let panics = poem::endpoint::make_sync(|_| -> &'static str { panic!("a bug") });
+        let resp = panic_guard()
+            .transform(panics)
+            .call(Request::default())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/json; charset=utf-8"
+        );
+        let body: serde_json::Value =
+            serde_json::from_str(&resp.into_body().into_string().await.unwrap()).unwrap();
+        assert_eq!(body["error"], "internal");
     }
 }
