@@ -535,7 +535,8 @@ async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
     let rows: Vec<(String, u16, u64, u64, u32, u32)> = wait_for_rows(
         &app.db,
         "SELECT request_id, status, bytes_in, bytes_out, events_accepted, events_rejected \
-         FROM usage_log FINAL WHERE route = '/v1/events' AND request_id LIKE 'd%' \
+         FROM usage_log FINAL WHERE route = '/v1/events' \
+         AND (request_id LIKE 'direct-%' OR request_id LIKE 'documented-%') \
          ORDER BY request_id",
         2 * compared,
         std::time::Duration::from_secs(30),
