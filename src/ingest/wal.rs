@@ -256,6 +256,9 @@ pub fn open(
     })
 }
 
+/// How long after a failed rotation the next attempt waits.
+const ROTATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct LogWriter {
     /// The next segment, being zero-filled in the background.
     next: Option<PreparedSegment>,
@@ -274,6 +277,7 @@ impl LogWriter {
         let mut buf = Vec::with_capacity(MAX_GROUP_BYTES);
         let mut group: Vec<(u64, oneshot::Sender<Result<u64, AppendError>>)> = Vec::new();
         let mut last_group = std::time::Instant::now();
+        let mut rotation_failed: Option<std::time::Instant> = None;
         while let Some(first) = rx.blocking_recv() {
             // Group commit: let more records gather if the last group began only moments ago,
             // then take whatever is waiting.
@@ -311,11 +315,17 @@ impl LogWriter {
                     }
                 }
             }
-            if self.pos.offset >= self.segment_bytes {
-                if let Err(err) = self.rotate() {
-                    tracing::error!(error = %err, "cannot start a new WAL segment");
-                    self.shared.broken.store(true, Ordering::Relaxed);
-                }
+            // A segment that could not be replaced (say, the disk was full) takes more records
+            // past its prepared size; the rotation is tried again a little later.
+            let retry_due = rotation_failed.is_none_or(|at| at.elapsed() >= ROTATION_RETRY);
+            if self.pos.offset >= self.segment_bytes && retry_due {
+                rotation_failed = match self.rotate() {
+                    Ok(()) => None,
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot start a new WAL segment; the current one grows meanwhile");
+                        Some(std::time::Instant::now())
+                    }
+                };
             }
         }
         tracing::debug!("write-ahead log closed");
@@ -360,7 +370,9 @@ impl LogWriter {
             Ok(file) => file,
             Err(_) => zero_filled(&self.dir, id, self.segment_bytes)?,
         };
-        self.file = finish_segment(&self.dir, id, prepared)?;
+        self.file = finish_segment(&self.dir, id, prepared).inspect_err(|_| {
+            let _ = fs::remove_file(unfinished_path(&self.dir, id));
+        })?;
         self.next = Some(prepare_segment(&self.dir, id + 1, self.segment_bytes));
         self.pos = WalPos {
             segment: id,
@@ -648,22 +660,29 @@ fn unfinished_path(dir: &Path, id: u64) -> PathBuf {
 }
 
 /// Creates `<id>.wal.tmp`, filled with `size` zero bytes and fsynced, positioned at its start.
+/// On failure the file is removed (a full disk is not left fuller).
 fn zero_filled(dir: &Path, id: u64, size: u64) -> io::Result<File> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(unfinished_path(dir, id))?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        file.write_all(&zeros[..n])?;
-        left -= n as u64;
-    }
-    file.sync_all()?;
-    file.seek(SeekFrom::Start(0))?;
-    Ok(file)
+    let path = unfinished_path(dir, id);
+    let fill = || {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(file)
+    };
+    fill().inspect_err(|_| {
+        let _ = fs::remove_file(&path);
+    })
 }
 
 /// Gives a prepared segment its real name; the directory entry is durable before any record
@@ -734,6 +753,44 @@ mod tests {
                 && *payload == vec![i as u8; 100]
                 && r.lsn == i as u64 + 1));
         assert!(list_segments(dir.path()).unwrap().len() > 1, "rotated");
+    }
+
+    #[tokio::test]
+    async fn appends_go_on_while_a_new_segment_cannot_be_made_and_rotation_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open_at(dir.path(), 4096, u64::MAX);
+        // Segment 2 cannot get its name: a directory with something in it stands there.
+        let blocker = segment_path(dir.path(), 2);
+        fs::create_dir(&blocker).unwrap();
+        fs::write(blocker.join("x"), b"x").unwrap();
+        for i in 0..100u32 {
+            wal.handle.append(vec![i as u8; 100], i).await.unwrap();
+        }
+        assert!(wal.handle.is_healthy());
+        let grown = fs::metadata(segment_path(dir.path(), 1)).unwrap().len();
+        assert!(grown > 10_000, "segment 1 grew past its size: {grown}");
+        assert!(!segment_path(dir.path(), 3).exists());
+        assert!(
+            !unfinished_path(dir.path(), 2).exists(),
+            "no half-made segment left"
+        );
+
+        // Once the name is free, the next attempt (a second later) rotates again.
+        fs::remove_dir_all(&blocker).unwrap();
+        tokio::time::sleep(ROTATION_RETRY + std::time::Duration::from_millis(100)).await;
+        for i in 100..200u32 {
+            wal.handle.append(vec![i as u8; 100], i).await.unwrap();
+        }
+        assert!(
+            list_segments(dir.path()).unwrap().len() > 2,
+            "rotated again"
+        );
+        let records = read_all(dir.path(), wal.start, *wal.durable.borrow());
+        assert_eq!(records.len(), 200);
+        assert!(records
+            .iter()
+            .enumerate()
+            .all(|(i, (r, payload))| r.lsn == i as u64 + 1 && *payload == vec![i as u8; 100]));
     }
 
     #[tokio::test]
