@@ -315,11 +315,11 @@ impl LogWriter {
                     }
                 }
             }
-            // A segment that cannot be replaced yet (its successor still being zero-filled, or
-            // not made at all, say on a full disk) takes more records past its prepared size;
-            // after a failure the switch is tried again a little later.
+            // A segment that could not be replaced (say, the disk was full) takes more records
+            // past its prepared size; the switch is tried again a little later, with a
+            // successor prepared in the background meanwhile.
             let retry_due = rotation_failed.is_none_or(|at| at.elapsed() >= ROTATION_RETRY);
-            if self.pos.offset >= self.segment_bytes && retry_due && self.next_ready() {
+            if self.pos.offset >= self.segment_bytes && retry_due {
                 rotation_failed = match self.rotate() {
                     Ok(()) => None,
                     Err(err) => {
@@ -356,14 +356,6 @@ impl LogWriter {
         self.pos.lsn = last_lsn;
         self.durable.send_replace(self.pos);
         Ok(())
-    }
-
-    /// Whether the next segment's background preparation is done (or none is under way):
-    /// until it is, records go on into the current segment instead of waiting for it.
-    fn next_ready(&self) -> bool {
-        self.next
-            .as_ref()
-            .is_none_or(|next| next.handle.is_finished())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
