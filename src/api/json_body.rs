@@ -57,7 +57,6 @@ async fn read<T: DeserializeOwned>(
     request: &Request,
     body: &mut poem::RequestBody,
 ) -> Result<T, InvalidInput> {
-    let invalid = |msg: String| InvalidInput::new("invalid_body", "", msg);
     if !request.content_type().is_some_and(is_json) {
         let sent = request.content_type().unwrap_or("none");
         return Err(InvalidInput::new(
@@ -68,15 +67,15 @@ async fn read<T: DeserializeOwned>(
     }
     let mut raw = Vec::new();
     body.take()
-        .map_err(|e| invalid(e.to_string()))?
+        .map_err(|e| whole_body(e.to_string()))?
         .into_async_read()
         .take(MAX_JSON_BODY as u64 + 1)
         .read_to_end(&mut raw)
         .await
-        .map_err(|e| invalid(format!("the body could not be read: {e}")))?;
+        .map_err(|e| whole_body(format!("the body could not be read: {e}")))?;
     if raw.len() > MAX_JSON_BODY {
         return Err(
-            invalid(format!("the body is larger than {MAX_JSON_BODY} bytes"))
+            whole_body(format!("the body is larger than {MAX_JSON_BODY} bytes"))
                 .with_limit(MAX_JSON_BODY as u64),
         );
     }
@@ -88,8 +87,7 @@ fn parse<T: DeserializeOwned>(raw: &[u8]) -> Result<T, InvalidInput> {
     let de = &mut serde_json::Deserializer::from_slice(raw);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(fault)?;
     // Anything after the value (`{…} junk`, a second object) makes the body broken JSON too.
-    de.end()
-        .map_err(|e| InvalidInput::new("invalid_body", "", e.to_string()))?;
+    de.end().map_err(|e| whole_body(e.to_string()))?;
     Ok(value)
 }
 
@@ -97,7 +95,7 @@ fn fault(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidInput {
     let inner = e.inner();
     if inner.is_syntax() || inner.is_eof() || inner.is_io() {
         // Broken JSON concerns the body as a whole; the message has the line and column.
-        return InvalidInput::new("invalid_body", "", e.into_inner().to_string());
+        return whole_body(e.into_inner().to_string());
     }
     let path = e.path().to_string();
     let message = e.into_inner().to_string();
@@ -114,6 +112,11 @@ fn fault(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidInput {
         (path, None) => path.to_string(),
     };
     InvalidInput::new("invalid_body", &field, message)
+}
+
+/// A fault of the body as a whole (no field to name).
+fn whole_body(message: String) -> InvalidInput {
+    InvalidInput::new("invalid_body", "", message)
 }
 
 /// For a field with a default: `null` means the default too (as an absent field does).

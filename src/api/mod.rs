@@ -20,7 +20,7 @@ use poem::{
     endpoint::BoxEndpoint,
     http::{Method, StatusCode},
     middleware::{AddDataEndpoint, CatchPanic, CatchPanicEndpoint, PanicHandler},
-    Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Middleware, Request, Response, Route,
+    Endpoint, EndpointExt, IntoEndpoint, Middleware, Request, Response, Route,
 };
 use poem_openapi::{OpenApiService, Tags};
 
@@ -111,13 +111,11 @@ impl PanicHandler for PanicAnswer {
     type Response = Response;
 
     fn get_response(&self, _: Box<dyn Any + Send + 'static>) -> Response {
-        let body = types::ErrorBody::new(
+        types::ErrorBody::new(
             "internal",
             "the request failed unexpectedly; the service log has the cause",
-        );
-        let mut resp = poem_openapi::payload::Json(body).into_response();
-        resp.set_status(StatusCode::INTERNAL_SERVER_ERROR);
-        resp
+        )
+        .with_status(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 

@@ -17,7 +17,6 @@ use poem::{
     http::Method,
     Body, Endpoint, IntoResponse, Request, Response, Result,
 };
-use poem_openapi::payload::Json;
 
 use super::{guard, types::ErrorBody};
 use crate::{
@@ -179,9 +178,7 @@ fn error_response(err: poem::Error, method: &Method, path: &str) -> Response {
     } else {
         return err.into_response();
     };
-    let mut resp = Json(ErrorBody::new(error, message)).into_response();
-    resp.set_status(err.status());
-    resp
+    ErrorBody::new(error, message).with_status(err.status())
 }
 
 /// A request's usage row, written once the size of its response is known.

@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use poem_openapi::{Enum, Object, Union};
+use poem::{http::StatusCode, IntoResponse, Response};
+use poem_openapi::{payload::Json, Enum, Object, Union};
 
 #[derive(Debug, Clone, Copy, Enum)]
 #[oai(rename_all = "lowercase")]
@@ -140,6 +141,13 @@ impl ErrorBody {
             limit: None,
             field: None,
         }
+    }
+
+    /// This body as a JSON response with `status` (for answers outside a typed operation).
+    pub fn with_status(self, status: StatusCode) -> Response {
+        let mut resp = Json(self).into_response();
+        resp.set_status(status);
+        resp
     }
 
     pub fn with_limit(mut self, limit: usize) -> Self {
