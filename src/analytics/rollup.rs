@@ -249,9 +249,40 @@ pub struct Refreshed {
     pub dropped: usize,
 }
 
-/// When each partition was last summarized and how long that took (see [`Rollup::refresh`]).
+/// What the last refreshes saw of each partition (see [`Rollup::refresh`]).
 #[derive(Debug, Default)]
-pub struct Pacing(HashMap<String, (Instant, Duration)>);
+pub struct Pacing(HashMap<String, Seen>);
+
+#[derive(Debug)]
+struct Seen {
+    /// The partition's fingerprint at the last refresh.
+    fingerprint: u64,
+    /// When it was last summarized, and how long that took.
+    computed: Option<(Instant, Duration)>,
+}
+
+impl Pacing {
+    /// Notes `p`'s fingerprint and says whether to summarize it now: only if it has not
+    /// changed since the last refresh, and not sooner than ten times its last computation
+    /// took after that began.
+    fn due(&mut self, p: &PartitionRow) -> bool {
+        let seen = self.0.entry(p.partition_id.clone()).or_insert(Seen {
+            fingerprint: !p.fingerprint,
+            computed: None,
+        });
+        let quiet = std::mem::replace(&mut seen.fingerprint, p.fingerprint) == p.fingerprint;
+        quiet
+            && seen
+                .computed
+                .is_none_or(|(started, took)| started.elapsed() >= took * 10)
+    }
+
+    fn computed(&mut self, p: &PartitionRow, started: Instant) {
+        if let Some(seen) = self.0.get_mut(&p.partition_id) {
+            seen.computed = Some((started, started.elapsed()));
+        }
+    }
+}
 
 /// A day's published summary.
 #[derive(Debug, Clone, Copy)]
@@ -416,9 +447,12 @@ impl Rollup {
     }
 
     /// Summarizes every partition that changed since its summary, newest first, then drops
-    /// generations no query can still read. A partition that keeps changing (today, under
-    /// ingestion) is summarized at most once per ten times its last computation took, so
-    /// summarizing costs at most a tenth of the time; queries read it raw in between.
+    /// generations no query can still read. A partition is summarized only once it has not
+    /// changed for a whole refresh interval: one that keeps changing (today, under ingestion:
+    /// a new part every flush) would make a summary that is out of date within a second, so
+    /// the work (a `FINAL` read of the whole day) would be wasted and would only take CPU
+    /// from ClickHouse's inserts; queries read such a partition raw. And a partition is
+    /// summarized at most once per ten times its last computation took.
     pub async fn refresh(&self, pacing: &mut Pacing) -> clickhouse::error::Result<Refreshed> {
         let mut done = Refreshed::default();
         let partitions = self.partitions().await?;
@@ -430,17 +464,13 @@ impl Rollup {
             let Ok(day) = p.partition_id.parse::<u32>() else {
                 continue;
             };
-            if let Some((started, took)) = pacing.0.get(&p.partition_id) {
-                if started.elapsed() < *took * 10 {
-                    done.stale += 1;
-                    continue;
-                }
+            if !pacing.due(p) {
+                done.stale += 1;
+                continue;
             }
             let started = Instant::now();
             let published = self.compute(day, p).await?;
-            pacing
-                .0
-                .insert(p.partition_id.clone(), (started, started.elapsed()));
+            pacing.computed(p, started);
             if published {
                 done.computed += 1;
             } else {
@@ -669,6 +699,34 @@ mod tests {
             Some((day / 1000 + 3_600, day / 1000 + 7_200))
         );
         assert_eq!(hours_for(&query(day + 1, day + H + 5)), None);
+    }
+
+    #[test]
+    fn a_partition_is_summarized_only_after_a_refresh_without_change() {
+        let part = |fingerprint| PartitionRow {
+            partition_id: "20261201".into(),
+            fingerprint,
+            generation: 0,
+            summarized_fingerprint: 0,
+            published_at_ms: 0,
+        };
+        let mut pacing = Pacing::default();
+        // Under ingestion the parts change between refreshes: never summarized.
+        for fingerprint in 1..5 {
+            assert!(!pacing.due(&part(fingerprint)), "changed ({fingerprint})");
+        }
+        // Quiet for one refresh: summarized.
+        assert!(pacing.due(&part(4)));
+        // Then not again before ten times the computation took, even if quiet.
+        pacing.computed(&part(4), Instant::now() - Duration::from_secs(1));
+        assert!(!pacing.due(&part(4)), "paced");
+        pacing.computed(&part(4), Instant::now() - Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(pacing.due(&part(4)), "pacing over");
+        // Another partition is judged on its own.
+        let mut other = part(4);
+        other.partition_id = "20261130".into();
+        assert!(!pacing.due(&other), "first seen");
     }
 
     #[test]
