@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  WAL files ──read up to the durable position──▶ batch (≤ max_rows, ≤ max_bytes, ≤ interval)
-//!      ──INSERT … FORMAT RowBinary (LZ4)──▶ ClickHouse ──ok──▶ checkpoint + delete old segments
+//!      ──INSERT … FORMAT RowBinary (LZ4)──▶ ClickHouse ──ok──▶ checkpoint + retire old segments
 //!                                               │                + publish the committed lsn
 //!                                               └─error──▶ data error: split the batch, bad rows
 //!                                                          to the dead-letter file

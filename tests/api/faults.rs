@@ -13,7 +13,10 @@ async fn kill_9_under_load_loses_and_doubles_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let url = local_clickhouse::shared_url();
     let database = unique_database("kill9");
-    let env = base_env(&url, &database, tmp.path());
+    let mut env = base_env(&url, &database, tmp.path());
+    // Small log segments, so the crashes also land in segments reused after their commit
+    // (with their old records still in them).
+    env.insert("ADTRACK_WAL_SEGMENT_BYTES".into(), "32768".into());
     let db = clickhouse::Client::default()
         .with_url(&url)
         .with_database(&database);
@@ -182,7 +185,7 @@ async fn log_segments_are_deleted_once_clickhouse_has_their_rows() {
         ],
     )
     .await;
-    let segments = || {
+    let files = |extension: &str| {
         std::fs::read_dir(app.data.join("wal"))
             .unwrap()
             .filter(|e| {
@@ -190,10 +193,11 @@ async fn log_segments_are_deleted_once_clickhouse_has_their_rows() {
                     .unwrap()
                     .path()
                     .extension()
-                    .is_some_and(|x| x == "wal")
+                    .is_some_and(|x| x == extension)
             })
             .count()
     };
+    let segments = || files("wal");
     for _ in 0..10 {
         let r = app.post(Value::from(events(100)).to_string(), JSON).await;
         assert_eq!(r.status, 202);
@@ -206,6 +210,8 @@ async fn log_segments_are_deleted_once_clickhouse_has_their_rows() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(segments() <= 2, "{} segments left", segments());
+    // At most two committed segments are kept, to be reused instead of zero-filling new ones.
+    assert!(files("spare") <= 2, "{} spare segments", files("spare"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
