@@ -74,15 +74,19 @@ rss_reset() { echo 5 > "/proc/$app_pid/clear_refs" 2>/dev/null || true; }
 # CPU is robust to other load on the machine, unlike throughput.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# Waits until the service has sent its whole backlog to ClickHouse, so one case's backlog
-# (the local engine inserting on the same two cores) does not weigh on the next case.
+# Waits until the service has sent its whole backlog to ClickHouse and has summarized the
+# days that changed (a FINAL read of the whole day, once it has been quiet for a refresh
+# interval), so one case's background work (the local engine on the same two cores) does
+# not weigh on the next case.
 drained() {
     for _ in $(seq 1 600); do
-        pending=$(curl -fsS "http://127.0.0.1:$app_port/metrics" | awk '/^adtrack_wal_pending_bytes/ {print $2}')
-        [ "${pending:-1}" = "0" ] && return 0
+        metrics=$(curl -fsS "http://127.0.0.1:$app_port/metrics")
+        pending=$(awk '/^adtrack_wal_pending_bytes/ {print $2}' <<< "$metrics")
+        stale=$(awk '/^adtrack_rollup_stale_partitions/ {print $2}' <<< "$metrics")
+        [ "${pending:-1}" = "0" ] && [ "${stale:-1}" = "0" ] && return 0
         sleep 0.5
     done
-    echo "backlog not drained: $pending bytes" >&2
+    echo "backlog not drained: $pending bytes, $stale days not summarized" >&2
 }
 
 # The service's own latency histogram of accepted ingest requests (from when the request
