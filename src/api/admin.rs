@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::{
     guard::ApiKey,
-    json_body::{null_as_default, JsonBody, UNSUPPORTED_MEDIA_TYPE},
+    json_body::{null_as_default, Fault, JsonBody},
     stats::{parse_error_body, QueryErrorBody},
     ApiTags,
 };
@@ -52,6 +52,10 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// The tenant exists already.
     #[oai(status = 409)]
     Conflict(Json<QueryErrorBody>),
+    /// Operations with a JSON body: it is larger than 64 KB (`payload_too_large`, with
+    /// `limit`).
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<QueryErrorBody>),
     /// Operations with a JSON body: it was not sent as `application/json`
     /// (`unsupported_media_type`).
     #[oai(status = 415)]
@@ -66,12 +70,12 @@ fn bad_request<T: ToJSON + Send + Sync>(err: poem::Error) -> AdminResponse<T> {
     AdminResponse::BadRequest(Json(parse_error_body(&err)))
 }
 
-/// The answer to a body that could not be read: 415 or 400, naming the field at fault.
+/// The answer to a body that could not be read: 415, 413 or 400 (naming the field at fault).
 fn bad_body<T: ToJSON + Send + Sync>(err: InvalidInput) -> AdminResponse<T> {
-    if err.code == UNSUPPORTED_MEDIA_TYPE {
-        AdminResponse::UnsupportedMediaType(Json(err.into()))
-    } else {
-        AdminResponse::BadRequest(Json(err.into()))
+    match Fault::of(&err) {
+        Fault::UnsupportedMediaType => AdminResponse::UnsupportedMediaType(Json(err.into())),
+        Fault::TooLarge => AdminResponse::PayloadTooLarge(Json(err.into())),
+        Fault::Invalid => AdminResponse::BadRequest(Json(err.into())),
     }
 }
 

@@ -17,11 +17,34 @@ use crate::analytics::InvalidInput;
 pub const MAX_JSON_BODY: usize = 64 * 1024;
 
 /// The error code of a body not sent as `application/json` (answered with 415).
-pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+/// The error code of a body over [`MAX_JSON_BODY`] (answered with 413, as on ingest).
+const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+
+/// How the answer to a faulty body is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// 415: not sent as JSON.
+    UnsupportedMediaType,
+    /// 413: over [`MAX_JSON_BODY`].
+    TooLarge,
+    /// 400: anything else.
+    Invalid,
+}
+
+impl Fault {
+    pub fn of(err: &InvalidInput) -> Self {
+        match err.code {
+            UNSUPPORTED_MEDIA_TYPE => Fault::UnsupportedMediaType,
+            PAYLOAD_TOO_LARGE => Fault::TooLarge,
+            _ => Fault::Invalid,
+        }
+    }
+}
 
 /// A JSON body, or why it is not acceptable: `unsupported_media_type` (the handler answers
-/// 415) or `invalid_body` (400) with the JSON path of the fault in `field` (empty when the
-/// body as a whole is at fault).
+/// 415), `payload_too_large` (413, with `limit`) or `invalid_body` (400) with the JSON path
+/// of the fault in `field` (empty when the body as a whole is at fault); see [`Fault`].
 pub struct JsonBody<T>(pub Result<T, InvalidInput>);
 
 impl<'a, T: DeserializeOwned + Type> ApiExtractor<'a> for JsonBody<T> {
@@ -74,10 +97,12 @@ async fn read<T: DeserializeOwned>(
         .await
         .map_err(|e| whole_body(format!("the body could not be read: {e}")))?;
     if raw.len() > MAX_JSON_BODY {
-        return Err(
-            whole_body(format!("the body is larger than {MAX_JSON_BODY} bytes"))
-                .with_limit(MAX_JSON_BODY as u64),
-        );
+        return Err(InvalidInput::new(
+            PAYLOAD_TOO_LARGE,
+            "",
+            format!("the body is larger than {MAX_JSON_BODY} bytes"),
+        )
+        .with_limit(MAX_JSON_BODY as u64));
     }
     parse(&raw)
 }

@@ -191,10 +191,11 @@ impl From<AnalyticsError> for ExportResponse {
         let (kind, body) = error_body(err);
         let body = Json(body);
         match kind {
-            // The export takes no body, so never a 415.
-            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::UnsupportedMediaType => {
-                ExportResponse::BadRequest(body)
-            }
+            // The export takes no body, so never a 413 or 415.
+            ErrorKind::BadRequest
+            | ErrorKind::NotFound
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::UnsupportedMediaType => ExportResponse::BadRequest(body),
             ErrorKind::TooExpensive => ExportResponse::TooExpensive(body),
             ErrorKind::Unavailable => ExportResponse::Unavailable(body),
             ErrorKind::Internal => ExportResponse::Internal(body),

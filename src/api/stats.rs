@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use super::{
     guard::ApiKey,
-    json_body::{JsonBody, UNSUPPORTED_MEDIA_TYPE},
+    json_body::{Fault, JsonBody},
     ApiTags,
 };
 use crate::analytics::{
@@ -39,6 +39,7 @@ pub struct QueryErrorBody {
     /// `invalid_dimension`, `invalid_time_zone`, `invalid_time_range`, `time_range_too_large`,
     /// `too_many_points`, `invalid_limit`, `invalid_cursor`, `invalid_body` (400);
     /// `unsupported_media_type` (415, a body not sent as `application/json`);
+    /// `payload_too_large` (413, a body over 64 KB);
     /// `query_timeout`, `query_memory_limit`, `result_too_large`, `too_many_groups` (422);
     /// `not_found` (404); `clickhouse_unavailable` (503); `internal` (500).
     pub error: String,
@@ -87,6 +88,10 @@ pub enum AnalyticsResponse<T: ToJSON + Send + Sync> {
     /// The event does not exist for this tenant.
     #[oai(status = 404)]
     NotFound(Json<QueryErrorBody>),
+    /// `POST /v1/query` only: the body is larger than 64 KB (`payload_too_large`, with
+    /// `limit`).
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<QueryErrorBody>),
     /// `POST /v1/query` only: the body was not sent as `application/json`.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<QueryErrorBody>),
@@ -137,6 +142,7 @@ pub fn parse_error_body(err: &poem::Error) -> QueryErrorBody {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     BadRequest,
+    PayloadTooLarge,
     UnsupportedMediaType,
     NotFound,
     TooExpensive,
@@ -147,10 +153,14 @@ pub enum ErrorKind {
 /// The status class and body of an error; causes go to the log, not to the client.
 pub fn error_body(err: AnalyticsError) -> (ErrorKind, QueryErrorBody) {
     match err {
-        AnalyticsError::Invalid(i) if i.code == UNSUPPORTED_MEDIA_TYPE => {
-            (ErrorKind::UnsupportedMediaType, i.into())
+        AnalyticsError::Invalid(i) => {
+            let kind = match Fault::of(&i) {
+                Fault::UnsupportedMediaType => ErrorKind::UnsupportedMediaType,
+                Fault::TooLarge => ErrorKind::PayloadTooLarge,
+                Fault::Invalid => ErrorKind::BadRequest,
+            };
+            (kind, i.into())
         }
-        AnalyticsError::Invalid(i) => (ErrorKind::BadRequest, i.into()),
         AnalyticsError::Guard {
             code,
             message,
@@ -194,6 +204,7 @@ impl<T: ToJSON + Send + Sync> From<AnalyticsError> for AnalyticsResponse<T> {
         let body = Json(body);
         match kind {
             ErrorKind::BadRequest => AnalyticsResponse::BadRequest(body),
+            ErrorKind::PayloadTooLarge => AnalyticsResponse::PayloadTooLarge(body),
             ErrorKind::UnsupportedMediaType => AnalyticsResponse::UnsupportedMediaType(body),
             ErrorKind::NotFound => AnalyticsResponse::NotFound(body),
             ErrorKind::TooExpensive => AnalyticsResponse::TooExpensive(body),

@@ -601,6 +601,24 @@ async fn a_key_is_shown_once_and_the_admin_api_explains_bad_input() {
             r.text
         );
     }
+    // Over 64 KB: 413, as an oversized ingest body.
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let r = app
+        .post_to(
+            "/v1/admin/tenants",
+            json!({"tenant_id": "big", "name": "n".repeat(70_000)}).to_string(),
+            &headers,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str(), r.json["limit"].as_u64()),
+        (413, Some("payload_too_large"), Some(65_536)),
+        "{}",
+        r.text
+    );
     // A defaulted field may be null; parameters of the content type are fine.
     let r = app
         .post_to(

@@ -1172,6 +1172,16 @@ async fn bad_input_is_a_precise_400() {
         "{}",
         r.text
     );
+    // Over 64 KB (here a long filter value): 413, as an oversized ingest body.
+    let mut large = ok.clone();
+    large["filters"] =
+        json!([{"dimension": "campaign_id", "op": "in", "values": ["c".repeat(70_000)]}]);
+    let (status, got) = post_query(&app, &large).await;
+    assert_eq!(
+        (status, got["error"].as_str(), got["limit"].as_u64()),
+        (413, Some("payload_too_large"), Some(65_536)),
+        "{got}"
+    );
     let mut no_from = ok.clone();
     no_from.as_object_mut().unwrap().remove("from");
     let (status, got) = post_query(&app, &no_from).await;
