@@ -251,6 +251,11 @@ impl<F: RowFormat> Shipper<F> {
                         .flushed_rows
                         .fetch_add(batch.count as u64, Ordering::Relaxed);
                     self.committed(batch);
+                    // Keep the buffer (its pages are faulted in already) for the next batch.
+                    if let Ok(buffer) = rows.try_into_mut() {
+                        batch.rows = buffer.into();
+                        batch.rows.clear();
+                    }
                     return true;
                 }
                 Err(err) => {
