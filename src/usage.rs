@@ -186,7 +186,16 @@ impl UsageLog {
 
     /// A request id for a request that came without one (32 hex digits, like a UUID's).
     pub fn request_id(&self, seq: u64) -> String {
-        format!("{}{seq:016x}", self.id_prefix)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(self.id_prefix.len() + 16);
+        id.push_str(&self.id_prefix);
+        // `{seq:016x}` without the formatting machinery (~1 % of a request's CPU).
+        id.extend(
+            (0..16)
+                .rev()
+                .map(|i| HEX[(seq >> (i * 4)) as usize & 0xf] as char),
+        );
+        id
     }
 
     pub fn record(&self, row: &UsageRow<'_>) {
@@ -320,6 +329,8 @@ mod tests {
         assert_eq!(log.take().count, 0);
         let (a, b) = (log.request_id(1), log.request_id(2));
         assert_eq!(a.len(), 32);
+        let seq = 0x0123_4567_89ab_cdef;
+        assert_eq!(log.request_id(seq), format!("{}{seq:016x}", &a[..16]));
         assert_ne!(a, b);
         assert_ne!(a, UsageLog::new("host-1".into()).request_id(1));
     }
