@@ -23,8 +23,8 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 ENGINE_NICE=${ENGINE_NICE:-0}
 # Connections of the load tool. Each request waits for its group's fsync, so with 64 the two
-# cores were ~20 % idle at saturation (measured with wrk: 45k req/s, 82 % busy); 128 keep
-# them busy (56k req/s, 88 %). Bare poem is measured with the same number.
+# cores were ~18 % idle at saturation (measured with wrk: 45k req/s, 82 % busy); with 128,
+# 56k req/s (88 % busy; 256 gave no more). Bare poem is measured with the same number.
 CONNS=${CONNS:-128}
 OUT=target/bench-ingest
 mkdir -p "$OUT"

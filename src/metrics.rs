@@ -264,7 +264,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP adtrack_rollup_stale_partitions Day partitions that changed while being summarized in the last refresh (read raw until the next).\n# TYPE adtrack_rollup_stale_partitions gauge\nadtrack_rollup_stale_partitions {}",
+            "# HELP adtrack_rollup_stale_partitions Day partitions without a current summary after the last refresh (changed since, or not quiet for a refresh interval yet; read raw meanwhile).\n# TYPE adtrack_rollup_stale_partitions gauge\nadtrack_rollup_stale_partitions {}",
             self.rollup_stale_partitions.load(Ordering::Relaxed)
         );
         let _ = writeln!(

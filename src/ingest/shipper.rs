@@ -251,10 +251,13 @@ impl<F: RowFormat> Shipper<F> {
                         .flushed_rows
                         .fetch_add(batch.count as u64, Ordering::Relaxed);
                     self.committed(batch);
-                    // Keep the buffer (its pages are faulted in already) for the next batch.
+                    // Keep the buffer (its pages are faulted in already) for the next batch,
+                    // unless a full batch made it larger than batches usually are.
                     if let Ok(buffer) = rows.try_into_mut() {
-                        batch.rows = buffer.into();
-                        batch.rows.clear();
+                        if buffer.capacity() <= self.settings.max_bytes {
+                            batch.rows = buffer.into();
+                            batch.rows.clear();
+                        }
                     }
                     return true;
                 }

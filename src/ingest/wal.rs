@@ -54,8 +54,11 @@ const HEADER_LEN: usize = 20;
 const MAX_RECORD_LEN: usize = 256 * 1024 * 1024;
 /// The log thread writes at most this much per fsync, so one huge burst cannot delay acks.
 const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
-/// Committed segments kept for reuse (see the module documentation).
+/// Committed segments kept for reuse (see the module documentation), per log.
 const MAX_SPARES: usize = 2;
+/// A spare not reused within this time is deleted (at the next commit or start): it holds
+/// committed events, which need not stay on the service's disk.
+const SPARE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How records are made durable.
 #[derive(Debug, Clone, Copy)]
@@ -174,12 +177,9 @@ pub fn open(
     remove_unfinished_segments(dir)?;
     let segments = list_segments(dir)?;
     let checkpoint = read_checkpoint(dir);
-    if checkpoint.is_none() {
-        // Without a checkpoint the numbering may start again below the spares' old records.
-        for id in list_ids(dir, SPARE)? {
-            fs::remove_file(spare_path(dir, id)).context("removing a spare WAL segment")?;
-        }
-    }
+    // Without a checkpoint the numbering may start again below the spares' old records.
+    let max_age = checkpoint.map_or(std::time::Duration::ZERO, |_| SPARE_MAX_AGE);
+    remove_spares_older_than(dir, max_age)?;
 
     // Recover every segment: find its valid length and last lsn; cut torn tails.
     let mut last_lsn = checkpoint.map_or(0, |c| c.lsn);
@@ -198,12 +198,13 @@ pub fn open(
                 mark_end(&path, scan.valid_len)?;
             }
             Tail::Torn => {
-                // Unacknowledged: the crash came before the fsync that would have covered it.
+                // Unacknowledged: the crash came before the fsync that would have covered it
+                // (or, in a reused segment, old records that do not line up with the new ones).
                 tracing::warn!(
                     segment = id,
                     valid = scan.valid_len,
                     file = scan.file_len,
-                    "cutting a torn or corrupt tail off a write-ahead log segment"
+                    "ending a write-ahead log segment's records before a torn last group (or a reused segment's old records)"
                 );
                 mark_end(&path, scan.valid_len)?;
             }
@@ -355,6 +356,10 @@ impl LogWriter {
                 };
             }
         }
+        // The next segment is complete before the log counts as closed.
+        if let Some(next) = self.next.take() {
+            let _ = next.handle.join();
+        }
         // A reused segment holds old records after the last new one: mark where the new ones
         // end, so that the next start does not take the old ones for a torn group.
         if let Err(err) = self
@@ -480,7 +485,8 @@ fn read_record(reader: &mut impl Read, out: &mut Vec<u8>) -> io::Result<ReadOutc
         return Ok(ReadOutcome::End);
     }
     let start = out.len();
-    out.reserve(len);
+    // Not all at once: after a crash the length may be an old record's bytes.
+    out.reserve(len.min(16 << 20));
     if reader.take(len as u64).read_to_end(out)? < len {
         out.truncate(start);
         return Ok(ReadOutcome::End);
@@ -674,6 +680,7 @@ pub fn checkpoint(dir: &Path, pos: WalPos) -> anyhow::Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .context("syncing the WAL directory")?;
+    remove_spares_older_than(dir, SPARE_MAX_AGE)?;
     let mut spares = list_ids(dir, SPARE)?.len();
     for id in list_segments(dir)? {
         if id >= pos.segment {
@@ -707,6 +714,24 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 }
 
 const SPARE: &str = ".spare";
+
+fn remove_spares_older_than(dir: &Path, max_age: std::time::Duration) -> anyhow::Result<()> {
+    for id in list_ids(dir, SPARE)? {
+        let path = spare_path(dir, id);
+        let age = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default());
+        if age.is_err() || age.is_ok_and(|age| age >= max_age) {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).context("removing a spare WAL segment")
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
 
 fn spare_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}{SPARE}"))
@@ -848,6 +873,16 @@ mod tests {
 
     fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::default())
+    }
+
+    /// A log of 4 KB segments holding 60 records of 200 bytes (payload `[i; 200]`, i = 0..60),
+    /// all of one size.
+    async fn sixty_records(dir: &Path) -> Wal {
+        let wal = open_at(dir, 4096, u64::MAX);
+        for i in 0..60u8 {
+            wal.handle.append(vec![i; 200], 1).await.unwrap();
+        }
+        wal
     }
 
     /// Stops the log as a shutdown does (the log thread finishes before this returns).
@@ -1004,10 +1039,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let committed;
         {
-            let wal = open_at(dir.path(), 4096, u64::MAX);
-            for i in 0..60u8 {
-                wal.handle.append(vec![i; 200], 1).await.unwrap();
-            }
+            let wal = sixty_records(dir.path()).await;
             let durable = *wal.durable.borrow();
             let records = read_all(dir.path(), wal.start, durable);
             committed = records[39].0.end;
@@ -1032,10 +1064,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         // Records of one size: the old records of a reused segment line up with the new ones.
-        let wal = open_at(dir.path(), 4096, u64::MAX);
-        for i in 0..60u8 {
-            wal.handle.append(vec![i; 200], 1).await.unwrap();
-        }
+        let wal = sixty_records(dir.path()).await;
         let records = read_all(dir.path(), wal.start, *wal.durable.borrow());
         let committed = records[59].0.end;
         checkpoint(dir.path(), committed).unwrap();
@@ -1064,7 +1093,16 @@ mod tests {
             "segment {reused_id} is a reused one"
         );
         assert_eq!(scan_segment(&reused).unwrap().tail, Tail::Old);
-        std::mem::forget(wal);
+        // A crash: the end marker a shutdown writes is not there (the old header is put back).
+        let end = wal.durable.borrow().offset;
+        let old_header =
+            fs::read(&reused).unwrap()[end as usize..end as usize + HEADER_LEN].to_vec();
+        close(wal);
+        let mut file = OpenOptions::new().write(true).open(&reused).unwrap();
+        file.seek(SeekFrom::Start(end)).unwrap();
+        file.write_all(&old_header).unwrap();
+        drop(file);
+        assert_eq!(scan_segment(&reused).unwrap().tail, Tail::Old);
 
         // After the restart only the new records are read: none of the old ones past them.
         let wal = open_at(dir.path(), 4096, u64::MAX);
@@ -1086,6 +1124,30 @@ mod tests {
                 .tail,
             Tail::Clean
         );
+    }
+
+    #[tokio::test]
+    async fn spares_not_reused_for_ten_minutes_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = sixty_records(dir.path()).await;
+        let committed = *wal.durable.borrow();
+        checkpoint(dir.path(), committed).unwrap();
+        let spares = list_ids(dir.path(), SPARE).unwrap();
+        assert_eq!(spares.len(), MAX_SPARES);
+        let aged = File::options()
+            .write(true)
+            .open(spare_path(dir.path(), spares[0]))
+            .unwrap();
+        aged.set_modified(std::time::SystemTime::now() - SPARE_MAX_AGE)
+            .unwrap();
+        checkpoint(dir.path(), committed).unwrap();
+        assert_eq!(list_ids(dir.path(), SPARE).unwrap(), spares[1..]);
+        close(wal);
+        // Without a checkpoint a start keeps none.
+        fs::remove_file(dir.path().join("checkpoint")).unwrap();
+        let wal = open_at(dir.path(), 4096, u64::MAX);
+        assert!(list_ids(dir.path(), SPARE).unwrap().is_empty());
+        close(wal);
     }
 
     #[tokio::test]
