@@ -267,6 +267,7 @@ impl Pacing {
     /// took after that began.
     fn due(&mut self, p: &PartitionRow) -> bool {
         let seen = self.0.entry(p.partition_id.clone()).or_insert(Seen {
+            // First seen: not quiet yet (any fingerprint other than the current one).
             fingerprint: !p.fingerprint,
             computed: None,
         });

@@ -195,7 +195,10 @@ pub fn open(
                     valid = scan.valid_len,
                     "a reused segment's old records follow the new ones"
                 );
-                mark_end(&path, scan.valid_len)?;
+                mark_end(
+                    &mut OpenOptions::new().write(true).open(&path)?,
+                    scan.valid_len,
+                )?;
             }
             Tail::Torn => {
                 // Unacknowledged: the crash came before the fsync that would have covered it
@@ -206,7 +209,10 @@ pub fn open(
                     file = scan.file_len,
                     "ending a write-ahead log segment's records before a torn last group (or a reused segment's old records)"
                 );
-                mark_end(&path, scan.valid_len)?;
+                mark_end(
+                    &mut OpenOptions::new().write(true).open(&path)?,
+                    scan.valid_len,
+                )?;
             }
         }
         last_lsn = last_lsn.max(scan.last_lsn);
@@ -362,11 +368,7 @@ impl LogWriter {
         }
         // A reused segment holds old records after the last new one: mark where the new ones
         // end, so that the next start does not take the old ones for a torn group.
-        if let Err(err) = self
-            .file
-            .write_all(&[0; HEADER_LEN])
-            .and_then(|()| self.file.sync_data())
-        {
+        if let Err(err) = mark_end(&mut self.file, self.pos.offset) {
             tracing::warn!(error = %err, "cannot mark the end of the write-ahead log");
         }
         tracing::debug!("write-ahead log closed");
@@ -554,8 +556,7 @@ fn scan_segment(path: &Path) -> anyhow::Result<Scan> {
 }
 
 /// Zeroes the record header at `offset`, so that readers stop there.
-fn mark_end(path: &Path, offset: u64) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).open(path)?;
+fn mark_end(file: &mut File, offset: u64) -> io::Result<()> {
     file.seek(SeekFrom::Start(offset))?;
     file.write_all(&[0; HEADER_LEN])?;
     file.sync_data()
@@ -721,7 +722,7 @@ fn remove_spares_older_than(dir: &Path, max_age: std::time::Duration) -> anyhow:
         let age = fs::metadata(&path)
             .and_then(|m| m.modified())
             .map(|t| t.elapsed().unwrap_or_default());
-        if age.is_err() || age.is_ok_and(|age| age >= max_age) {
+        if !age.is_ok_and(|age| age < max_age) {
             match fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(e).context("removing a spare WAL segment")
