@@ -63,7 +63,7 @@ impl UsageStatus {
 
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
-    /// ClickHouse answers, the schema is in place, and the write-ahead log is writable.
+    /// ClickHouse answers, the schema is in place, and the write-ahead log has not failed in the last 10 s.
     #[oai(status = 200)]
     Ready(Json<HealthBody>),
     /// Not ready; `reason` says what is missing. Load balancers should not send traffic.
@@ -94,11 +94,11 @@ impl HealthApi {
     /// Readiness
     ///
     /// 200 only when ClickHouse answers, the `events` table has the expected schema, the key
-    /// and usage-log tables exist, and the write-ahead log is usable.
+    /// and usage-log tables exist, and no write or fsync of the write-ahead log failed in the last 10 s.
     #[oai(path = "/health/ready", method = "get", tag = "ApiTags::Health")]
     async fn ready(&self) -> ReadyResponse {
         let reason = if !self.wal.is_healthy() {
-            Some("the write-ahead log had an unrecoverable I/O error".to_string())
+            Some("a write or fsync of the write-ahead log failed in the last 10 s".to_string())
         } else {
             crate::clickhouse::schema::verify(&self.clickhouse)
                 .await

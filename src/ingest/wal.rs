@@ -24,6 +24,10 @@
 //! they are told apart by their sequence numbers (records of a segment are numbered without
 //! gaps, old ones are numbered lower), and its first record header is zeroed before it is
 //! used, so that an old record is never taken for the first new one.
+//! Every group is written with an end marker (a zeroed record header) after it, in the same
+//! write and fsync: whatever lies beyond a group on disk (a reused segment's old records, or
+//! the records of a group whose write or fsync failed and whose requests got an error) is
+//! never read after it.
 //!
 //! The writer to ClickHouse (`shipper`) reads records back from the files up to the durable
 //! position and records how far ClickHouse has committed in a checkpoint file; segments wholly
@@ -36,11 +40,13 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, BufReader, Read, Seek, SeekFrom, Write},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context;
@@ -58,7 +64,7 @@ const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 const MAX_SPARES: usize = 2;
 /// A spare not reused within this time is deleted (at the next commit or start): it holds
 /// committed events, which need not stay on the service's disk.
-const SPARE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+const SPARE_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// How records are made durable.
 #[derive(Debug, Clone, Copy)]
@@ -67,14 +73,14 @@ pub struct Durability {
     pub fsync: bool,
     /// A group is started at most this often (measured on 2 cores at saturation: 500 µs
     /// took fsyncs from ~3,300/s to ~1,250/s and CPU per request down ~10 %).
-    pub min_group_interval: std::time::Duration,
+    pub min_group_interval: Duration,
 }
 
 impl Durability {
     /// fsync every group, start each group as soon as a record waits (tests).
     pub const IMMEDIATE: Self = Self {
         fsync: true,
-        min_group_interval: std::time::Duration::ZERO,
+        min_group_interval: Duration::ZERO,
     };
 }
 
@@ -114,18 +120,22 @@ pub struct Shared {
     /// Bytes of records not yet committed to ClickHouse: the disk budget is checked on this.
     pub pending_bytes: AtomicU64,
     pub max_pending_bytes: u64,
-    /// Set when a write or fsync failed and the log could not be repaired.
-    pub broken: AtomicBool,
+    /// When a group's write or fsync last failed (milliseconds since the Unix epoch; 0: never).
+    last_failure_ms: AtomicU64,
+}
+
+/// How long after a failed write or fsync the log counts as unhealthy (readiness says so).
+const FAILURE_MEMORY: Duration = Duration::from_secs(10);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl WalHandle {
     /// Appends `rows` RowBinary rows and returns their sequence number once they are durable.
     pub async fn append(&self, payload: Vec<u8>, rows: u32) -> Result<u64, AppendError> {
-        if self.shared.broken.load(Ordering::Relaxed) {
-            return Err(AppendError::Io(
-                "the log is unusable after an I/O error".into(),
-            ));
-        }
         let size = (payload.len() + HEADER_LEN) as u64;
         if self.shared.pending_bytes.load(Ordering::Relaxed) + size > self.shared.max_pending_bytes
         {
@@ -147,8 +157,11 @@ impl WalHandle {
         self.shared.pending_bytes.load(Ordering::Relaxed)
     }
 
+    /// False for [`FAILURE_MEMORY`] after a group's write or fsync failed (its requests got an
+    /// error; later groups are tried as usual).
     pub fn is_healthy(&self) -> bool {
-        !self.shared.broken.load(Ordering::Relaxed)
+        let failed = self.shared.last_failure_ms.load(Ordering::Relaxed);
+        failed == 0 || unix_ms().saturating_sub(failed) >= FAILURE_MEMORY.as_millis() as u64
     }
 }
 
@@ -178,7 +191,7 @@ pub fn open(
     let segments = list_segments(dir)?;
     let checkpoint = read_checkpoint(dir);
     // Without a checkpoint the numbering may start again below the spares' old records.
-    let max_age = checkpoint.map_or(std::time::Duration::ZERO, |_| SPARE_MAX_AGE);
+    let max_age = checkpoint.map_or(Duration::ZERO, |_| SPARE_MAX_AGE);
     remove_spares_older_than(dir, max_age)?;
 
     // Recover every segment: find its valid length and last lsn; cut torn tails.
@@ -256,7 +269,7 @@ pub fn open(
     let shared = Arc::new(Shared {
         pending_bytes: AtomicU64::new(pending),
         max_pending_bytes,
-        broken: AtomicBool::new(false),
+        last_failure_ms: AtomicU64::new(0),
     });
 
     let (tx, rx) = mpsc::channel(16 * 1024);
@@ -290,7 +303,7 @@ pub fn open(
 }
 
 /// How long after a failed rotation the next attempt waits.
-const ROTATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+const ROTATION_RETRY: Duration = Duration::from_secs(1);
 
 struct LogWriter {
     /// The next segment, being zero-filled in the background.
@@ -309,8 +322,8 @@ impl LogWriter {
     fn run(&mut self, mut rx: mpsc::Receiver<AppendRequest>) {
         let mut buf = Vec::with_capacity(MAX_GROUP_BYTES);
         let mut group: Vec<(u64, oneshot::Sender<Result<u64, AppendError>>)> = Vec::new();
-        let mut last_group = std::time::Instant::now();
-        let mut rotation_failed: Option<std::time::Instant> = None;
+        let mut last_group = Instant::now();
+        let mut rotation_failed: Option<Instant> = None;
         while let Some(first) = rx.blocking_recv() {
             // Group commit: let more records gather if the last group began only moments ago,
             // then take whatever is waiting.
@@ -318,7 +331,7 @@ impl LogWriter {
             if since < self.durability.min_group_interval {
                 std::thread::sleep(self.durability.min_group_interval - since);
             }
-            last_group = std::time::Instant::now();
+            last_group = Instant::now();
             let mut next = Some(first);
             let mut lsn = self.pos.lsn;
             while let Some(req) = next.take() {
@@ -329,7 +342,7 @@ impl LogWriter {
                     next = rx.try_recv().ok();
                 }
             }
-            let result = self.write_group(&buf, lsn);
+            let result = self.write_group(&mut buf, lsn);
             let record_bytes = buf.len() as u64;
             buf.clear();
             match result {
@@ -343,6 +356,9 @@ impl LogWriter {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "write-ahead log append failed");
+                    self.shared
+                        .last_failure_ms
+                        .store(unix_ms().max(1), Ordering::Relaxed);
                     for (_, done) in group.drain(..) {
                         let _ = done.send(Err(AppendError::Io(err.to_string())));
                     }
@@ -357,7 +373,7 @@ impl LogWriter {
                     Ok(()) => None,
                     Err(err) => {
                         tracing::error!(error = %err, "cannot start a new WAL segment; the current one grows meanwhile");
-                        Some(std::time::Instant::now())
+                        Some(Instant::now())
                     }
                 };
             }
@@ -366,35 +382,33 @@ impl LogWriter {
         if let Some(next) = self.next.take() {
             let _ = next.handle.join();
         }
-        // A reused segment holds old records after the last new one: mark where the new ones
-        // end, so that the next start does not take the old ones for a torn group.
-        if let Err(err) = mark_end(&mut self.file, self.pos.offset) {
-            tracing::warn!(error = %err, "cannot mark the end of the write-ahead log");
-        }
         tracing::debug!("write-ahead log closed");
     }
 
-    fn write_group(&mut self, buf: &[u8], last_lsn: u64) -> io::Result<()> {
-        let write = self.file.write_all(buf).and_then(|()| {
-            if self.durability.fsync {
-                let started = std::time::Instant::now();
-                let synced = self.file.sync_data();
-                self.metrics.fsync_seconds.observe(started.elapsed());
-                synced
-            } else {
-                Ok(())
+    /// Writes a group of records where the log ends (after a failed group: where that one
+    /// started) and syncs it.
+    fn write_group(&mut self, buf: &mut Vec<u8>, last_lsn: u64) -> io::Result<()> {
+        let records_len = buf.len() as u64;
+        let written = write_group_at(&self.file, self.pos.offset, buf).and_then(|()| {
+            if !self.durability.fsync {
+                return Ok(());
             }
+            let started = Instant::now();
+            let synced = self.file.sync_data();
+            self.metrics.fsync_seconds.observe(started.elapsed());
+            synced
         });
-        if let Err(err) = write {
-            // Write the next group where this one started: a partly written record is
-            // overwritten, and until then its bad CRC ends reading there.
-            let repaired = self.file.seek(SeekFrom::Start(self.pos.offset));
-            if repaired.is_err() {
-                self.shared.broken.store(true, Ordering::Relaxed);
-            }
+        if let Err(err) = written {
+            // The group's records may reach the disk all the same: end the log where they
+            // begin, as far as the disk still takes that, so that a crash before the next
+            // group (written in their place) does not bring them back.
+            let _ = self
+                .file
+                .write_all_at(&[0; HEADER_LEN], self.pos.offset)
+                .and_then(|()| self.file.sync_data());
             return Err(err);
         }
-        self.pos.offset += buf.len() as u64;
+        self.pos.offset += records_len;
         self.pos.lsn = last_lsn;
         self.durable.send_replace(self.pos);
         Ok(())
@@ -440,6 +454,18 @@ fn encode_record(buf: &mut Vec<u8>, lsn: u64, rows: u32, payload: &[u8]) {
     buf.extend_from_slice(payload);
     let crc = crc32fast::hash(&buf[body_at..]);
     buf[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Writes encoded records at `offset` followed by an end marker (a zeroed header), in one
+/// write, and leaves `group` as it was. The marker ends reading after these records whatever
+/// an earlier write left beyond them: a longer group that failed (its records may be on disk,
+/// numbered exactly like the ones that replace them), a reused segment's old records.
+fn write_group_at(file: &File, offset: u64, group: &mut Vec<u8>) -> io::Result<()> {
+    let records_len = group.len();
+    group.extend_from_slice(&[0; HEADER_LEN]);
+    let written = file.write_all_at(group, offset);
+    group.truncate(records_len);
+    written
 }
 
 /// One record read back from the log (its payload was appended to the caller's buffer).
@@ -716,7 +742,7 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 
 const SPARE: &str = ".spare";
 
-fn remove_spares_older_than(dir: &Path, max_age: std::time::Duration) -> anyhow::Result<()> {
+fn remove_spares_older_than(dir: &Path, max_age: Duration) -> anyhow::Result<()> {
     for id in list_ids(dir, SPARE)? {
         let path = spare_path(dir, id);
         let age = fs::metadata(&path)
@@ -942,7 +968,7 @@ mod tests {
 
         // Once the name is free, the next attempt (a second later) rotates again.
         fs::remove_dir_all(&blocker).unwrap();
-        tokio::time::sleep(ROTATION_RETRY + std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(ROTATION_RETRY + Duration::from_millis(100)).await;
         for i in 100..200u32 {
             wal.handle.append(vec![i as u8; 100], i).await.unwrap();
         }
@@ -1035,6 +1061,30 @@ mod tests {
         assert_eq!(records[0].1, b"good");
     }
 
+    #[test]
+    fn a_group_written_over_a_longer_failed_one_is_read_alone() {
+        // A group whose fsync failed (its requests got an error) may still reach the disk; the
+        // next group goes to the same offset with the same sequence numbers. When it is
+        // shorter, a record of the failed group starts exactly where it ends, numbered as its
+        // successor: only the end marker keeps it from being read.
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 1);
+        let file = File::create(&path).unwrap();
+        let group = |records: u64| {
+            let mut buf = Vec::new();
+            for lsn in 1..=records {
+                encode_record(&mut buf, lsn, 1, &[lsn as u8; 100]);
+            }
+            buf
+        };
+        write_group_at(&file, 0, &mut group(3)).unwrap();
+        write_group_at(&file, 0, &mut group(2)).unwrap();
+        let scan = scan_segment(&path).unwrap();
+        assert_eq!(scan.last_lsn, 2, "a record of the failed group was read");
+        assert_eq!(scan.valid_len, 2 * (HEADER_LEN as u64 + 100));
+        assert_eq!(scan.tail, Tail::Clean);
+    }
+
     #[tokio::test]
     async fn the_checkpoint_skips_committed_records_and_deletes_their_segments() {
         let dir = tempfile::tempdir().unwrap();
@@ -1081,7 +1131,7 @@ mod tests {
             .collect();
 
         // Write on into the second reused segment (the first successor was made before there
-        // were spares), three records into it, and crash: nothing marks where they end.
+        // were spares), three records into it.
         let mut i = 60u8;
         let reused_id = committed.segment + 2;
         while wal.durable.borrow().segment < reused_id || wal.durable.borrow().offset < 3 * 220 {
@@ -1093,15 +1143,27 @@ mod tests {
             spare_inodes.contains(&fs::metadata(&reused).unwrap().ino()),
             "segment {reused_id} is a reused one"
         );
-        assert_eq!(scan_segment(&reused).unwrap().tail, Tail::Old);
-        // A crash: the end marker a shutdown writes is not there (the old header is put back).
+        // The last group's end marker stops reading there.
+        assert_eq!(scan_segment(&reused).unwrap().tail, Tail::Clean);
+        // A crash in the middle of the next group's write can take the marker away and leave
+        // old records right after the new ones (simulated: the old header is put back).
+        // The old record there is whole but for its header: made again from its payload and
+        // the number of the old record after it.
         let end = wal.durable.borrow().offset;
-        let old_header =
-            fs::read(&reused).unwrap()[end as usize..end as usize + HEADER_LEN].to_vec();
         close(wal);
+        let bytes = fs::read(&reused).unwrap();
+        let (at, after) = (end as usize, end as usize + HEADER_LEN + 200);
+        let after_lsn = u64::from_le_bytes(bytes[after + 8..after + 16].try_into().unwrap());
+        let mut old_record = Vec::new();
+        encode_record(
+            &mut old_record,
+            after_lsn - 1,
+            1,
+            &bytes[at + HEADER_LEN..after],
+        );
         let mut file = OpenOptions::new().write(true).open(&reused).unwrap();
         file.seek(SeekFrom::Start(end)).unwrap();
-        file.write_all(&old_header).unwrap();
+        file.write_all(&old_record[..HEADER_LEN]).unwrap();
         drop(file);
         assert_eq!(scan_segment(&reused).unwrap().tail, Tail::Old);
 
@@ -1116,7 +1178,7 @@ mod tests {
             wal.handle.append(vec![0; 200], 1).await.unwrap(),
             u64::from(i) + 1
         );
-        // A shutdown marks where a segment's records end.
+        // The segment written after the restart ends with a marker too.
         let active = wal.durable.borrow().segment;
         close(wal);
         assert_eq!(
@@ -1139,7 +1201,7 @@ mod tests {
             .write(true)
             .open(spare_path(dir.path(), spares[0]))
             .unwrap();
-        aged.set_modified(std::time::SystemTime::now() - SPARE_MAX_AGE)
+        aged.set_modified(SystemTime::now() - SPARE_MAX_AGE)
             .unwrap();
         checkpoint(dir.path(), committed).unwrap();
         assert_eq!(list_ids(dir.path(), SPARE).unwrap(), spares[1..]);
@@ -1157,7 +1219,7 @@ mod tests {
         let metrics = metrics();
         let durability = Durability {
             fsync: true,
-            min_group_interval: std::time::Duration::from_millis(500),
+            min_group_interval: Duration::from_millis(500),
         };
         let wal = open(dir.path(), 1 << 20, u64::MAX, durability, metrics.clone()).unwrap();
         wal.handle.append(vec![0], 1).await.unwrap();
@@ -1167,7 +1229,7 @@ mod tests {
         for i in 1..=10u8 {
             let handle = wal.handle.clone();
             appends.push(tokio::spawn(async move { handle.append(vec![i], 1).await }));
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut lsns = Vec::new();
         for append in appends {
