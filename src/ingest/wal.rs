@@ -46,7 +46,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -120,17 +120,19 @@ pub struct Shared {
     /// Bytes of records not yet committed to ClickHouse: the disk budget is checked on this.
     pub pending_bytes: AtomicU64,
     pub max_pending_bytes: u64,
-    /// When a group's write or fsync last failed (milliseconds since the Unix epoch; 0: never).
-    last_failure_ms: AtomicU64,
+    /// When a group's write or fsync last failed: milliseconds since `opened`, plus one
+    /// (0: never).
+    last_failure: AtomicU64,
+    opened: Instant,
 }
 
 /// How long after a failed write or fsync the log counts as unhealthy (readiness says so).
 const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+impl Shared {
+    fn now(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64 + 1
+    }
 }
 
 impl WalHandle {
@@ -160,8 +162,8 @@ impl WalHandle {
     /// False for [`FAILURE_MEMORY`] after a group's write or fsync failed (its requests got an
     /// error; later groups are tried as usual).
     pub fn is_healthy(&self) -> bool {
-        let failed = self.shared.last_failure_ms.load(Ordering::Relaxed);
-        failed == 0 || unix_ms().saturating_sub(failed) >= FAILURE_MEMORY.as_millis() as u64
+        let failed = self.shared.last_failure.load(Ordering::Relaxed);
+        failed == 0 || self.shared.now().saturating_sub(failed) >= FAILURE_MEMORY.as_millis() as u64
     }
 }
 
@@ -269,7 +271,8 @@ pub fn open(
     let shared = Arc::new(Shared {
         pending_bytes: AtomicU64::new(pending),
         max_pending_bytes,
-        last_failure_ms: AtomicU64::new(0),
+        last_failure: AtomicU64::new(0),
+        opened: Instant::now(),
     });
 
     let (tx, rx) = mpsc::channel(16 * 1024);
@@ -356,9 +359,8 @@ impl LogWriter {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "write-ahead log append failed");
-                    self.shared
-                        .last_failure_ms
-                        .store(unix_ms().max(1), Ordering::Relaxed);
+                    let now = self.shared.now();
+                    self.shared.last_failure.store(now, Ordering::Relaxed);
                     for (_, done) in group.drain(..) {
                         let _ = done.send(Err(AppendError::Io(err.to_string())));
                     }
@@ -1201,7 +1203,7 @@ mod tests {
             .write(true)
             .open(spare_path(dir.path(), spares[0]))
             .unwrap();
-        aged.set_modified(SystemTime::now() - SPARE_MAX_AGE)
+        aged.set_modified(std::time::SystemTime::now() - SPARE_MAX_AGE)
             .unwrap();
         checkpoint(dir.path(), committed).unwrap();
         assert_eq!(list_ids(dir.path(), SPARE).unwrap(), spares[1..]);
