@@ -63,7 +63,8 @@ impl UsageStatus {
 
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
-    /// ClickHouse answers, the schema is in place, and the write-ahead log has not failed in the last 10 s.
+    /// ClickHouse answers, the schema is in place, and no write of the write-ahead log failed
+    /// in the last 10 s.
     #[oai(status = 200)]
     Ready(Json<HealthBody>),
     /// Not ready; `reason` says what is missing. Load balancers should not send traffic.

@@ -25,9 +25,10 @@
 //! gaps, old ones are numbered lower), and its first record header is zeroed before it is
 //! used, so that an old record is never taken for the first new one.
 //! Every group is written with an end marker (a zeroed record header) after it, in the same
-//! write and fsync: whatever lies beyond a group on disk (a reused segment's old records, or
-//! the records of a group whose write or fsync failed and whose requests got an error) is
-//! never read after it.
+//! write and fsync, so reading stops after the newest group. A group whose write or fsync
+//! failed (its requests got an error) may still reach the disk, numbered like the records
+//! written in its place: the next group writes zeros over all of it, and until then the
+//! segment is not switched.
 //!
 //! The writer to ClickHouse (`shipper`) reads records back from the files up to the durable
 //! position and records how far ClickHouse has committed in a checkpoint file; segments wholly
@@ -133,6 +134,11 @@ impl Shared {
     fn now(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64 + 1
     }
+
+    fn healthy(&self) -> bool {
+        let failed = self.last_failure.load(Ordering::Relaxed);
+        failed == 0 || self.now().saturating_sub(failed) >= FAILURE_MEMORY.as_millis() as u64
+    }
 }
 
 impl WalHandle {
@@ -162,8 +168,7 @@ impl WalHandle {
     /// False for [`FAILURE_MEMORY`] after a group's write or fsync failed (its requests got an
     /// error; later groups are tried as usual).
     pub fn is_healthy(&self) -> bool {
-        let failed = self.shared.last_failure.load(Ordering::Relaxed);
-        failed == 0 || self.shared.now().saturating_sub(failed) >= FAILURE_MEMORY.as_millis() as u64
+        self.shared.healthy()
     }
 }
 
@@ -286,6 +291,7 @@ pub fn open(
         durable: durable_tx,
         shared: shared.clone(),
         metrics,
+        failed_until: 0,
     };
     let thread = std::thread::Builder::new()
         .name("wal-writer".into())
@@ -319,6 +325,10 @@ struct LogWriter {
     durable: watch::Sender<WalPos>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
+    /// How far into the current segment a failed group may have written (0: no such group
+    /// since the last successful one). Its records may be on disk, numbered exactly like the
+    /// ones written in their place, so the next group writes zeros over all of it.
+    failed_until: u64,
 }
 
 impl LogWriter {
@@ -359,8 +369,6 @@ impl LogWriter {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "write-ahead log append failed");
-                    let now = self.shared.now();
-                    self.shared.last_failure.store(now, Ordering::Relaxed);
                     for (_, done) in group.drain(..) {
                         let _ = done.send(Err(AppendError::Io(err.to_string())));
                     }
@@ -370,7 +378,9 @@ impl LogWriter {
             // past its prepared size; the switch is tried again a little later, with a
             // successor prepared in the background meanwhile.
             let retry_due = rotation_failed.is_none_or(|at| at.elapsed() >= ROTATION_RETRY);
-            if self.pos.offset >= self.segment_bytes && retry_due {
+            // Not while a failed group's records may lie after the log's end: they are
+            // overwritten in this segment first (a finished segment is read to its end).
+            if self.pos.offset >= self.segment_bytes && retry_due && self.failed_until == 0 {
                 rotation_failed = match self.rotate() {
                     Ok(()) => None,
                     Err(err) => {
@@ -391,7 +401,9 @@ impl LogWriter {
     /// started) and syncs it.
     fn write_group(&mut self, buf: &mut Vec<u8>, last_lsn: u64) -> io::Result<()> {
         let records_len = buf.len() as u64;
-        let written = write_group_at(&self.file, self.pos.offset, buf).and_then(|()| {
+        let end = self.pos.offset + records_len;
+        let zeros = self.failed_until.saturating_sub(end).max(HEADER_LEN as u64);
+        let written = write_group_at(&self.file, self.pos.offset, buf, zeros).and_then(|()| {
             if !self.durability.fsync {
                 return Ok(());
             }
@@ -401,15 +413,25 @@ impl LogWriter {
             synced
         });
         if let Err(err) = written {
+            // Nothing lies past the file's end (a write that ran out of space stopped there).
+            let reached = self.file.metadata().map_or(end + zeros, |m| m.len());
+            self.failed_until = self.failed_until.max(reached.min(end + zeros));
+            self.shared
+                .last_failure
+                .store(self.shared.now(), Ordering::Relaxed);
             // The group's records may reach the disk all the same: end the log where they
             // begin, as far as the disk still takes that, so that a crash before the next
-            // group (written in their place) does not bring them back.
+            // successful group (which overwrites them) does not bring them back.
             let _ = self
                 .file
                 .write_all_at(&[0; HEADER_LEN], self.pos.offset)
-                .and_then(|()| self.file.sync_data());
+                .and_then(|()| match self.durability.fsync {
+                    true => self.file.sync_data(),
+                    false => Ok(()),
+                });
             return Err(err);
         }
+        self.failed_until = 0;
         self.pos.offset += records_len;
         self.pos.lsn = last_lsn;
         self.durable.send_replace(self.pos);
@@ -458,13 +480,14 @@ fn encode_record(buf: &mut Vec<u8>, lsn: u64, rows: u32, payload: &[u8]) {
     buf[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Writes encoded records at `offset` followed by an end marker (a zeroed header), in one
-/// write, and leaves `group` as it was. The marker ends reading after these records whatever
-/// an earlier write left beyond them: a longer group that failed (its records may be on disk,
-/// numbered exactly like the ones that replace them), a reused segment's old records.
-fn write_group_at(file: &File, offset: u64, group: &mut Vec<u8>) -> io::Result<()> {
+/// Writes encoded records at `offset` followed by `zeros` zero bytes (at least an end marker:
+/// a zeroed header), in one write, and leaves `group` as it was. The marker ends reading
+/// after these records whatever an earlier write left beyond them: a longer group that failed
+/// (its records may be on disk, numbered exactly like the ones that replace them), a reused
+/// segment's old records.
+fn write_group_at(file: &File, offset: u64, group: &mut Vec<u8>, zeros: u64) -> io::Result<()> {
     let records_len = group.len();
-    group.extend_from_slice(&[0; HEADER_LEN]);
+    group.resize(records_len + zeros as usize, 0);
     let written = file.write_all_at(group, offset);
     group.truncate(records_len);
     written
@@ -799,7 +822,7 @@ fn unfinished_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.wal.tmp"))
 }
 
-/// Makes `<id>.wal.tmp` ready for records, `size` bytes long and positioned at its start: from
+/// Makes `<id>.wal.tmp` ready for records, `size` bytes long: from
 /// a spare when there is one, else zero-filled.
 fn new_segment(dir: &Path, id: u64, size: u64) -> io::Result<File> {
     for spare in list_ids(dir, SPARE)? {
@@ -839,7 +862,7 @@ fn reused(dir: &Path, spare: u64, id: u64, size: u64) -> io::Result<Option<File>
     })
 }
 
-/// Creates `<id>.wal.tmp`, filled with `size` zero bytes and fsynced, positioned at its start.
+/// Creates `<id>.wal.tmp`, filled with `size` zero bytes and fsynced.
 /// On failure the file is removed (a full disk is not left fuller).
 fn zero_filled(dir: &Path, id: u64, size: u64) -> io::Result<File> {
     let path = unfinished_path(dir, id);
@@ -1063,27 +1086,73 @@ mod tests {
         assert_eq!(records[0].1, b"good");
     }
 
+    fn writable(path: &Path) -> File {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap()
+    }
+
+    /// A log writer at the start of segment 1 of `dir`, to drive `write_group` directly.
+    fn writer_on(dir: &Path) -> LogWriter {
+        let start = WalPos {
+            segment: 1,
+            offset: 0,
+            lsn: 0,
+        };
+        LogWriter {
+            next: None,
+            dir: dir.to_path_buf(),
+            file: writable(&segment_path(dir, 1)),
+            pos: start,
+            segment_bytes: 1 << 20,
+            durability: Durability::IMMEDIATE,
+            durable: watch::channel(start).0,
+            shared: Arc::new(Shared {
+                pending_bytes: AtomicU64::new(0),
+                max_pending_bytes: u64::MAX,
+                last_failure: AtomicU64::new(0),
+                opened: Instant::now(),
+            }),
+            metrics: metrics(),
+            failed_until: 0,
+        }
+    }
+
+    /// Records numbered `lsns`, 100 bytes of payload each.
+    fn records(lsns: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for lsn in lsns {
+            encode_record(&mut buf, lsn, 1, &[lsn as u8; 100]);
+        }
+        buf
+    }
+
     #[test]
-    fn a_group_written_over_a_longer_failed_one_is_read_alone() {
-        // A group whose fsync failed (its requests got an error) may still reach the disk; the
-        // next group goes to the same offset with the same sequence numbers. When it is
-        // shorter, a record of the failed group starts exactly where it ends, numbered as its
-        // successor: only the end marker keeps it from being read.
+    fn the_records_of_a_failed_group_are_never_read_back() {
+        // A group whose fsync failed (its requests got an error) may reach the disk all the
+        // same, and the next groups are written in its place with the same sequence numbers:
+        // with records of one size, each of its records starts exactly where a shorter
+        // successor ends, numbered as that one's successor.
         let dir = tempfile::tempdir().unwrap();
         let path = segment_path(dir.path(), 1);
-        let file = File::create(&path).unwrap();
-        let group = |records: u64| {
-            let mut buf = Vec::new();
-            for lsn in 1..=records {
-                encode_record(&mut buf, lsn, 1, &[lsn as u8; 100]);
-            }
-            buf
-        };
-        write_group_at(&file, 0, &mut group(3)).unwrap();
-        write_group_at(&file, 0, &mut group(2)).unwrap();
+        let mut writer = writer_on(dir.path());
+        write_group_at(&writable(&path), 0, &mut records(1..=3), HEADER_LEN as u64).unwrap();
+        writer.file = File::open(&path).unwrap(); // refuses writes: the group fails
+        assert!(writer.write_group(&mut records(1..=3), 3).is_err());
+        assert!(!writer.shared.healthy(), "readiness reports the failure");
+        writer.file = writable(&path);
+
+        // One record is acknowledged; then a crash tears the next group: its record reached
+        // the disk, the end marker after it did not.
+        writer.write_group(&mut records(1..=1), 1).unwrap();
+        writable(&path)
+            .write_all_at(&records(2..=2), writer.pos.offset)
+            .unwrap();
         let scan = scan_segment(&path).unwrap();
         assert_eq!(scan.last_lsn, 2, "a record of the failed group was read");
-        assert_eq!(scan.valid_len, 2 * (HEADER_LEN as u64 + 100));
         assert_eq!(scan.tail, Tail::Clean);
     }
 
@@ -1147,38 +1216,29 @@ mod tests {
         );
         // The last group's end marker stops reading there.
         assert_eq!(scan_segment(&reused).unwrap().tail, Tail::Clean);
-        // A crash in the middle of the next group's write can take the marker away and leave
-        // old records right after the new ones (simulated: the old header is put back).
-        // The old record there is whole but for its header: made again from its payload and
-        // the number of the old record after it.
-        let end = wal.durable.borrow().offset;
+        // A crash tears the next group: its first record reached the disk, its end marker did
+        // not, and an old record follows it.
+        let (end, last_lsn) = {
+            let durable = wal.durable.borrow();
+            (durable.offset, durable.lsn)
+        };
         close(wal);
-        let bytes = fs::read(&reused).unwrap();
-        let (at, after) = (end as usize, end as usize + HEADER_LEN + 200);
-        let after_lsn = u64::from_le_bytes(bytes[after + 8..after + 16].try_into().unwrap());
-        let mut old_record = Vec::new();
-        encode_record(
-            &mut old_record,
-            after_lsn - 1,
-            1,
-            &bytes[at + HEADER_LEN..after],
-        );
-        let mut file = OpenOptions::new().write(true).open(&reused).unwrap();
-        file.seek(SeekFrom::Start(end)).unwrap();
-        file.write_all(&old_record[..HEADER_LEN]).unwrap();
-        drop(file);
+        let mut torn = Vec::new();
+        encode_record(&mut torn, last_lsn + 1, 1, &[i; 200]);
+        writable(&reused).write_all_at(&torn, end).unwrap();
         assert_eq!(scan_segment(&reused).unwrap().tail, Tail::Old);
 
-        // After the restart only the new records are read: none of the old ones past them.
+        // After the restart only the new records are read (the torn group's one included,
+        // never acknowledged but whole): none of the old ones past them.
         let wal = open_at(dir.path(), 4096, u64::MAX);
         assert_eq!(wal.start, committed);
         let records = read_all(dir.path(), wal.start, *wal.durable.borrow());
         let payloads: Vec<u8> = records.iter().map(|(_, p)| p[0]).collect();
-        assert_eq!(payloads, (60..i).collect::<Vec<u8>>());
+        assert_eq!(payloads, (60..=i).collect::<Vec<u8>>());
         assert!(records.windows(2).all(|w| w[1].0.lsn == w[0].0.lsn + 1));
         assert_eq!(
             wal.handle.append(vec![0; 200], 1).await.unwrap(),
-            u64::from(i) + 1
+            last_lsn + 2
         );
         // The segment written after the restart ends with a marker too.
         let active = wal.durable.borrow().segment;
