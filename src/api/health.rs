@@ -95,7 +95,8 @@ impl HealthApi {
     /// Readiness
     ///
     /// 200 only when ClickHouse answers, the `events` table has the expected schema, the key
-    /// and usage-log tables exist, and no write or fsync of the write-ahead log failed in the last 10 s.
+    /// and usage-log tables exist, and no write or fsync of the write-ahead log failed in the
+    /// last 10 s.
     #[oai(path = "/health/ready", method = "get", tag = "ApiTags::Health")]
     async fn ready(&self) -> ReadyResponse {
         let reason = if !self.wal.is_healthy() {
