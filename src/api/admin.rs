@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{
+    documented::{unanswered, Documented},
     guard::ApiKey,
     json_body::{null_as_default, Fault, JsonBody},
     stats::{parse_error_body, QueryErrorBody},
@@ -52,18 +53,47 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// The tenant exists already.
     #[oai(status = 409)]
     Conflict(Json<QueryErrorBody>),
-    /// Operations with a JSON body: it is larger than 64 KB (`payload_too_large`, with
-    /// `limit`).
+    /// The JSON body is larger than 64 KB (`payload_too_large`, with `limit`).
     #[oai(status = 413)]
     PayloadTooLarge(Json<QueryErrorBody>),
-    /// Operations with a JSON body: it was not sent as `application/json`
-    /// (`unsupported_media_type`).
+    /// The body was not sent as `application/json` (`unsupported_media_type`).
     #[oai(status = 415)]
     UnsupportedMediaType(Json<QueryErrorBody>),
     /// ClickHouse is unavailable, or (deletion) events accepted earlier are still on their
     /// way to it; retry.
     #[oai(status = 503)]
     Unavailable(Json<QueryErrorBody>),
+}
+
+/// An operation's answer, documented with the statuses it can give (see [`Documented`]).
+type Answer<T, S> = Documented<AdminResponse<T>, S>;
+
+unanswered!(
+    /// `POST /admin/tenants`: answers 201, never 200 or 404.
+    TenantCreation: 200, 404
+);
+unanswered!(
+    /// `POST /admin/keys`: answers 201, never 200 or 409.
+    KeyCreation: 200, 409
+);
+unanswered!(
+    /// Operations without a body, which create nothing.
+    NoBody: 201, 409, 413, 415
+);
+
+/// A time range must end after it starts.
+fn check_range<T: ToJSON + Send + Sync>(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<(), AdminResponse<T>> {
+    if to <= from {
+        return Err(AdminResponse::BadRequest(error(
+            "invalid_time_range",
+            "`to` must be after `from`",
+            Some("to"),
+        )));
+    }
+    Ok(())
 }
 
 fn bad_request<T: ToJSON + Send + Sync>(err: poem::Error) -> AdminResponse<T> {
@@ -344,60 +374,73 @@ impl AdminApi {
         &self,
         auth: ApiKey,
         body: JsonBody<NewTenant>,
-    ) -> AdminResponse<TenantBody> {
-        if !matches!(auth.0, Principal::Operator) {
-            return AdminResponse::Forbidden(error(
-                "operator_only",
-                "only the bootstrap admin key creates tenants",
-                None,
-            ));
+    ) -> Answer<TenantBody, TenantCreation> {
+        async {
+            if !matches!(auth.0, Principal::Operator) {
+                return AdminResponse::Forbidden(error(
+                    "operator_only",
+                    "only the bootstrap admin key creates tenants",
+                    None,
+                ));
+            }
+            let NewTenant { tenant_id, name } = match body.0 {
+                Ok(body) => body,
+                Err(e) => return bad_body(e),
+            };
+            if !valid_tenant_id(&tenant_id) {
+                return AdminResponse::BadRequest(error(
+                    "invalid_tenant_id",
+                    "tenant_id must be 1-64 characters of A-Z a-z 0-9 _ - .",
+                    Some("tenant_id"),
+                ));
+            }
+            match self.store.create_tenant(&tenant_id, &name).await {
+                Ok(Some(t)) => AdminResponse::Created(Json(t.into())),
+                Ok(None) => AdminResponse::Conflict(error(
+                    "tenant_exists",
+                    format!("tenant {tenant_id:?} exists already"),
+                    Some("tenant_id"),
+                )),
+                Err(e) => unavailable(e),
+            }
         }
-        let NewTenant { tenant_id, name } = match body.0 {
-            Ok(body) => body,
-            Err(e) => return bad_body(e),
-        };
-        if !valid_tenant_id(&tenant_id) {
-            return AdminResponse::BadRequest(error(
-                "invalid_tenant_id",
-                "tenant_id must be 1-64 characters of A-Z a-z 0-9 _ - .",
-                Some("tenant_id"),
-            ));
-        }
-        match self.store.create_tenant(&tenant_id, &name).await {
-            Ok(Some(t)) => AdminResponse::Created(Json(t.into())),
-            Ok(None) => AdminResponse::Conflict(error(
-                "tenant_exists",
-                format!("tenant {tenant_id:?} exists already"),
-                Some("tenant_id"),
-            )),
-            Err(e) => unavailable(e),
-        }
+        .await
+        .into()
     }
 
     /// List tenants
     ///
     /// All tenants for the bootstrap admin key; its own for a tenant's admin key.
     #[oai(path = "/admin/tenants", method = "get", tag = "ApiTags::Admin")]
-    async fn list_tenants(&self, auth: ApiKey) -> AdminResponse<Vec<TenantBody>> {
-        let tenants = match auth.0.tenant() {
-            Some(own) => self
-                .store
-                .tenant(own)
-                .await
-                .map(|t| t.into_iter().collect()),
-            None => self.store.list_tenants().await,
-        };
-        match tenants {
-            Ok(t) => AdminResponse::Ok(Json(t.into_iter().map(Into::into).collect())),
-            Err(e) => unavailable(e),
+    async fn list_tenants(&self, auth: ApiKey) -> Answer<Vec<TenantBody>, NoBody> {
+        async {
+            let tenants = match auth.0.tenant() {
+                Some(own) => self
+                    .store
+                    .tenant(own)
+                    .await
+                    .map(|t| t.into_iter().collect()),
+                None => self.store.list_tenants().await,
+            };
+            match tenants {
+                Ok(t) => AdminResponse::Ok(Json(t.into_iter().map(Into::into).collect())),
+                Err(e) => unavailable(e),
+            }
         }
+        .await
+        .into()
     }
 
     /// Create an API key
     ///
     /// The response holds the key; it is stored only as a hash and never shown again.
     #[oai(path = "/admin/keys", method = "post", tag = "ApiTags::Admin")]
-    async fn create_key(&self, auth: ApiKey, body: JsonBody<NewKey>) -> AdminResponse<CreatedKey> {
+    async fn create_key(
+        &self,
+        auth: ApiKey,
+        body: JsonBody<NewKey>,
+    ) -> Answer<CreatedKey, KeyCreation> {
+        async {
         let body = match body.0 {
             Ok(body) => body,
             Err(e) => return bad_body(e),
@@ -469,6 +512,9 @@ impl AdminApi {
             }
             Err(e) => unavailable(e),
         }
+        }
+        .await
+        .into()
     }
 
     /// List API keys
@@ -480,15 +526,19 @@ impl AdminApi {
         auth: ApiKey,
         /// Only this tenant's keys (the bootstrap admin key sees every tenant without it).
         tenant_id: Query<Option<String>>,
-    ) -> AdminResponse<Vec<KeyBody>> {
-        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
-            Ok(t) => t,
-            Err(resp) => return resp,
-        };
-        match self.store.list_keys(tenant.as_deref()).await {
-            Ok(keys) => AdminResponse::Ok(Json(keys.into_iter().map(Into::into).collect())),
-            Err(e) => unavailable(e),
+    ) -> Answer<Vec<KeyBody>, NoBody> {
+        async {
+            let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
+                Ok(t) => t,
+                Err(resp) => return resp,
+            };
+            match self.store.list_keys(tenant.as_deref()).await {
+                Ok(keys) => AdminResponse::Ok(Json(keys.into_iter().map(Into::into).collect())),
+                Err(e) => unavailable(e),
+            }
         }
+        .await
+        .into()
     }
 
     /// Revoke an API key
@@ -500,25 +550,29 @@ impl AdminApi {
         method = "delete",
         tag = "ApiTags::Admin"
     )]
-    async fn revoke_key(&self, auth: ApiKey, key_id: Path<String>) -> AdminResponse<KeyBody> {
-        let not_found = || {
-            AdminResponse::NotFound(error(
-                "key_not_found",
-                format!("no key {:?}", key_id.0),
-                Some("key_id"),
-            ))
-        };
-        if !keys::is_key_id(&key_id.0) {
-            return not_found();
-        }
-        match self.store.revoke(&key_id.0, auth.0.tenant()).await {
-            Ok(Some(key)) => {
-                tracing::info!(key_id = %key.id, by = auth.0.key_id(), "API key revoked");
-                AdminResponse::Ok(Json(key.into()))
+    async fn revoke_key(&self, auth: ApiKey, key_id: Path<String>) -> Answer<KeyBody, NoBody> {
+        async {
+            let not_found = || {
+                AdminResponse::NotFound(error(
+                    "key_not_found",
+                    format!("no key {:?}", key_id.0),
+                    Some("key_id"),
+                ))
+            };
+            if !keys::is_key_id(&key_id.0) {
+                return not_found();
             }
-            Ok(None) => not_found(),
-            Err(e) => unavailable(e),
+            match self.store.revoke(&key_id.0, auth.0.tenant()).await {
+                Ok(Some(key)) => {
+                    tracing::info!(key_id = %key.id, by = auth.0.key_id(), "API key revoked");
+                    AdminResponse::Ok(Json(key.into()))
+                }
+                Ok(None) => not_found(),
+                Err(e) => unavailable(e),
+            }
         }
+        .await
+        .into()
     }
 
     /// Usage log
@@ -544,42 +598,42 @@ impl AdminApi {
         tenant_id: Query<Option<String>>,
         /// Most rows (default 1000, at most 10000).
         limit: Query<Option<u32>>,
-    ) -> AdminResponse<UsagePage> {
-        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
-            Ok(t) => t,
-            Err(resp) => return resp,
-        };
-        let limit = limit.0.unwrap_or(1000);
-        if limit == 0 || limit > MAX_USAGE_ROWS {
-            return AdminResponse::BadRequest(error(
-                "invalid_limit",
-                format!("limit must be 1-{MAX_USAGE_ROWS}"),
-                Some("limit"),
-            ));
-        }
-        if to.0 <= from.0 {
-            return AdminResponse::BadRequest(error(
-                "invalid_time_range",
-                "`to` must be after `from`",
-                Some("to"),
-            ));
-        }
-        let query = self.usage_query(
-            "SELECT time, request_id, instance_id, seq, tenant AS tenant_id, key_id, method, \
+    ) -> Answer<UsagePage, NoBody> {
+        async {
+            let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
+                Ok(t) => t,
+                Err(resp) => return resp,
+            };
+            let limit = limit.0.unwrap_or(1000);
+            if limit == 0 || limit > MAX_USAGE_ROWS {
+                return AdminResponse::BadRequest(error(
+                    "invalid_limit",
+                    format!("limit must be 1-{MAX_USAGE_ROWS}"),
+                    Some("limit"),
+                ));
+            }
+            if let Err(resp) = check_range(from.0, to.0) {
+                return resp;
+            }
+            let query = self.usage_query(
+                "SELECT time, request_id, instance_id, seq, tenant AS tenant_id, key_id, method, \
              route, status, latency_us, bytes_in, bytes_out, events_accepted, events_rejected",
-            &format!("ORDER BY time, instance_id, seq LIMIT {limit}"),
-            UsageFilter {
-                from: from.0,
-                to: to.0,
-                tenant: tenant.as_deref(),
-                key_id: key_id.0.as_deref(),
-                status: status.0,
-            },
-        );
-        match query.fetch_all::<UsageEntry>().await {
-            Ok(requests) => AdminResponse::Ok(Json(UsagePage { requests })),
-            Err(e) => unavailable(e.into()),
+                &format!("ORDER BY time, instance_id, seq LIMIT {limit}"),
+                UsageFilter {
+                    from: from.0,
+                    to: to.0,
+                    tenant: tenant.as_deref(),
+                    key_id: key_id.0.as_deref(),
+                    status: status.0,
+                },
+            );
+            match query.fetch_all::<UsageEntry>().await {
+                Ok(requests) => AdminResponse::Ok(Json(UsagePage { requests })),
+                Err(e) => unavailable(e.into()),
+            }
         }
+        .await
+        .into()
     }
 
     /// Usage per key per hour
@@ -598,19 +652,16 @@ impl AdminApi {
         key_id: Query<Option<String>>,
         /// The tenant (bootstrap admin key only).
         tenant_id: Query<Option<String>>,
-    ) -> AdminResponse<UsageHours> {
-        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
-            Ok(t) => t,
-            Err(resp) => return resp,
-        };
-        if to.0 <= from.0 {
-            return AdminResponse::BadRequest(error(
-                "invalid_time_range",
-                "`to` must be after `from`",
-                Some("to"),
-            ));
-        }
-        let query = self.usage_query(
+    ) -> Answer<UsageHours, NoBody> {
+        async {
+            let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
+                Ok(t) => t,
+                Err(resp) => return resp,
+            };
+            if let Err(resp) = check_range(from.0, to.0) {
+                return resp;
+            }
+            let query = self.usage_query(
             "SELECT toStartOfHour(time) AS hour, tenant AS tenant_id, key_id, count() AS requests, \
              countIf(status BETWEEN 400 AND 499) AS client_errors, \
              countIf(status >= 500) AS server_errors, countIf(status = 429) AS rate_limited, \
@@ -625,10 +676,13 @@ impl AdminApi {
                 status: None,
             },
         );
-        match query.fetch_all::<UsageHour>().await {
-            Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
-            Err(e) => unavailable(e.into()),
+            match query.fetch_all::<UsageHour>().await {
+                Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
+                Err(e) => unavailable(e.into()),
+            }
         }
+        .await
+        .into()
     }
 
     /// Delete an end user's events
@@ -650,7 +704,8 @@ impl AdminApi {
         user_id: Path<String>,
         /// The tenant (bootstrap admin key only, and then required).
         tenant_id: Query<Option<String>>,
-    ) -> AdminResponse<UserDeletion> {
+    ) -> Answer<UserDeletion, NoBody> {
+        async {
         let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), true) {
             Ok(t) => t.unwrap_or_default(),
             Err(resp) => return resp,
@@ -697,6 +752,9 @@ impl AdminApi {
             user_id: user,
             deleted_events: deleted,
         }))
+        }
+        .await
+        .into()
     }
 }
 

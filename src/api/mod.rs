@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod documented;
 pub mod events;
 pub mod guard;
 pub mod health;

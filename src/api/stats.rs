@@ -22,6 +22,7 @@ use poem_openapi::{
 use serde::Deserialize;
 
 use super::{
+    documented::{unanswered, Documented},
     guard::ApiKey,
     json_body::{Fault, JsonBody},
     ApiTags,
@@ -88,11 +89,10 @@ pub enum AnalyticsResponse<T: ToJSON + Send + Sync> {
     /// The event does not exist for this tenant.
     #[oai(status = 404)]
     NotFound(Json<QueryErrorBody>),
-    /// `POST /v1/query` only: the body is larger than 64 KB (`payload_too_large`, with
-    /// `limit`).
+    /// The JSON body is larger than 64 KB (`payload_too_large`, with `limit`).
     #[oai(status = 413)]
     PayloadTooLarge(Json<QueryErrorBody>),
-    /// `POST /v1/query` only: the body was not sent as `application/json`.
+    /// The body was not sent as `application/json` (`unsupported_media_type`).
     #[oai(status = 415)]
     UnsupportedMediaType(Json<QueryErrorBody>),
     /// The query is valid but a guard stopped it (`query_timeout`, `query_memory_limit`,
@@ -515,7 +515,21 @@ pub struct StatsApi {
     pub analytics: Analytics,
 }
 
-type Response<T> = AnalyticsResponse<T>;
+/// An operation's answer, documented with the statuses it can give (see [`Documented`]).
+pub type Answer<T, S> = Documented<AnalyticsResponse<T>, S>;
+
+unanswered!(
+    /// Operations without a body that look nothing up by id: figures, lists of events.
+    pub Reads: 404, 413, 415
+);
+unanswered!(
+    /// `GET /v1/events/{event_id}`: no body.
+    pub Lookup: 413, 415
+);
+unanswered!(
+    /// `POST /v1/query`: looks nothing up by id.
+    Queries: 404
+);
 
 #[OpenApi]
 impl StatsApi {
@@ -539,7 +553,7 @@ impl StatsApi {
         /// `advertiser_id`, `country`, `device`, `os`, `browser`, `event_type`,
         /// `attributes.<key>`. `\` makes the next character literal (`\|`, `\\`, `\=`).
         filter: Query<Option<Vec<String>>>,
-    ) -> Response<SummaryResult> {
+    ) -> Answer<SummaryResult, Reads> {
         let run = async {
             only_params(req, &COMMON)?;
             let q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
@@ -585,7 +599,7 @@ impl StatsApi {
         metrics: Query<MetricList>,
         /// Repeatable filter, as in the summary.
         filter: Query<Option<Vec<String>>>,
-    ) -> Response<TimeseriesResult> {
+    ) -> Answer<TimeseriesResult, Reads> {
         let run = async {
             only_params(req, &[&COMMON[..], &["bucket", "time_zone"]].concat())?;
             let mut q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
@@ -642,7 +656,7 @@ impl StatsApi {
         other: Query<Option<bool>>,
         /// Repeatable filter, as in the summary.
         filter: Query<Option<Vec<String>>>,
-    ) -> Response<BreakdownResult> {
+    ) -> Answer<BreakdownResult, Reads> {
         let run = async {
             only_params(
                 req,
@@ -682,7 +696,11 @@ impl StatsApi {
     /// time range, optional buckets in a time zone, top-N groups and an other group.
     #[oai(path = "/v1/query", method = "post", tag = "ApiTags::Analytics")]
     #[tracing::instrument(skip_all, name = "stats.query")]
-    async fn query(&self, auth: ApiKey, body: JsonBody<QueryRequest>) -> Response<QueryResult> {
+    async fn query(
+        &self,
+        auth: ApiKey,
+        body: JsonBody<QueryRequest>,
+    ) -> Answer<QueryResult, Queries> {
         let run = async {
             let request = body.0?;
             let q = self.model_of(&request)?;
@@ -707,11 +725,12 @@ impl StatsApi {
     }
 }
 
-fn respond<T: ToJSON + Send + Sync>(result: Result<T, AnalyticsError>) -> Response<T> {
+pub fn respond<T: ToJSON + Send + Sync, S>(result: Result<T, AnalyticsError>) -> Answer<T, S> {
     match result {
         Ok(v) => AnalyticsResponse::Ok(Json(v)),
         Err(e) => e.into(),
     }
+    .into()
 }
 
 fn points(g: &GroupResult, q: &AnalyticsQuery) -> Vec<Point> {
