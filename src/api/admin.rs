@@ -66,6 +66,8 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
 }
 
 /// An operation's answer, documented with the statuses it can give (see [`Documented`]).
+/// Handlers build the `AdminResponse` in an `async` block, early returns included, and
+/// convert it once at the end.
 type Answer<T, S> = Documented<AdminResponse<T>, S>;
 
 unanswered!(
