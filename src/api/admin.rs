@@ -47,7 +47,7 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// deployment's defaults (`forbidden_rate_limit`).
     #[oai(status = 403)]
     Forbidden(Json<QueryErrorBody>),
-    /// No such tenant, key or user data (for this tenant).
+    /// No such tenant or key (for this tenant).
     #[oai(status = 404)]
     NotFound(Json<QueryErrorBody>),
     /// The tenant exists already.
@@ -71,16 +71,22 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
 type Answer<T, S> = Documented<AdminResponse<T>, S>;
 
 unanswered!(
-    /// `POST /admin/tenants`: answers 201, never 200 or 404.
-    TenantCreation: 200, 404
+    /// `POST /v1/admin/tenants`: answers 201, not 200; looks nothing up (404).
+    CreatesTenant: 200, 404
 );
 unanswered!(
-    /// `POST /admin/keys`: answers 201, never 200 or 409.
-    KeyCreation: 200, 409
+    /// `POST /v1/admin/keys`: answers 201, not 200; no tenant conflict (409).
+    CreatesKey: 200, 409
 );
 unanswered!(
-    /// Operations without a body, which create nothing.
-    NoBody: 201, 409, 413, 415
+    /// `DELETE /v1/admin/keys/{key_id}`: creates nothing (201, 409), no body (413, 415).
+    RevokesKey: 201, 409, 413, 415
+);
+unanswered!(
+    /// Operations driven by their parameters (lists, usage, deleting an end user's events):
+    /// create nothing (201, 409), no body (413, 415), nothing looked up that could be
+    /// missing (404; deleting a user without events deletes 0).
+    ByParams: 201, 404, 409, 413, 415
 );
 
 /// A time range must end after it starts.
@@ -376,7 +382,7 @@ impl AdminApi {
         &self,
         auth: ApiKey,
         body: JsonBody<NewTenant>,
-    ) -> Answer<TenantBody, TenantCreation> {
+    ) -> Answer<TenantBody, CreatesTenant> {
         async {
             if !matches!(auth.0, Principal::Operator) {
                 return AdminResponse::Forbidden(error(
@@ -414,7 +420,7 @@ impl AdminApi {
     ///
     /// All tenants for the bootstrap admin key; its own for a tenant's admin key.
     #[oai(path = "/admin/tenants", method = "get", tag = "ApiTags::Admin")]
-    async fn list_tenants(&self, auth: ApiKey) -> Answer<Vec<TenantBody>, NoBody> {
+    async fn list_tenants(&self, auth: ApiKey) -> Answer<Vec<TenantBody>, ByParams> {
         async {
             let tenants = match auth.0.tenant() {
                 Some(own) => self
@@ -441,79 +447,85 @@ impl AdminApi {
         &self,
         auth: ApiKey,
         body: JsonBody<NewKey>,
-    ) -> Answer<CreatedKey, KeyCreation> {
+    ) -> Answer<CreatedKey, CreatesKey> {
         async {
-        let body = match body.0 {
-            Ok(body) => body,
-            Err(e) => return bad_body(e),
-        };
-        let tenant = match acting_tenant(&auth.0, body.tenant_id.as_deref(), true) {
-            Ok(t) => t.unwrap_or_default(),
-            Err(resp) => return resp,
-        };
-        if !(1..=128).contains(&body.name.chars().count()) {
-            return AdminResponse::BadRequest(error(
-                "invalid_name",
-                "name must be 1-128 characters",
-                Some("name"),
-            ));
-        }
-        let names: Vec<&str> = body
-            .scopes
-            .iter()
-            .map(|s| match s {
-                ScopeName::Ingest => "ingest",
-                ScopeName::Read => "read",
-                ScopeName::Admin => "admin",
-            })
-            .collect();
-        let scopes = Scopes::parse(&names).unwrap_or_default();
-        if scopes.is_empty() {
-            return AdminResponse::BadRequest(error(
-                "invalid_scopes",
-                "give at least one scope: ingest, read, admin",
-                Some("scopes"),
-            ));
-        }
-        match self.store.tenant(&tenant).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                return AdminResponse::NotFound(error(
-                    "tenant_not_found",
-                    format!("no tenant {tenant:?}; create it first (POST /v1/admin/tenants)"),
-                    Some("tenant_id"),
-                ))
+            let body = match body.0 {
+                Ok(body) => body,
+                Err(e) => return bad_body(e),
+            };
+            let tenant = match acting_tenant(&auth.0, body.tenant_id.as_deref(), true) {
+                Ok(t) => t.unwrap_or_default(),
+                Err(resp) => return resp,
+            };
+            if !(1..=128).contains(&body.name.chars().count()) {
+                return AdminResponse::BadRequest(error(
+                    "invalid_name",
+                    "name must be 1-128 characters",
+                    Some("name"),
+                ));
             }
-            Err(e) => return unavailable(e),
-        }
-        let r = body.rate_limit;
-        if let Some(field) = over_the_defaults(&auth.0, &r, self.default_limits) {
-            return AdminResponse::Forbidden(error(
-                "forbidden_rate_limit",
-                "only the bootstrap admin key may give a key limits above the deployment's defaults (or 0, unlimited)",
-                Some(&format!("rate_limit.{field}")),
-            ));
-        }
-        let limits = LimitOverrides {
-            requests_per_sec: r.requests_per_sec,
-            requests_burst: r.requests_burst,
-            events_per_sec: r.events_per_sec,
-            events_burst: r.events_burst,
-        };
-        match self
-            .store
-            .create_key(&tenant, &body.name, scopes, limits)
-            .await
-        {
-            Ok((secret, key)) => {
-                tracing::info!(key_id = %key.id, tenant = %key.tenant, by = auth.0.key_id(), "API key created");
-                AdminResponse::Created(Json(CreatedKey {
-                    key: secret,
-                    info: key.into(),
-                }))
+            let names: Vec<&str> = body
+                .scopes
+                .iter()
+                .map(|s| match s {
+                    ScopeName::Ingest => "ingest",
+                    ScopeName::Read => "read",
+                    ScopeName::Admin => "admin",
+                })
+                .collect();
+            let scopes = Scopes::parse(&names).unwrap_or_default();
+            if scopes.is_empty() {
+                return AdminResponse::BadRequest(error(
+                    "invalid_scopes",
+                    "give at least one scope: ingest, read, admin",
+                    Some("scopes"),
+                ));
             }
-            Err(e) => unavailable(e),
-        }
+            match self.store.tenant(&tenant).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return AdminResponse::NotFound(error(
+                        "tenant_not_found",
+                        format!("no tenant {tenant:?}; create it first (POST /v1/admin/tenants)"),
+                        Some("tenant_id"),
+                    ))
+                }
+                Err(e) => return unavailable(e),
+            }
+            let r = body.rate_limit;
+            if let Some(field) = over_the_defaults(&auth.0, &r, self.default_limits) {
+                return AdminResponse::Forbidden(error(
+                    "forbidden_rate_limit",
+                    "only the bootstrap admin key may give a key limits above the deployment's \
+                 defaults (or 0, unlimited)",
+                    Some(&format!("rate_limit.{field}")),
+                ));
+            }
+            let limits = LimitOverrides {
+                requests_per_sec: r.requests_per_sec,
+                requests_burst: r.requests_burst,
+                events_per_sec: r.events_per_sec,
+                events_burst: r.events_burst,
+            };
+            match self
+                .store
+                .create_key(&tenant, &body.name, scopes, limits)
+                .await
+            {
+                Ok((secret, key)) => {
+                    tracing::info!(
+                        key_id = %key.id,
+                        tenant = %key.tenant,
+                        by = auth.0.key_id(),
+                        "API key created"
+                    );
+                    AdminResponse::Created(Json(CreatedKey {
+                        key: secret,
+                        info: key.into(),
+                    }))
+                }
+                Err(e) => unavailable(e),
+            }
         }
         .await
         .into()
@@ -528,7 +540,7 @@ impl AdminApi {
         auth: ApiKey,
         /// Only this tenant's keys (the bootstrap admin key sees every tenant without it).
         tenant_id: Query<Option<String>>,
-    ) -> Answer<Vec<KeyBody>, NoBody> {
+    ) -> Answer<Vec<KeyBody>, ByParams> {
         async {
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
@@ -552,7 +564,7 @@ impl AdminApi {
         method = "delete",
         tag = "ApiTags::Admin"
     )]
-    async fn revoke_key(&self, auth: ApiKey, key_id: Path<String>) -> Answer<KeyBody, NoBody> {
+    async fn revoke_key(&self, auth: ApiKey, key_id: Path<String>) -> Answer<KeyBody, RevokesKey> {
         async {
             let not_found = || {
                 AdminResponse::NotFound(error(
@@ -600,7 +612,7 @@ impl AdminApi {
         tenant_id: Query<Option<String>>,
         /// Most rows (default 1000, at most 10000).
         limit: Query<Option<u32>>,
-    ) -> Answer<UsagePage, NoBody> {
+    ) -> Answer<UsagePage, ByParams> {
         async {
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
@@ -619,7 +631,7 @@ impl AdminApi {
             }
             let query = self.usage_query(
                 "SELECT time, request_id, instance_id, seq, tenant AS tenant_id, key_id, method, \
-             route, status, latency_us, bytes_in, bytes_out, events_accepted, events_rejected",
+                 route, status, latency_us, bytes_in, bytes_out, events_accepted, events_rejected",
                 &format!("ORDER BY time, instance_id, seq LIMIT {limit}"),
                 UsageFilter {
                     from: from.0,
@@ -654,7 +666,7 @@ impl AdminApi {
         key_id: Query<Option<String>>,
         /// The tenant (bootstrap admin key only).
         tenant_id: Query<Option<String>>,
-    ) -> Answer<UsageHours, NoBody> {
+    ) -> Answer<UsageHours, ByParams> {
         async {
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
@@ -664,20 +676,20 @@ impl AdminApi {
                 return resp;
             }
             let query = self.usage_query(
-            "SELECT toStartOfHour(time) AS hour, tenant AS tenant_id, key_id, count() AS requests, \
-             countIf(status BETWEEN 400 AND 499) AS client_errors, \
-             countIf(status >= 500) AS server_errors, countIf(status = 429) AS rate_limited, \
-             sum(events_accepted) AS events_accepted, sum(bytes_in) AS bytes_in, \
-             sum(bytes_out) AS bytes_out, avg(latency_us) AS avg_latency_us",
-            "GROUP BY hour, tenant_id, key_id ORDER BY hour, tenant_id, key_id LIMIT 100000",
-            UsageFilter {
-                from: from.0,
-                to: to.0,
-                tenant: tenant.as_deref(),
-                key_id: key_id.0.as_deref(),
-                status: None,
-            },
-        );
+                "SELECT toStartOfHour(time) AS hour, tenant AS tenant_id, key_id, \
+                 count() AS requests, countIf(status BETWEEN 400 AND 499) AS client_errors, \
+                 countIf(status >= 500) AS server_errors, countIf(status = 429) AS rate_limited, \
+                 sum(events_accepted) AS events_accepted, sum(bytes_in) AS bytes_in, \
+                 sum(bytes_out) AS bytes_out, avg(latency_us) AS avg_latency_us",
+                "GROUP BY hour, tenant_id, key_id ORDER BY hour, tenant_id, key_id LIMIT 100000",
+                UsageFilter {
+                    from: from.0,
+                    to: to.0,
+                    tenant: tenant.as_deref(),
+                    key_id: key_id.0.as_deref(),
+                    status: None,
+                },
+            );
             match query.fetch_all::<UsageHour>().await {
                 Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
                 Err(e) => unavailable(e.into()),
@@ -706,54 +718,59 @@ impl AdminApi {
         user_id: Path<String>,
         /// The tenant (bootstrap admin key only, and then required).
         tenant_id: Query<Option<String>>,
-    ) -> Answer<UserDeletion, NoBody> {
+    ) -> Answer<UserDeletion, ByParams> {
         async {
-        let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), true) {
-            Ok(t) => t.unwrap_or_default(),
-            Err(resp) => return resp,
-        };
-        let user = user_id.0;
-        if user.is_empty() || user.chars().count() > 128 {
-            return AdminResponse::BadRequest(error(
-                "invalid_user_id",
-                "user_id must be 1-128 characters",
-                Some("user_id"),
-            ));
-        }
-        // Everything acknowledged so far must be in ClickHouse first, or it would land after
-        // the deletion.
-        let target = self.durable.borrow().lsn;
-        let mut committed = self.committed.clone();
-        let caught_up =
-            tokio::time::timeout(self.wait_timeout, committed.wait_for(|&c| c >= target))
-                .await
-                .is_ok_and(|r| r.is_ok());
-        if !caught_up {
-            return AdminResponse::Unavailable(error(
-                "events_in_flight",
-                "events accepted earlier are not in ClickHouse yet; nothing was deleted, retry",
-                None,
-            ));
-        }
-        let _one_at_a_time = self.deletions.lock().await;
-        // Twice: the second pass, after other instances' flush interval, removes events they
-        // acknowledged before this request and had not sent to ClickHouse yet.
-        let mut deleted = 0;
-        for pass in 0..2 {
-            if pass == 1 {
-                tokio::time::sleep(self.settle).await;
+            let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), true) {
+                Ok(t) => t.unwrap_or_default(),
+                Err(resp) => return resp,
+            };
+            let user = user_id.0;
+            if user.is_empty() || user.chars().count() > 128 {
+                return AdminResponse::BadRequest(error(
+                    "invalid_user_id",
+                    "user_id must be 1-128 characters",
+                    Some("user_id"),
+                ));
             }
-            match self.delete_user(&tenant, &user).await {
-                Ok(n) => deleted += n,
-                Err(e) => return unavailable(e),
+            // Everything acknowledged so far must be in ClickHouse first, or it would land after
+            // the deletion.
+            let target = self.durable.borrow().lsn;
+            let mut committed = self.committed.clone();
+            let caught_up =
+                tokio::time::timeout(self.wait_timeout, committed.wait_for(|&c| c >= target))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if !caught_up {
+                return AdminResponse::Unavailable(error(
+                    "events_in_flight",
+                    "events accepted earlier are not in ClickHouse yet; nothing was deleted, retry",
+                    None,
+                ));
             }
-        }
-        tracing::info!(tenant = %tenant, deleted, by = auth.0.key_id(), "end-user events deleted");
-        AdminResponse::Ok(Json(UserDeletion {
-            tenant_id: tenant,
-            user_id: user,
-            deleted_events: deleted,
-        }))
+            let _one_at_a_time = self.deletions.lock().await;
+            // Twice: the second pass, after other instances' flush interval, removes events they
+            // acknowledged before this request and had not sent to ClickHouse yet.
+            let mut deleted = 0;
+            for pass in 0..2 {
+                if pass == 1 {
+                    tokio::time::sleep(self.settle).await;
+                }
+                match self.delete_user(&tenant, &user).await {
+                    Ok(n) => deleted += n,
+                    Err(e) => return unavailable(e),
+                }
+            }
+            tracing::info!(
+                tenant = %tenant,
+                deleted,
+                by = auth.0.key_id(),
+                "end-user events deleted"
+            );
+            AdminResponse::Ok(Json(UserDeletion {
+                tenant_id: tenant,
+                user_id: user,
+                deleted_events: deleted,
+            }))
         }
         .await
         .into()

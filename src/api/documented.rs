@@ -5,7 +5,10 @@
 //! `AdminResponse`), so that every error has one shape and one mapping. Listed as they are,
 //! every operation would document every status of its enum: a `409 tenant exists` on listing
 //! keys, a `415` on a `GET`. [`Documented`] answers exactly as the enum does and leaves out of
-//! the OpenAPI document the statuses its marker names.
+//! the OpenAPI document the statuses its marker names: those the operation never answers.
+//! (The other direction is harmless and not attempted: an operation may still document a
+//! status it has no path to.) A debug build checks every answer against its marker, so the
+//! tests catch an operation that starts answering a status its document leaves out.
 
 use std::marker::PhantomData;
 
@@ -17,8 +20,8 @@ pub trait Unanswered: Send + Sync {
     const STATUSES: &'static [u16];
 }
 
-/// `R`, documented without the statuses `S` names.
-pub struct Documented<R, S>(R, PhantomData<S>);
+/// `R`, documented without the statuses `Hidden` names.
+pub struct Documented<R, Hidden>(R, PhantomData<Hidden>);
 
 impl<R, S> From<R> for Documented<R, S> {
     fn from(response: R) -> Self {
@@ -45,13 +48,19 @@ impl<R: ApiResponse, S: Unanswered> ApiResponse for Documented<R, S> {
     }
 }
 
-impl<R: IntoResponse, S: Send + Sync> IntoResponse for Documented<R, S> {
+impl<R: IntoResponse, S: Unanswered> IntoResponse for Documented<R, S> {
     fn into_response(self) -> poem::Response {
-        self.0.into_response()
+        let response = self.0.into_response();
+        debug_assert!(
+            !S::STATUSES.contains(&response.status().as_u16()),
+            "answered {}, which the operation's document leaves out",
+            response.status()
+        );
+        response
     }
 }
 
-/// Declares a marker type for [`Documented`]: `unanswered!(/// doc\n pub Name: 413, 415)`.
+/// Declares a marker type for [`Documented`], e.g. `unanswered!(/** doc */ pub ById: 413, 415)`.
 macro_rules! unanswered {
     ($(#[$doc:meta])* $vis:vis $name:ident: $($status:literal),+) => {
         $(#[$doc])*
@@ -80,17 +89,23 @@ mod tests {
         Unsupported(Json<u32>),
     }
 
-    unanswered!(NoBody: 409, 415);
+    unanswered!(Hidden: 409, 415);
 
     #[test]
-    fn the_named_statuses_are_left_out_of_the_document_and_answers_are_unchanged() {
-        let statuses: Vec<_> = Documented::<Shared, NoBody>::meta()
+    fn the_named_statuses_are_left_out_of_the_document() {
+        let statuses: Vec<_> = Documented::<Shared, Hidden>::meta()
             .responses
             .iter()
             .map(|r| r.status)
             .collect();
         assert_eq!(statuses, [Some(200)]);
-        let response = Documented::<_, NoBody>::from(Shared::Conflict(Json(1))).into_response();
-        assert_eq!(response.status(), 409);
+        let response = Documented::<_, Hidden>::from(Shared::Ok(Json(1))).into_response();
+        assert_eq!(response.status(), 200);
+    }
+
+    #[test]
+    #[should_panic(expected = "answered 409 Conflict, which the operation's document leaves out")]
+    fn a_debug_build_refuses_to_answer_a_hidden_status() {
+        let _ = Documented::<_, Hidden>::from(Shared::Conflict(Json(1))).into_response();
     }
 }

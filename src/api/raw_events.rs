@@ -22,8 +22,8 @@ use uuid::Uuid;
 use super::{
     guard::ApiKey,
     stats::{
-        error_body, only_params, parse_error_body, parse_filters, respond, Answer, ErrorKind,
-        Lookup, QueryErrorBody, Reads,
+        error_body, only_params, parse_error_body, parse_filters, respond, Answer, ById, ByParams,
+        ErrorKind, QueryErrorBody,
     },
     ApiTags,
 };
@@ -240,7 +240,7 @@ impl RawEventsApi {
         limit: Query<Option<u32>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
-    ) -> Answer<EventPage, Reads> {
+    ) -> Answer<EventPage, ByParams> {
         let run = async {
             only_params(req, &["from", "to", "filter", "limit", "cursor"])?;
             let filters = parse_filters(&filter.0.unwrap_or_default())?;
@@ -355,7 +355,7 @@ impl RawEventsApi {
     /// One event by its `event_id`.
     #[oai(path = "/v1/events/:event_id", method = "get", tag = "ApiTags::Events")]
     #[tracing::instrument(skip_all, name = "events.get")]
-    async fn get(&self, auth: ApiKey, event_id: Path<String>) -> Answer<StoredEvent, Lookup> {
+    async fn get(&self, auth: ApiKey, event_id: Path<String>) -> Answer<StoredEvent, ById> {
         let run = async {
             let id = Uuid::try_parse(&event_id.0).map_err(|_| {
                 InvalidInput::new("invalid_event_id", "event_id", "event_id must be a UUID")

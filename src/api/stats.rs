@@ -519,16 +519,17 @@ pub struct StatsApi {
 pub type Answer<T, S> = Documented<AnalyticsResponse<T>, S>;
 
 unanswered!(
-    /// Operations without a body that look nothing up by id: figures, lists of events.
-    pub Reads: 404, 413, 415
+    /// Operations driven by query parameters (figures, lists of events): no body (413, 415),
+    /// nothing looked up that could be missing (404).
+    pub ByParams: 404, 413, 415
 );
 unanswered!(
-    /// `GET /v1/events/{event_id}`: no body.
-    pub Lookup: 413, 415
+    /// `GET /v1/events/{event_id}`: no body (413, 415).
+    pub ById: 413, 415
 );
 unanswered!(
-    /// `POST /v1/query`: looks nothing up by id.
-    Queries: 404
+    /// `POST /v1/query`: nothing looked up that could be missing (404).
+    ByBody: 404
 );
 
 #[OpenApi]
@@ -553,7 +554,7 @@ impl StatsApi {
         /// `advertiser_id`, `country`, `device`, `os`, `browser`, `event_type`,
         /// `attributes.<key>`. `\` makes the next character literal (`\|`, `\\`, `\=`).
         filter: Query<Option<Vec<String>>>,
-    ) -> Answer<SummaryResult, Reads> {
+    ) -> Answer<SummaryResult, ByParams> {
         let run = async {
             only_params(req, &COMMON)?;
             let q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
@@ -599,7 +600,7 @@ impl StatsApi {
         metrics: Query<MetricList>,
         /// Repeatable filter, as in the summary.
         filter: Query<Option<Vec<String>>>,
-    ) -> Answer<TimeseriesResult, Reads> {
+    ) -> Answer<TimeseriesResult, ByParams> {
         let run = async {
             only_params(req, &[&COMMON[..], &["bucket", "time_zone"]].concat())?;
             let mut q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
@@ -656,7 +657,7 @@ impl StatsApi {
         other: Query<Option<bool>>,
         /// Repeatable filter, as in the summary.
         filter: Query<Option<Vec<String>>>,
-    ) -> Answer<BreakdownResult, Reads> {
+    ) -> Answer<BreakdownResult, ByParams> {
         let run = async {
             only_params(
                 req,
@@ -700,7 +701,7 @@ impl StatsApi {
         &self,
         auth: ApiKey,
         body: JsonBody<QueryRequest>,
-    ) -> Answer<QueryResult, Queries> {
+    ) -> Answer<QueryResult, ByBody> {
         let run = async {
             let request = body.0?;
             let q = self.model_of(&request)?;

@@ -1497,87 +1497,61 @@ async fn the_openapi_document_types_every_analytics_operation() {
 }
 
 #[tokio::test]
-async fn each_operation_documents_only_the_statuses_it_answers() {
+async fn no_operation_documents_a_status_it_never_answers() {
     let app = spawn_app("stats_openapi_statuses").await;
     let doc = app.get("/openapi.json").await.json;
     // (operation, statuses it documents, statuses it must not: it never answers them)
-    let table: [(&str, &str, &[&str], &[&str]); 11] = [
-        (
-            "/v1/stats/summary",
-            "get",
-            &["200", "400", "422", "503"],
-            &["404", "413", "415"],
-        ),
-        (
-            "/v1/stats/breakdown",
-            "get",
-            &["200", "400", "422"],
-            &["404", "413", "415"],
-        ),
-        ("/v1/events", "get", &["200", "400"], &["404", "413", "415"]),
-        (
-            "/v1/events/{event_id}",
-            "get",
-            &["200", "404"],
-            &["413", "415"],
-        ),
-        (
-            "/v1/query",
-            "post",
-            &["200", "400", "413", "415", "422"],
-            &["404"],
-        ),
+    let table = [
+        ("/v1/stats/summary", "get", "200 400 422 503", "404 413 415"),
+        ("/v1/stats/timeseries", "get", "200 400 422", "404 413 415"),
+        ("/v1/stats/breakdown", "get", "200 400 422", "404 413 415"),
+        ("/v1/events", "get", "200 400", "404 413 415"),
+        ("/v1/events/{event_id}", "get", "200 404", "413 415"),
+        ("/v1/query", "post", "200 400 413 415 422", "404"),
         (
             "/v1/admin/tenants",
             "post",
-            &["201", "403", "409", "413", "415"],
-            &["200", "404"],
+            "201 403 409 413 415",
+            "200 404",
         ),
-        (
-            "/v1/admin/keys",
-            "post",
-            &["201", "404", "413", "415"],
-            &["200", "409"],
-        ),
+        ("/v1/admin/tenants", "get", "200 403", "201 404 409 413 415"),
+        ("/v1/admin/keys", "post", "201 404 413 415", "200 409"),
         (
             "/v1/admin/keys",
             "get",
-            &["200", "400", "403"],
-            &["201", "409", "413", "415"],
+            "200 400 403",
+            "201 404 409 413 415",
         ),
         (
             "/v1/admin/keys/{key_id}",
             "delete",
-            &["200", "404"],
-            &["201", "409", "413", "415"],
+            "200 404",
+            "201 409 413 415",
         ),
+        ("/v1/admin/usage", "get", "200 400", "201 404 409 413 415"),
         (
-            "/v1/admin/usage",
+            "/v1/admin/usage/hourly",
             "get",
-            &["200", "400"],
-            &["201", "409", "413", "415"],
+            "200 400",
+            "201 404 409 413 415",
         ),
         (
             "/v1/users/{user_id}/events",
             "delete",
-            &["200", "503"],
-            &["201", "409", "413", "415"],
+            "200 503",
+            "201 404 409 413 415",
         ),
     ];
     for (path, method, documented, never) in table {
         let responses = &doc["paths"][path][method]["responses"];
         assert!(responses.is_object(), "{method} {path} missing");
-        for status in documented {
-            assert!(
-                responses[status].is_object(),
-                "{method} {path} lacks {status}"
-            );
+        for status in documented.split(' ') {
+            let found = responses[status].is_object();
+            assert!(found, "{method} {path} lacks {status}");
         }
-        for status in never {
-            assert!(
-                responses[status].is_null(),
-                "{method} {path} documents {status}"
-            );
+        for status in never.split(' ') {
+            let found = responses[status].is_object();
+            assert!(!found, "{method} {path} documents {status}");
         }
     }
 }
