@@ -1023,14 +1023,17 @@ async fn usage_rows_of_the_last_moments_are_written_on_a_graceful_stop() {
 
 #[tokio::test]
 async fn deleting_a_users_events_removes_them_for_the_tenant_only() {
-    // Flushes every 200 ms, so its second pass comes 400 ms after the first.
-    let app = spawn_app_with("delete_user", &[("ADTRACK_FLUSH_INTERVAL_MS", "200")]).await;
-    // Another instance of the same tenant, whose events reach ClickHouse after the first pass.
+    // Flushes every 500 ms, so its second pass comes 1 s after the first.
+    let app = spawn_app_with("delete_user", &[("ADTRACK_FLUSH_INTERVAL_MS", "500")]).await;
+    // Another instance of the same tenant, whose events reach ClickHouse after the first pass
+    // (~0.5 s after they were sent) and well before the second (~1.5 s), even when the
+    // parallel tests keep the local engine busy (with 0.4 s between the passes and a flush
+    // after 0.3 s, a slow insert once missed the second pass).
     let second = spawn_app_with(
         "delete_user_second",
         &[
             ("ADTRACK_CLICKHOUSE_DATABASE", app.database.as_str()),
-            ("ADTRACK_FLUSH_INTERVAL_MS", "300"),
+            ("ADTRACK_FLUSH_INTERVAL_MS", "700"),
         ],
     )
     .await;
