@@ -497,7 +497,7 @@ impl AdminApi {
                 return AdminResponse::Forbidden(error(
                     "forbidden_rate_limit",
                     "only the bootstrap admin key may give a key limits above the deployment's \
-                 defaults (or 0, unlimited)",
+                     defaults (or 0, unlimited)",
                     Some(&format!("rate_limit.{field}")),
                 ));
             }
