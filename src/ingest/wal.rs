@@ -209,31 +209,25 @@ pub fn open(
         let scan = scan_segment(&path)?;
         match scan.tail {
             Tail::Clean => {}
-            Tail::Old => {
-                tracing::debug!(
-                    segment = id,
-                    valid = scan.valid_len,
-                    "a reused segment's old records follow the new ones"
-                );
-                mark_end(
-                    &mut OpenOptions::new().write(true).open(&path)?,
-                    scan.valid_len,
-                )?;
-            }
-            Tail::Torn => {
-                // Unacknowledged: the crash came before the fsync that would have covered it
-                // (or, in a reused segment, old records that do not line up with the new ones).
-                tracing::warn!(
-                    segment = id,
-                    valid = scan.valid_len,
-                    file = scan.file_len,
-                    "ending a write-ahead log segment's records before a torn last group (or a reused segment's old records)"
-                );
-                mark_end(
-                    &mut OpenOptions::new().write(true).open(&path)?,
-                    scan.valid_len,
-                )?;
-            }
+            Tail::Old => tracing::debug!(
+                segment = id,
+                valid = scan.valid_len,
+                "a reused segment's old records follow the new ones"
+            ),
+            // Unacknowledged: the crash came before the fsync that would have covered it (or,
+            // in a reused segment, old records that do not line up with the new ones).
+            Tail::Torn => tracing::warn!(
+                segment = id,
+                valid = scan.valid_len,
+                file = scan.file_len,
+                "ending a write-ahead log segment's records before a torn last group (or a reused segment's old records)"
+            ),
+        }
+        if scan.tail != Tail::Clean {
+            mark_end(
+                &mut OpenOptions::new().write(true).open(&path)?,
+                scan.valid_len,
+            )?;
         }
         last_lsn = last_lsn.max(scan.last_lsn);
         let uncommitted_from = match checkpoint {
