@@ -14,6 +14,7 @@ use crate::{
 use std::{
     fmt::Write,
     sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 /// The usage log's figures for `/metrics`.
@@ -61,10 +62,12 @@ impl UsageStatus {
     }
 }
 
+/// How long readiness waits for the write-ahead log's test write after a failure.
+const WAL_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
-    /// ClickHouse answers, the schema is in place, and no write of the write-ahead log failed
-    /// in the last 10 s.
+    /// ClickHouse answers, the schema is in place, and the write-ahead log can write and sync.
     #[oai(status = 200)]
     Ready(Json<HealthBody>),
     /// Not ready; `reason` says what is missing. Load balancers should not send traffic.
@@ -95,12 +98,17 @@ impl HealthApi {
     /// Readiness
     ///
     /// 200 only when ClickHouse answers, the `events` table has the expected schema, the key
-    /// and usage-log tables exist, and no write or fsync of the write-ahead log failed in the
-    /// last 10 s.
+    /// and usage-log tables exist, and the write-ahead log can write and sync: after one of
+    /// its writes or fsyncs failed, until a later one succeeds (each readiness check tries
+    /// one).
     #[oai(path = "/health/ready", method = "get", tag = "ApiTags::Health")]
     async fn ready(&self) -> ReadyResponse {
-        let reason = if !self.wal.is_healthy() {
-            Some("a write or fsync of the write-ahead log failed in the last 10 s".to_string())
+        let reason = if !self.wal.probe(WAL_PROBE_TIMEOUT).await {
+            Some(format!(
+                "the write-ahead log cannot write or sync: a write or fsync failed, and so did \
+                 a test write now (or it took over {} s)",
+                WAL_PROBE_TIMEOUT.as_secs()
+            ))
         } else {
             crate::clickhouse::schema::verify(&self.clickhouse)
                 .await

@@ -28,7 +28,8 @@
 //! write and fsync, so reading stops after the newest group. A group whose write or fsync
 //! failed (its requests got an error) may still reach the disk, numbered like the records
 //! written in its place: the next group writes zeros over all of it, and until then the
-//! segment is not switched.
+//! segment is not switched. Until a group succeeds again the log reports itself unhealthy;
+//! readiness then sends a probe, a group without records (just the end marker, synced).
 //!
 //! The writer to ClickHouse (`shipper`) reads records back from the files up to the durable
 //! position and records how far ClickHouse has committed in a checkpoint file; segments wholly
@@ -44,7 +45,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -104,8 +105,9 @@ pub enum AppendError {
 }
 
 struct AppendRequest {
-    payload: Vec<u8>,
-    rows: u32,
+    /// RowBinary rows and how many; `None` for a probe, which adds no record: its group is
+    /// written and synced all the same (with no other request in it, just an end marker).
+    record: Option<(Vec<u8>, u32)>,
     done: oneshot::Sender<Result<u64, AppendError>>,
 }
 
@@ -121,24 +123,9 @@ pub struct Shared {
     /// Bytes of records not yet committed to ClickHouse: the disk budget is checked on this.
     pub pending_bytes: AtomicU64,
     pub max_pending_bytes: u64,
-    /// When a group's write or fsync last failed: milliseconds since `opened`, plus one
-    /// (0: never).
-    last_failure: AtomicU64,
-    opened: Instant,
-}
-
-/// How long after a failed write or fsync the log counts as unhealthy (readiness says so).
-const FAILURE_MEMORY: Duration = Duration::from_secs(10);
-
-impl Shared {
-    fn now(&self) -> u64 {
-        self.opened.elapsed().as_millis() as u64 + 1
-    }
-
-    fn healthy(&self) -> bool {
-        let failed = self.last_failure.load(Ordering::Relaxed);
-        failed == 0 || self.now().saturating_sub(failed) >= FAILURE_MEMORY.as_millis() as u64
-    }
+    /// Set when a group's write or fsync fails, cleared when a later group (or probe)
+    /// succeeds: readiness reports it.
+    failing: AtomicBool,
 }
 
 impl WalHandle {
@@ -152,8 +139,7 @@ impl WalHandle {
         let (done, ack) = oneshot::channel();
         self.tx
             .send(AppendRequest {
-                payload,
-                rows,
+                record: Some((payload, rows)),
                 done,
             })
             .await
@@ -161,14 +147,29 @@ impl WalHandle {
         ack.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Whether the log can write and sync. After a failed group it finds out: a probe writes
+    /// the end marker where the log ends and syncs it (what a group does), waiting at most
+    /// `timeout` (a failing disk may hang).
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        if !self.shared.failing.load(Ordering::Relaxed) {
+            return true;
+        }
+        let probed = async {
+            let (done, ack) = oneshot::channel();
+            let request = AppendRequest { record: None, done };
+            self.tx.send(request).await.is_ok() && matches!(ack.await, Ok(Ok(_)))
+        };
+        tokio::time::timeout(timeout, probed).await.unwrap_or(false)
+    }
+
     pub fn pending_bytes(&self) -> u64 {
         self.shared.pending_bytes.load(Ordering::Relaxed)
     }
 
-    /// False for [`FAILURE_MEMORY`] after a group's write or fsync failed (its requests got an
-    /// error; later groups are tried as usual).
+    /// False from a group's failed write or fsync (its requests got an error; later groups
+    /// are tried as usual) until a later group or probe succeeds.
     pub fn is_healthy(&self) -> bool {
-        self.shared.healthy()
+        !self.shared.failing.load(Ordering::Relaxed)
     }
 }
 
@@ -270,8 +271,7 @@ pub fn open(
     let shared = Arc::new(Shared {
         pending_bytes: AtomicU64::new(pending),
         max_pending_bytes,
-        last_failure: AtomicU64::new(0),
-        opened: Instant::now(),
+        failing: AtomicBool::new(false),
     });
 
     let (tx, rx) = mpsc::channel(16 * 1024);
@@ -342,8 +342,10 @@ impl LogWriter {
             let mut next = Some(first);
             let mut lsn = self.pos.lsn;
             while let Some(req) = next.take() {
-                lsn += 1;
-                encode_record(&mut buf, lsn, req.rows, &req.payload);
+                if let Some((payload, rows)) = &req.record {
+                    lsn += 1;
+                    encode_record(&mut buf, lsn, *rows, payload);
+                }
                 group.push((lsn, req.done));
                 if buf.len() < MAX_GROUP_BYTES {
                     next = rx.try_recv().ok();
@@ -410,9 +412,7 @@ impl LogWriter {
             // Nothing lies past the file's end (a write that ran out of space stopped there).
             let reached = self.file.metadata().map_or(end + zeros, |m| m.len());
             self.failed_until = self.failed_until.max(reached.min(end + zeros));
-            self.shared
-                .last_failure
-                .store(self.shared.now(), Ordering::Relaxed);
+            self.shared.failing.store(true, Ordering::Relaxed);
             // The group's records may reach the disk all the same: end the log where they
             // begin, as far as the disk still takes that, so that a crash before the next
             // successful group (which overwrites them) does not bring them back.
@@ -425,10 +425,15 @@ impl LogWriter {
                 });
             return Err(err);
         }
+        if self.shared.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("the write-ahead log writes and syncs again");
+        }
         self.failed_until = 0;
-        self.pos.offset += records_len;
-        self.pos.lsn = last_lsn;
-        self.durable.send_replace(self.pos);
+        if records_len > 0 {
+            self.pos.offset += records_len;
+            self.pos.lsn = last_lsn;
+            self.durable.send_replace(self.pos);
+        }
         Ok(())
     }
 
@@ -1107,8 +1112,7 @@ mod tests {
             shared: Arc::new(Shared {
                 pending_bytes: AtomicU64::new(0),
                 max_pending_bytes: u64::MAX,
-                last_failure: AtomicU64::new(0),
-                opened: Instant::now(),
+                failing: AtomicBool::new(false),
             }),
             metrics: metrics(),
             failed_until: 0,
@@ -1136,7 +1140,10 @@ mod tests {
         write_group_at(&writable(&path), 0, &mut records(1..=3), HEADER_LEN as u64).unwrap();
         writer.file = File::open(&path).unwrap(); // refuses writes: the group fails
         assert!(writer.write_group(&mut records(1..=3), 3).is_err());
-        assert!(!writer.shared.healthy(), "readiness reports the failure");
+        assert!(
+            writer.shared.failing.load(Ordering::Relaxed),
+            "readiness reports it"
+        );
         writer.file = writable(&path);
 
         // One record is acknowledged; then a crash tears the next group: its record reached
@@ -1148,6 +1155,53 @@ mod tests {
         let scan = scan_segment(&path).unwrap();
         assert_eq!(scan.last_lsn, 2, "a record of the failed group was read");
         assert_eq!(scan.tail, Tail::Clean);
+    }
+
+    #[test]
+    fn after_a_failed_group_the_log_is_unhealthy_until_a_write_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 1);
+        let mut writer = writer_on(dir.path());
+        // A group fails, though its records reached the disk.
+        write_group_at(&writable(&path), 0, &mut records(1..=2), HEADER_LEN as u64).unwrap();
+        writer.file = File::open(&path).unwrap();
+        assert!(writer.write_group(&mut records(1..=2), 2).is_err());
+        assert!(writer.shared.failing.load(Ordering::Relaxed));
+
+        // A probe is a group without records: while the disk refuses, it fails too.
+        assert!(writer.write_group(&mut Vec::new(), 0).is_err());
+        assert!(writer.shared.failing.load(Ordering::Relaxed));
+
+        // Once the disk takes it, the log is healthy again, nothing was added to it, and the
+        // failed group's records are gone.
+        writer.file = writable(&path);
+        writer.write_group(&mut Vec::new(), 0).unwrap();
+        assert!(!writer.shared.failing.load(Ordering::Relaxed));
+        assert_eq!((writer.pos.offset, writer.pos.lsn), (0, 0));
+        let scan = scan_segment(&path).unwrap();
+        assert_eq!((scan.valid_len, scan.last_lsn), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_probe_writes_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open_at(dir.path(), 1 << 20, u64::MAX);
+        assert_eq!(wal.handle.append(vec![1; 100], 1).await.unwrap(), 1);
+        let timeout = Duration::from_secs(5);
+        assert!(wal.handle.probe(timeout).await, "healthy: nothing to probe");
+
+        wal.shared.failing.store(true, Ordering::Relaxed);
+        assert!(!wal.handle.is_healthy());
+        assert!(wal.handle.probe(timeout).await);
+        assert!(
+            wal.handle.is_healthy(),
+            "the probe's success clears the failure"
+        );
+        assert_eq!(wal.handle.append(vec![2; 100], 1).await.unwrap(), 2);
+        let records = read_all(dir.path(), wal.start, *wal.durable.borrow());
+        let lsns: Vec<u64> = records.iter().map(|(r, _)| r.lsn).collect();
+        assert_eq!(lsns, [1, 2]);
+        close(wal);
     }
 
     #[tokio::test]
