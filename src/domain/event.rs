@@ -109,22 +109,22 @@ pub struct WireEvent<'a> {
     #[serde(borrow)]
     pub publisher_id: Cow<'a, str>,
     #[garde(inner(custom(id_chars)))]
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub advertiser_id: Option<Cow<'a, str>>,
     #[garde(inner(length(chars, min = 1, max = 128)))]
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub user_id: Option<Cow<'a, str>>,
     #[garde(inner(custom(country_code)))]
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub country: Option<Cow<'a, str>>,
     #[garde(skip)]
     #[serde(default)]
     pub device: Option<Device>,
     #[garde(inner(length(chars, max = 32)))]
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub os: Option<Cow<'a, str>>,
     #[garde(inner(length(chars, max = 32)))]
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub browser: Option<Cow<'a, str>>,
     #[garde(skip)]
     #[serde(default)]
@@ -133,7 +133,7 @@ pub struct WireEvent<'a> {
     #[serde(default)]
     pub revenue_micros: Option<u64>,
     #[garde(inner(custom(attributes_fit)))]
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed::map")]
     pub attributes: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
 }
 
@@ -269,6 +269,61 @@ impl<'a> WireEvent<'a> {
         } else {
             Err(errors)
         }
+    }
+}
+
+/// Optional strings and the attributes map, borrowed from the request body unless they hold
+/// escapes. serde borrows a `Cow<str>` field marked `borrow`, but inside an `Option` or a map
+/// it uses `Cow`'s own impl, which always copies: an allocation (and a free) per optional
+/// field and per attribute key and value.
+mod borrowed {
+    use std::{borrow::Cow, collections::BTreeMap, fmt, marker::PhantomData};
+
+    use serde::{
+        de::{MapAccess, Visitor},
+        Deserialize, Deserializer,
+    };
+
+    /// A string that borrows where it can (the derive borrows a `Cow` marked `borrow`).
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+    pub fn optional<'de: 'a, 'a, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Cow<'a, str>>, D::Error> {
+        Ok(Option::<Text<'a>>::deserialize(d)?.map(|text| text.0))
+    }
+
+    type Map<'a> = BTreeMap<Cow<'a, str>, Cow<'a, str>>;
+
+    struct Entries<'a>(Map<'a>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Collect<'a>(PhantomData<Map<'a>>);
+
+            impl<'de: 'a, 'a> Visitor<'de> for Collect<'a> {
+                type Value = Map<'a>;
+
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a map")
+                }
+
+                fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Map<'a>, A::Error> {
+                    let mut map = BTreeMap::new();
+                    while let Some((key, value)) = entries.next_entry::<Text<'a>, Text<'a>>()? {
+                        map.insert(key.0, value.0);
+                    }
+                    Ok(map)
+                }
+            }
+
+            d.deserialize_map(Collect(PhantomData)).map(Entries)
+        }
+    }
+
+    pub fn map<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Map<'a>>, D::Error> {
+        Ok(Option::<Entries<'a>>::deserialize(d)?.map(|entries| entries.0))
     }
 }
 
@@ -462,6 +517,31 @@ mod tests {
         let event = check(&json).unwrap();
         assert_eq!(event.event_time_ms, NOW - 1000);
         assert_eq!(event.wire.campaign_id, "c1");
+    }
+
+    #[test]
+    fn strings_borrow_from_the_body_unless_escaped() {
+        let json = event_json(
+            r#","user_id":"u1","country":"US","os":"iOS","browser":"Saf\u0061ri",
+            "attributes":{"slot":"top","say":"\"hi\""}"#,
+        );
+        let event = check(&json).unwrap().wire;
+        let borrowed = |text: &Cow<'_, str>| matches!(text, Cow::Borrowed(_));
+        let attributes = event.attributes.unwrap();
+        for text in [
+            &event.campaign_id,
+            event.user_id.as_ref().unwrap(),
+            event.country.as_ref().unwrap(),
+            event.os.as_ref().unwrap(),
+        ]
+        .into_iter()
+        .chain(attributes.keys())
+        .chain([&attributes["slot"]])
+        {
+            assert!(borrowed(text), "{text} was copied");
+        }
+        assert_eq!(event.browser.as_deref(), Some("Safari"));
+        assert_eq!(attributes["say"], r#""hi""#);
     }
 
     #[test]
