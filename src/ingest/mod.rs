@@ -81,12 +81,12 @@ impl Ingest {
             max_future_ms: self.max_future_skew.as_millis() as i64,
             retention_ms: self.retention.as_millis() as i64,
         };
-        let sorted =
-            parse::sort_events(body, format, &self.limits, &rules).map_err(IngestError::Body)?;
+        let sorted = parse::sort_events(body, format, &self.limits, &rules, tenant)
+            .map_err(IngestError::Body)?;
         for rejection in &sorted.rejected {
             self.metrics.rejected(rejection.reason);
         }
-        let accepted = sorted.valid.len();
+        let accepted = sorted.accepted;
         if accepted == 0 {
             return Ok(Outcome {
                 accepted,
@@ -102,11 +102,7 @@ impl Ingest {
                 .map_err(IngestError::RateLimited)?;
         }
 
-        let mut rows = Vec::with_capacity(accepted * 160);
-        for event in &sorted.valid {
-            crate::clickhouse::rowbinary::encode(event, tenant, rules.received_at_ms, &mut rows);
-        }
-        let lsn = self.wal.append(rows, accepted as u32).await?;
+        let lsn = self.wal.append(sorted.rows, accepted as u32).await?;
         self.metrics
             .events_accepted
             .fetch_add(accepted as u64, std::sync::atomic::Ordering::Relaxed);

@@ -11,8 +11,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::{
+    clickhouse::rowbinary,
     config::Limits,
-    domain::{explain_parse_error, FieldError, TimeRules, ValidEvent, WireEvent},
+    domain::{explain_parse_error, FieldError, TimeRules, WireEvent},
     metrics::RejectReason,
 };
 
@@ -49,42 +50,54 @@ pub struct Rejection {
     pub reason: RejectReason,
 }
 
-/// The body, sorted into valid events and rejections (each knows its position in the body).
+/// The body, sorted: the valid events as `tenant`'s rows (RowBinary, in body order, encoded as
+/// each is found valid, so no event is kept in between) and the rejections (each knows its
+/// position in the body).
 #[derive(Debug, Default)]
-pub struct Sorted<'a> {
-    pub valid: Vec<ValidEvent<'a>>,
+pub struct Sorted {
+    pub accepted: usize,
+    pub rows: Vec<u8>,
     pub rejected: Vec<Rejection>,
 }
 
-pub fn sort_events<'a>(
-    body: &'a str,
+pub fn sort_events(
+    body: &str,
     format: BodyFormat,
     limits: &Limits,
     rules: &TimeRules,
-) -> Result<Sorted<'a>, BodyError> {
+    tenant: &str,
+) -> Result<Sorted, BodyError> {
     if format == BodyFormat::Json {
-        if let Some(sorted) = sort_json_in_one_pass(body, limits, rules) {
+        if let Some(sorted) = sort_json_in_one_pass(body, limits, rules, tenant) {
             return Ok(sorted);
         }
     }
-    sort_split(body, format, limits, rules)
+    sort_split(body, format, limits, rules, tenant)
+}
+
+impl Sorted {
+    /// Room for the rows of a body of `len` bytes (RowBinary is about half the JSON's size).
+    fn for_body(len: usize) -> Self {
+        Sorted {
+            rows: Vec::with_capacity(len / 2 + 64),
+            ..Sorted::default()
+        }
+    }
 }
 
 /// Splits the body into raw per-event JSON first, then parses each event.
-fn sort_split<'a>(
-    body: &'a str,
+fn sort_split(
+    body: &str,
     format: BodyFormat,
     limits: &Limits,
     rules: &TimeRules,
-) -> Result<Sorted<'a>, BodyError> {
+    tenant: &str,
+) -> Result<Sorted, BodyError> {
     let raw = split(body, format, limits)?;
-    let mut sorted = Sorted {
-        valid: Vec::with_capacity(raw.len()),
-        rejected: Vec::new(),
-    };
+    let mut sorted = Sorted::for_body(body.len());
     for (index, item) in raw.into_iter().enumerate() {
         match item {
-            Ok(raw) => sorted.check(index, raw, None, limits, rules),
+            Ok(raw) => sorted.check(index, raw, None, limits, rules, tenant),
             Err(error) => sorted.rejected.push(Rejection {
                 index,
                 event_id: None,
@@ -102,18 +115,19 @@ fn sort_split<'a>(
 /// event is found again as raw JSON, to explain it and go on after it. `None` when the body
 /// is not an object or an array of objects ending cleanly, or has too many events: `split`
 /// then reports it exactly as before (with the line and column of malformed JSON).
-fn sort_json_in_one_pass<'a>(
-    body: &'a str,
+fn sort_json_in_one_pass(
+    body: &str,
     limits: &Limits,
     rules: &TimeRules,
-) -> Option<Sorted<'a>> {
+    tenant: &str,
+) -> Option<Sorted> {
     let start = skip_whitespace(body, 0);
     let (mut at, array) = match body.as_bytes().get(start)? {
         b'[' => (start + 1, true),
         b'{' => (start, false),
         _ => return None,
     };
-    let mut sorted = Sorted::default();
+    let mut sorted = Sorted::for_body(body.len());
     loop {
         at = skip_whitespace(body, at);
         if array && sorted.len() == 0 && body.as_bytes().get(at) == Some(&b']') {
@@ -124,17 +138,17 @@ fn sort_json_in_one_pass<'a>(
         }
         let index = sorted.len();
         let rest = &body[at..];
-        let mut typed = serde_json::Deserializer::from_str(rest).into_iter::<WireEvent<'a>>();
+        let mut typed = serde_json::Deserializer::from_str(rest).into_iter::<WireEvent>();
         match typed.next()? {
             Ok(event) => {
                 let end = typed.byte_offset();
-                sorted.check(index, &rest[..end], Some(event), limits, rules);
+                sorted.check(index, &rest[..end], Some(event), limits, rules, tenant);
                 at += end;
             }
             Err(_) => {
                 let mut raw = serde_json::Deserializer::from_str(rest).into_iter::<&RawValue>();
                 let event = raw.next()?.ok()?;
-                sorted.check(index, event.get(), None, limits, rules);
+                sorted.check(index, event.get(), None, limits, rules, tenant);
                 at += raw.byte_offset();
             }
         }
@@ -157,19 +171,20 @@ fn skip_whitespace(body: &str, at: usize) -> usize {
     at + rest.len() - rest.trim_start_matches([' ', '\t', '\n', '\r']).len()
 }
 
-impl<'a> Sorted<'a> {
+impl Sorted {
     fn len(&self) -> usize {
-        self.valid.len() + self.rejected.len()
+        self.accepted + self.rejected.len()
     }
 
     /// Sorts event `index`, whose JSON is `raw` (already parsed as `parsed`, when it was).
-    fn check(
+    fn check<'a>(
         &mut self,
         index: usize,
         raw: &'a str,
         parsed: Option<WireEvent<'a>>,
         limits: &Limits,
         rules: &TimeRules,
+        tenant: &str,
     ) {
         if raw.len() > limits.max_event_bytes {
             self.rejected.push(Rejection {
@@ -201,7 +216,10 @@ impl<'a> Sorted<'a> {
             Err(_) => Err((event_id_of(raw), vec![explain_parse_error(raw)])),
         };
         match checked {
-            Ok(valid) => self.valid.push(valid),
+            Ok(valid) => {
+                rowbinary::encode(&valid, tenant, rules.received_at_ms, &mut self.rows);
+                self.accepted += 1;
+            }
             Err((event_id, errors)) => self.rejected.push(Rejection {
                 index,
                 event_id,
@@ -326,29 +344,28 @@ mod tests {
     fn one_object_an_array_and_ndjson_all_parse() {
         let r = rules();
         let body = event(1);
-        let one = sort_events(&body, BodyFormat::Json, &LIMITS, &r).unwrap();
-        assert_eq!(one.valid.len(), 1);
+        let one = sort_events(&body, BodyFormat::Json, &LIMITS, &r, "t").unwrap();
+        assert_eq!(one.accepted, 1);
         let array = format!("[{},{}]", event(1), event(2));
         assert_eq!(
-            sort_events(&array, BodyFormat::Json, &LIMITS, &r)
+            sort_events(&array, BodyFormat::Json, &LIMITS, &r, "t")
                 .unwrap()
-                .valid
-                .len(),
+                .accepted,
             2
         );
         let ndjson = format!("{}\n\n{}\n", event(1), event(2));
         assert_eq!(
-            sort_events(&ndjson, BodyFormat::Ndjson, &LIMITS, &r)
+            sort_events(&ndjson, BodyFormat::Ndjson, &LIMITS, &r, "t")
                 .unwrap()
-                .valid
-                .len(),
+                .accepted,
             2
         );
     }
 
     #[test]
     fn malformed_json_reports_line_and_column() {
-        let err = sort_events("[\n{\"a\": }]", BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
+        let err =
+            sort_events("[\n{\"a\": }]", BodyFormat::Json, &LIMITS, &rules(), "t").unwrap_err();
         assert!(
             matches!(
                 err,
@@ -360,20 +377,20 @@ mod tests {
             ),
             "{err:?}"
         );
-        let err = sort_events("42", BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
+        let err = sort_events("42", BodyFormat::Json, &LIMITS, &rules(), "t").unwrap_err();
         assert_eq!(err, BodyError::NotAnEventOrArray);
-        let err = sort_events("  ", BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
+        let err = sort_events("  ", BodyFormat::Json, &LIMITS, &rules(), "t").unwrap_err();
         assert_eq!(err, BodyError::Empty);
     }
 
-    /// What a client sees of a sorted body.
-    fn seen(sorted: &Sorted) -> (usize, Vec<String>) {
+    /// What a client sees of a sorted body, and the rows it makes.
+    fn seen(sorted: &Sorted) -> (usize, Vec<String>, &[u8]) {
         let rejected = sorted
             .rejected
             .iter()
             .map(|r| format!("{} {:?} {:?} {:?}", r.index, r.event_id, r.errors, r.reason))
             .collect();
-        (sorted.valid.len(), rejected)
+        (sorted.accepted, rejected, &sorted.rows)
     }
 
     #[test]
@@ -400,9 +417,9 @@ mod tests {
             big.clone(),
         ];
         for body in &bodies {
-            let fast = sort_json_in_one_pass(body, &limits, &r)
+            let fast = sort_json_in_one_pass(body, &limits, &r, "t")
                 .unwrap_or_else(|| panic!("not read in one pass: {body}"));
-            let split = sort_split(body, BodyFormat::Json, &limits, &r).unwrap();
+            let split = sort_split(body, BodyFormat::Json, &limits, &r, "t").unwrap();
             assert_eq!(seen(&fast), seen(&split), "{body}");
         }
         // Bodies the one pass leaves to `split`, for its errors.
@@ -421,11 +438,11 @@ mod tests {
             format!("[{}]", (0..11).map(event).collect::<Vec<_>>().join(",")),
         ] {
             assert!(
-                sort_json_in_one_pass(&body, &limits, &r).is_none(),
+                sort_json_in_one_pass(&body, &limits, &r, "t").is_none(),
                 "{body}"
             );
             assert!(
-                sort_events(&body, BodyFormat::Json, &limits, &r).is_err(),
+                sort_events(&body, BodyFormat::Json, &limits, &r, "t").is_err(),
                 "{body}"
             );
         }
@@ -434,8 +451,8 @@ mod tests {
     #[test]
     fn a_bad_ndjson_line_rejects_only_itself() {
         let body = format!("{}\nnot json\n{}", event(1), event(2));
-        let sorted = sort_events(&body, BodyFormat::Ndjson, &LIMITS, &rules()).unwrap();
-        assert_eq!(sorted.valid.len(), 2);
+        let sorted = sort_events(&body, BodyFormat::Ndjson, &LIMITS, &rules(), "t").unwrap();
+        assert_eq!(sorted.accepted, 2);
         assert_eq!(sorted.rejected.len(), 1);
         assert_eq!(sorted.rejected[0].index, 1);
         assert!(sorted.rejected[0].errors[0].message.contains("line 2"));
@@ -444,7 +461,7 @@ mod tests {
     #[test]
     fn limits_apply_per_request_and_per_event() {
         let four = format!("[{},{},{},{}]", event(1), event(2), event(3), event(4));
-        let err = sort_events(&four, BodyFormat::Json, &LIMITS, &rules()).unwrap_err();
+        let err = sort_events(&four, BodyFormat::Json, &LIMITS, &rules(), "t").unwrap_err();
         assert_eq!(err, BodyError::TooManyEvents { count: 4, limit: 3 });
 
         let big = event(9).replace(
@@ -452,8 +469,8 @@ mod tests {
             &format!(r#""p","user_id":"{}"}}"#, "u".repeat(128)),
         );
         let body = format!("[{},{big}]", event(1));
-        let sorted = sort_events(&body, BodyFormat::Json, &LIMITS, &rules()).unwrap();
-        assert_eq!(sorted.valid.len(), 1);
+        let sorted = sort_events(&body, BodyFormat::Json, &LIMITS, &rules(), "t").unwrap();
+        assert_eq!(sorted.accepted, 1);
         assert_eq!(sorted.rejected[0].index, 1);
         assert_eq!(
             sorted.rejected[0].event_id.as_deref(),
