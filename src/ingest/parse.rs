@@ -75,16 +75,6 @@ pub fn sort_events(
     sort_split(body, format, limits, rules, tenant)
 }
 
-impl Sorted {
-    /// Room for the rows of a body of `len` bytes (RowBinary is about half the JSON's size).
-    fn for_body(len: usize) -> Self {
-        Sorted {
-            rows: Vec::with_capacity(len / 2 + 64),
-            ..Sorted::default()
-        }
-    }
-}
-
 /// Splits the body into raw per-event JSON first, then parses each event.
 fn sort_split(
     body: &str,
@@ -172,6 +162,14 @@ fn skip_whitespace(body: &str, at: usize) -> usize {
 }
 
 impl Sorted {
+    /// Room for the rows of a body of `len` bytes (RowBinary is about half the JSON's size).
+    fn for_body(len: usize) -> Self {
+        Sorted {
+            rows: Vec::with_capacity(len / 2 + 64),
+            ..Sorted::default()
+        }
+    }
+
     fn len(&self) -> usize {
         self.accepted + self.rejected.len()
     }
