@@ -151,7 +151,7 @@ impl WalHandle {
     /// the end marker where the log ends and syncs it (what a group does), waiting at most
     /// `timeout` (a failing disk may hang).
     pub async fn probe(&self, timeout: Duration) -> bool {
-        if !self.shared.failing.load(Ordering::Relaxed) {
+        if self.is_healthy() {
             return true;
         }
         let probed = async {
