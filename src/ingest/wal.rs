@@ -1128,6 +1128,27 @@ mod tests {
         buf
     }
 
+    /// A writer on segment 1 of `dir` whose first group, records `1..=last`, failed (the log
+    /// reports it), though the records reached the disk. Its file still refuses writes.
+    fn after_a_failed_group(dir: &Path, last: u64) -> LogWriter {
+        let path = segment_path(dir, 1);
+        let mut writer = writer_on(dir);
+        write_group_at(
+            &writable(&path),
+            0,
+            &mut records(1..=last),
+            HEADER_LEN as u64,
+        )
+        .unwrap();
+        writer.file = File::open(&path).unwrap();
+        assert!(writer.write_group(&mut records(1..=last), last).is_err());
+        assert!(
+            writer.shared.failing.load(Ordering::Relaxed),
+            "readiness reports it"
+        );
+        writer
+    }
+
     #[test]
     fn the_records_of_a_failed_group_are_never_read_back() {
         // A group whose fsync failed (its requests got an error) may reach the disk all the
@@ -1136,14 +1157,7 @@ mod tests {
         // successor ends, numbered as that one's successor.
         let dir = tempfile::tempdir().unwrap();
         let path = segment_path(dir.path(), 1);
-        let mut writer = writer_on(dir.path());
-        write_group_at(&writable(&path), 0, &mut records(1..=3), HEADER_LEN as u64).unwrap();
-        writer.file = File::open(&path).unwrap(); // refuses writes: the group fails
-        assert!(writer.write_group(&mut records(1..=3), 3).is_err());
-        assert!(
-            writer.shared.failing.load(Ordering::Relaxed),
-            "readiness reports it"
-        );
+        let mut writer = after_a_failed_group(dir.path(), 3);
         writer.file = writable(&path);
 
         // One record is acknowledged; then a crash tears the next group: its record reached
@@ -1161,12 +1175,7 @@ mod tests {
     fn after_a_failed_group_the_log_is_unhealthy_until_a_write_succeeds() {
         let dir = tempfile::tempdir().unwrap();
         let path = segment_path(dir.path(), 1);
-        let mut writer = writer_on(dir.path());
-        // A group fails, though its records reached the disk.
-        write_group_at(&writable(&path), 0, &mut records(1..=2), HEADER_LEN as u64).unwrap();
-        writer.file = File::open(&path).unwrap();
-        assert!(writer.write_group(&mut records(1..=2), 2).is_err());
-        assert!(writer.shared.failing.load(Ordering::Relaxed));
+        let mut writer = after_a_failed_group(dir.path(), 2);
 
         // A probe is a group without records: while the disk refuses, it fails too.
         assert!(writer.write_group(&mut Vec::new(), 0).is_err());
