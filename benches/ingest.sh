@@ -10,6 +10,7 @@
 #   DURATION=5s benches/ingest.sh
 #   ENGINE_NICE=19 benches/ingest.sh   # the local ClickHouse at the lowest CPU priority
 #   CONNS=64 benches/ingest.sh         # fewer connections (default 128)
+#   APP_BIN=path/to/adtrack benches/ingest.sh   # another build of the service (A/B runs)
 #
 # The local ClickHouse runs on the same two cores; its inserts compete with the service for
 # CPU. ENGINE_NICE models the usual deployment (ClickHouse on other machines, or given lower
@@ -63,7 +64,7 @@ pids+=($bare_pid)
 app_port=$(free_port)
 ADTRACK_LISTEN="127.0.0.1:$app_port" ADTRACK_CLICKHOUSE_URL="http://127.0.0.1:$ch_port" \
 ADTRACK_CLICKHOUSE_DATABASE=bench ADTRACK_WAL_DIR="$tmp/wal" ADTRACK_DEAD_LETTER_DIR="$tmp/dl" \
-LOG_LEVEL=warn target/release/adtrack &
+LOG_LEVEL=warn "${APP_BIN:-target/release/adtrack}" &
 app_pid=$!
 pids+=($app_pid)
 wait_http "http://127.0.0.1:$app_port/health/ready"
@@ -133,9 +134,12 @@ run() { # name server-pid url body extra-args...
     jq -r --arg n "$name" --argjson ticks "$used" --arg server "$server" --arg rss "$rss" '[$n, (.summary.requestsPerSec|floor), (.latencyPercentiles.p50*1000*100|floor/100), (.latencyPercentiles.p99*1000*100|floor/100), $server, ($ticks * 10000 / ([.statusCodeDistribution[]]|add) | floor), $rss, (.statusCodeDistribution|tostring)] | @tsv' "$OUT/$name.json"
 }
 
-# The same single-event saturation with wrk (one thread): same table columns.
-run_wrk() { # name server-pid url body
-    local name=$1 pid=$2 url=$3 body=$4
+# The same saturation with wrk (one thread): same table columns. With UNIQUE=1 every request
+# gets event ids of its own (the first 8 hex digits of each id are a per-request counter), as
+# real traffic has: the oha cases re-send one body, whose ids ClickHouse collapses at insert,
+# which makes its work lighter than with new events.
+run_wrk() { # name server-pid url body [conns]
+    local name=$1 pid=$2 url=$3 body=$4 conns=${5:-$CONNS}
     drained
     rss_reset
     local before; before=$(cpu_ticks "$pid")
@@ -145,13 +149,28 @@ wrk.method = "POST"
 local f = io.open("$body"); wrk.body = f:read("*a"); f:close()
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $key"
+if "${UNIQUE:-0}" == "1" then
+  local pieces, at = {}, 1
+  for _, e in function() return wrk.body:find('"event_id": "', at, true) end do
+    pieces[#pieces + 1] = wrk.body:sub(at, e); at = e + 9
+  end
+  pieces[#pieces + 1] = wrk.body:sub(at)
+  local n, parts = 0, {}
+  request = function()
+    n = n + 1
+    local prefix = string.format("%08x", n)
+    for i = 1, #pieces - 1 do parts[2 * i - 1] = pieces[i]; parts[2 * i] = prefix end
+    parts[2 * #pieces - 1] = pieces[#pieces]
+    return wrk.format(nil, nil, nil, table.concat(parts, "", 1, 2 * #pieces - 1))
+  end
+end
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %f %.2f %.2f %d\\n", summary.requests, summary.requests / (summary.duration / 1e6),
     latency:percentile(50) / 1000, latency:percentile(99) / 1000,
     summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 LUA
-    wrk -t1 -c "$CONNS" -d "$DURATION" -s "$tmp/post.lua" "$url" > "$OUT/$name.txt"
+    wrk -t1 -c "$conns" -d "$DURATION" -s "$tmp/post.lua" "$url" > "$OUT/$name.txt"
     local used=$(( $(cpu_ticks "$pid") - before ))
     server_histogram > "$tmp/hist-after"
     local server; server=$(if [ "$pid" = "$app_pid" ]; then server_p99 "$tmp/hist-before" "$tmp/hist-after"; else echo -; fi)
@@ -171,15 +190,30 @@ run bare-batch100       "$bare_pid" "$bare" "$tmp/batch.json" -z "$DURATION" -c 
 run app-batch100        "$app_pid"  "$app"  "$tmp/batch.json" -z "$DURATION" -c 16
 run app-single-20k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 20000 --latency-correction
 run app-single-10k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 10000 --latency-correction
+UNIQUE=1 run_wrk app-single-wrk-unique   "$app_pid" "$app" "$tmp/one.json"
+UNIQUE=1 run_wrk app-batch100-wrk-unique "$app_pid" "$app" "$tmp/batch.json" 16
+# How fast the backlog the last case left goes into ClickHouse (the shipper alone, on a quiet
+# machine): the rate the service can sustain with new events on this machine.
+metric() { curl -fsS "http://127.0.0.1:$app_port/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
+backlog=$(metric adtrack_wal_pending_bytes); flushed=$(metric adtrack_flushed_rows_total); started=$(date +%s.%N)
+until [ "$(metric adtrack_wal_pending_bytes)" = "0" ]; do sleep 0.1; done
+python3 - "$backlog" "$flushed" "$(metric adtrack_flushed_rows_total)" "$started" "$(date +%s.%N)" <<'PY'
+import sys
+backlog, before, after, start, end = map(float, sys.argv[1:])
+print(f"backlog after the unique batches: {backlog / 1e6:,.0f} MB, in ClickHouse after {end - start:.1f} s "
+      f"({(after - before) / max(end - start, 1e-9):,.0f} rows/s)")
+PY
 rps() { jq -r '.summary.requestsPerSec' "$OUT/$1.json"; }
 wrk_rps() { awk '/^RESULT/ {print $3}' "$OUT/$1.txt"; }
 python3 - "$(rps app-single)" "$(rps bare-single)" "$(rps app-batch100)" "$(rps bare-batch100)" \
-    "$(wrk_rps app-single-wrk)" "$(wrk_rps bare-single-wrk)" <<'PY'
+    "$(wrk_rps app-single-wrk)" "$(wrk_rps bare-single-wrk)" \
+    "$(wrk_rps app-single-wrk-unique)" "$(wrk_rps app-batch100-wrk-unique)" <<'PY'
 import sys
-a1, b1, a100, b100, w1, wb1 = map(float, sys.argv[1:])
+a1, b1, a100, b100, w1, wb1, u1, u100 = map(float, sys.argv[1:])
 print(f"single event (oha): {a1:,.0f} req/s = {a1 / b1:.0%} of bare poem ({b1:,.0f})")
 print(f"single event (wrk): {w1:,.0f} req/s = {w1 / wb1:.0%} of bare poem ({wb1:,.0f})")
 print(f"100-event batches: {a100 * 100:,.0f} events/s = {a100 / b100:.0%} of bare poem's request rate ({b100:,.0f} req/s)")
+print(f"new event ids in every request (wrk): single event {u1:,.0f} req/s, 100-event batches {u100 * 100:,.0f} events/s")
 PY
 
 metrics=$(curl -fsS "http://127.0.0.1:$app_port/metrics")

@@ -105,6 +105,8 @@ pub struct Metrics {
     pub flush_seconds: Histogram,
     pub clickhouse_errors_retryable: AtomicU64,
     pub clickhouse_errors_data: AtomicU64,
+    /// Batches sent as RowBinary because their Native block was refused or could not be made.
+    pub native_fallbacks: AtomicU64,
     pub dead_lettered_events: AtomicU64,
     pub duplicate_events: AtomicU64,
     /// Analytics requests answered (partly) from hourly summaries, and from raw events only.
@@ -131,6 +133,7 @@ impl Default for Metrics {
             flush_seconds: Histogram::new(LATENCY_BOUNDS),
             clickhouse_errors_retryable: AtomicU64::new(0),
             clickhouse_errors_data: AtomicU64::new(0),
+            native_fallbacks: AtomicU64::new(0),
             dead_lettered_events: AtomicU64::new(0),
             duplicate_events: AtomicU64::new(0),
             analytics_from_summaries: AtomicU64::new(0),
@@ -234,6 +237,12 @@ impl Metrics {
                 ("kind=\"retryable\"", &self.clickhouse_errors_retryable),
                 ("kind=\"data\"", &self.clickhouse_errors_data),
             ],
+        );
+        counter(
+            &mut out,
+            "adtrack_native_fallbacks_total",
+            "Batches ClickHouse refused as a Native block (or whose block could not be made) and then took as RowBinary rows; the service log has its answer.",
+            &[("", &self.native_fallbacks)],
         );
         counter(
             &mut out,

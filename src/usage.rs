@@ -61,31 +61,23 @@ pub struct UsageRow<'a> {
     pub events_rejected: u32,
 }
 
-/// The columns of `usage_log`, in the order `UsageRow::encode` writes them.
-pub const COLUMNS: &[&str] = &[
-    "time",
-    "request_id",
-    "instance_id",
-    "seq",
-    "tenant",
-    "key_id",
-    "method",
-    "route",
-    "status",
-    "latency_us",
-    "bytes_in",
-    "bytes_out",
-    "events_accepted",
-    "events_rejected",
+/// The columns of `usage_log` and their types, in the order `UsageRow::encode` writes them.
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("time", "DateTime64(6, 'UTC')"),
+    ("request_id", "String"),
+    ("instance_id", "LowCardinality(String)"),
+    ("seq", "UInt64"),
+    ("tenant", "LowCardinality(String)"),
+    ("key_id", "String"),
+    ("method", "LowCardinality(String)"),
+    ("route", "LowCardinality(String)"),
+    ("status", "UInt16"),
+    ("latency_us", "UInt32"),
+    ("bytes_in", "UInt64"),
+    ("bytes_out", "UInt64"),
+    ("events_accepted", "UInt32"),
+    ("events_rejected", "UInt32"),
 ];
-
-/// `INSERT INTO usage_log (…) FORMAT RowBinary`.
-pub fn insert_sql() -> String {
-    format!(
-        "INSERT INTO usage_log ({}) FORMAT RowBinary",
-        COLUMNS.join(", ")
-    )
-}
 
 impl UsageRow<'_> {
     /// Appends the row in RowBinary (a third of the bytes of JSON, and far cheaper for
@@ -345,6 +337,14 @@ mod tests {
             .skip(1)
             .take_while(|w| *w != ")")
             .collect();
-        assert_eq!(declared, COLUMNS);
+        let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+        assert_eq!(declared, names);
+        for (name, ty) in COLUMNS {
+            let line = sql
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .unwrap();
+            assert!(line.contains(ty), "{name}: {line} lacks {ty}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Everything that talks to ClickHouse: the client, the schema, the row format, and how its
 //! errors are told apart (retry later, or the data itself is bad).
 
+pub mod native;
 pub mod rowbinary;
 pub mod schema;
 
@@ -13,6 +14,12 @@ pub fn client(url: &str, settings: &ClickHouseSettings) -> clickhouse::Client {
         .with_user(&settings.user)
         .with_password(&settings.password)
         .with_database(&settings.database)
+}
+
+/// `INSERT INTO <table> (<column>, ...) FORMAT <format>`.
+pub fn insert_sql(table: &str, columns: &[(&str, &str)], format: &str) -> String {
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    format!("INSERT INTO {table} ({}) FORMAT {format}", names.join(", "))
 }
 
 /// The `Code: N` of a ClickHouse exception, if the error carries one.

@@ -1,6 +1,7 @@
 //! The `events` row in ClickHouse's RowBinary format, written once per event in the request
-//! path. The same bytes go into the write-ahead log and, unchanged, into the INSERT body, so
-//! the background writer never re-encodes an event.
+//! path. These bytes go into the write-ahead log; the background writer sends each batch of
+//! them as one Native block (`native`, a transposition without re-encoding a value), or as
+//! they are should ClickHouse refuse that block.
 //!
 //! The column order is [`COLUMNS`]; `schema::verify` checks at start-up that the table has
 //! exactly these columns and types, so a schema change cannot silently misalign the bytes.
@@ -37,15 +38,6 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("revenue_micros", "UInt64"),
     ("attributes", "Map(String, String)"),
 ];
-
-/// `INSERT INTO <table> (col, ...) FORMAT RowBinary`.
-pub fn insert_sql(table: &str) -> String {
-    let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
-    format!(
-        "INSERT INTO {table} ({}) FORMAT RowBinary",
-        names.join(", ")
-    )
-}
 
 /// Appends one event as a RowBinary row.
 pub fn encode(event: &ValidEvent<'_>, tenant: &str, received_at_ms: i64, out: &mut Vec<u8>) {
@@ -207,14 +199,14 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError(at))
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError(self.pos))?;
         let slice = self.buf.get(self.pos..end).ok_or(DecodeError(self.pos))?;
         self.pos = end;
         Ok(slice)
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
 
@@ -226,7 +218,13 @@ impl<'a> Reader<'a> {
         Ok(self.u64()? as i64)
     }
 
-    fn len(&mut self) -> Result<usize, DecodeError> {
+    /// A varuint length.
+    pub(crate) fn len(&mut self) -> Result<usize, DecodeError> {
+        // Most lengths (a string shorter than 128 bytes) are one byte.
+        if let Some(&byte) = self.buf.get(self.pos).filter(|b| **b < 0x80) {
+            self.pos += 1;
+            return Ok(usize::from(byte));
+        }
         let mut n: u64 = 0;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
@@ -238,9 +236,16 @@ impl<'a> Reader<'a> {
         Err(DecodeError(self.pos))
     }
 
-    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.len()?;
         self.take(n)
+    }
+
+    /// A string as the rows hold it: its length, then its bytes.
+    pub(crate) fn raw_str(&mut self) -> Result<&'a [u8], DecodeError> {
+        let start = self.pos;
+        self.bytes()?;
+        Ok(&self.buf[start..self.pos])
     }
 
     /// Reads a row's identity (tenant, event_id) and skips the rest without allocating.

@@ -4,7 +4,7 @@
 //! ```text
 //!  POST /v1/events ─▶ parse + validate ─▶ RowBinary ─▶ wal::append (group fsync) ─▶ 202
 //!                                                          │
-//!                               shipper: WAL files ─▶ INSERT (≥ 100k rows or 1 s) ─▶ ClickHouse
+//!              shipper: WAL files ─▶ Native block ─▶ INSERT (≥ 100k rows or 1 s) ─▶ ClickHouse
 //! ```
 
 pub mod parse;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  WAL files ──read up to the durable position──▶ batch (≤ max_rows, ≤ max_bytes, ≤ interval)
-//!      ──INSERT … FORMAT RowBinary (LZ4)──▶ ClickHouse ──ok──▶ checkpoint + retire old segments
+//!      ──INSERT … FORMAT Native (LZ4)──▶ ClickHouse ──ok──▶ checkpoint + retire old segments
 //!                                               │                + publish the committed lsn
 //!                                               └─error──▶ data error: split the batch, bad rows
 //!                                                          to the dead-letter file
@@ -11,9 +11,14 @@
 //!
 //! One insert at a time, about one per `interval` under steady load: few, large parts, which is
 //! what MergeTree wants. Nothing is deleted from the log before ClickHouse has acknowledged it.
+//!
+//! The log holds RowBinary rows; each batch goes to ClickHouse as one Native block (columns,
+//! with `LowCardinality` columns as a dictionary: far less work for ClickHouse to read, see
+//! `clickhouse::native`). A block ClickHouse refuses is sent again at once as its RowBinary
+//! rows, and only that answer counts, so a fault in the transposition can cost a retry but
+//! never sends good rows to the dead-letter file.
 
 use std::{
-    collections::HashSet,
     io::Write,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
@@ -28,15 +33,15 @@ use super::{
     Refusals,
 };
 use crate::{
-    clickhouse::{error_code, is_data_error, rowbinary},
+    clickhouse::{error_code, insert_sql, is_data_error, native::Layout, rowbinary},
     config::FlushSettings,
     metrics::Metrics,
 };
 
 /// What the shipper needs to know about the rows of its table.
 pub trait RowFormat: Send + 'static {
-    /// `INSERT INTO <table> FORMAT <format>`.
-    fn insert_sql(&self) -> String;
+    /// The table, and its columns with their types in the order of the rows.
+    fn table(&self) -> (&'static str, &'static [(&'static str, &'static str)]);
     /// Where each row of `rows` starts and ends (to split a batch ClickHouse refused).
     fn row_bounds(&self, rows: &[u8]) -> Vec<std::ops::Range<usize>>;
     /// The rows for a person reading the dead-letter file: (field name, rows as JSON).
@@ -54,8 +59,8 @@ pub struct EventRows {
 }
 
 impl RowFormat for EventRows {
-    fn insert_sql(&self) -> String {
-        rowbinary::insert_sql("events")
+    fn table(&self) -> (&'static str, &'static [(&'static str, &'static str)]) {
+        ("events", rowbinary::COLUMNS)
     }
 
     fn row_bounds(&self, rows: &[u8]) -> Vec<std::ops::Range<usize>> {
@@ -80,8 +85,8 @@ impl RowFormat for EventRows {
 pub struct UsageRows;
 
 impl RowFormat for UsageRows {
-    fn insert_sql(&self) -> String {
-        crate::usage::insert_sql()
+    fn table(&self) -> (&'static str, &'static [(&'static str, &'static str)]) {
+        ("usage_log", crate::usage::COLUMNS)
     }
 
     fn row_bounds(&self, rows: &[u8]) -> Vec<std::ops::Range<usize>> {
@@ -128,6 +133,28 @@ pub struct Shipper<F: RowFormat> {
     pub drain_timeout: Duration,
 }
 
+/// How a batch goes in: as one Native block when the table's columns have a layout, else (and
+/// as a second try after a refused block) as its RowBinary rows.
+struct Statements {
+    row_binary: String,
+    native: Option<(String, Layout)>,
+    /// The last block's memory, for the next one: a batch's block is as large as the batch,
+    /// and a new allocation each time would leave the allocator holding several.
+    spare: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Statements {
+    fn new(format: &impl RowFormat) -> Self {
+        let (table, columns) = format.table();
+        Statements {
+            row_binary: insert_sql(table, columns, "RowBinary"),
+            native: Layout::new(columns)
+                .map(|layout| (insert_sql(table, columns, "Native"), layout)),
+            spare: Default::default(),
+        }
+    }
+}
+
 struct Batch {
     rows: Vec<u8>,
     /// Per record in the batch: where its rows end in `rows`, and its sequence number.
@@ -149,7 +176,7 @@ impl<F: RowFormat> Shipper<F> {
             end: self.start,
             started: None,
         };
-        let insert_sql = self.format.insert_sql();
+        let statements = Statements::new(&self.format);
         let mut drain_deadline: Option<Instant> = None;
 
         loop {
@@ -189,7 +216,7 @@ impl<F: RowFormat> Shipper<F> {
                 .is_some_and(|t| t.elapsed() >= self.settings.interval);
             if batch.count > 0 && (full || due || stopping) {
                 self.format.inspect(&batch.rows, &self.metrics);
-                let committed = self.flush(&insert_sql, &mut batch, drain_deadline).await;
+                let committed = self.flush(&statements, &mut batch, drain_deadline).await;
                 if !committed {
                     // Only while stopping: the drain time ran out before ClickHouse took it.
                     tracing::warn!(
@@ -231,14 +258,19 @@ impl<F: RowFormat> Shipper<F> {
     /// Commits the batch, retrying until it is in ClickHouse or in the dead-letter file, and
     /// returns true. Returns false, with the batch untouched, only when the drain deadline
     /// would pass before the next attempt.
-    async fn flush(&mut self, sql: &str, batch: &mut Batch, deadline: Option<Instant>) -> bool {
+    async fn flush(
+        &mut self,
+        statements: &Statements,
+        batch: &mut Batch,
+        deadline: Option<Instant>,
+    ) -> bool {
         let mut backoff = Duration::from_millis(100);
         let rows = Bytes::from(std::mem::take(&mut batch.rows));
         loop {
             let started = Instant::now();
             let attempt = match self.ensure_schema().await {
                 Ok(()) => self
-                    .insert_or_dead_letter(sql, rows.clone(), &batch.records)
+                    .insert_or_dead_letter(statements, rows.clone(), &batch.records)
                     .await
                     .map_err(anyhow::Error::from),
                 Err(err) => Err(err),
@@ -308,14 +340,14 @@ impl<F: RowFormat> Shipper<F> {
     /// the caller to retry.
     async fn insert_or_dead_letter(
         &self,
-        sql: &str,
+        statements: &Statements,
         rows: Bytes,
         records: &[(usize, u64)],
     ) -> Result<(), clickhouse::error::Error> {
         // (where in the batch the rows start, rows)
         let mut pending = vec![(0, rows)];
         while let Some((at, rows)) = pending.pop() {
-            match self.insert(sql, rows.clone()).await {
+            match insert_rows(&self.client, &self.metrics, statements, rows.clone()).await {
                 Ok(()) => {}
                 Err(err) if is_data_error(&err) => {
                     self.metrics
@@ -338,15 +370,6 @@ impl<F: RowFormat> Shipper<F> {
             }
         }
         Ok(())
-    }
-
-    async fn insert(&self, sql: &str, rows: Bytes) -> Result<(), clickhouse::error::Error> {
-        let mut insert = self
-            .client
-            .insert_formatted_with(sql)
-            .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
-        insert.send(rows).await?;
-        insert.end().await
     }
 
     /// Writes refused rows of record `lsn` to the dead-letter file; returns how many.
@@ -406,12 +429,15 @@ fn record_at(records: &[(usize, u64)], at: usize) -> u64 {
 /// further apart is collapsed by ClickHouse without being counted here.
 #[derive(Default)]
 struct RecentIds {
-    previous: HashSet<(u64, u128)>,
+    previous: foldhash::HashSet<(u64, u128)>,
 }
 
 impl RecentIds {
     fn count(&mut self, rows: &[u8], metrics: &Metrics) {
-        let mut current = HashSet::with_capacity(self.previous.len());
+        let mut current = foldhash::HashSet::with_capacity_and_hasher(
+            self.previous.len(),
+            foldhash::fast::RandomState::default(),
+        );
         let mut duplicates = 0u64;
         let walked = rowbinary::for_each_identity(rows, |tenant, id| {
             let key = (tenant_key(tenant), id);
@@ -429,19 +455,69 @@ impl RecentIds {
 }
 
 fn tenant_key(tenant: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    tenant.hash(&mut hasher);
-    hasher.finish()
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::default().hash_one(tenant)
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Inserts `rows` as one Native block, or as RowBinary when the table has no layout. When
+/// ClickHouse answers the block with an error (rather than not answering), the rows go again
+/// at once as RowBinary, and what that attempt says is what counts: a rejection of the block
+/// that was in fact about how it was made can cost a retry, but never sends good rows to the
+/// dead-letter file or holds the log up.
+async fn insert_rows(
+    client: &clickhouse::Client,
+    metrics: &Metrics,
+    statements: &Statements,
+    rows: Bytes,
+) -> Result<(), clickhouse::error::Error> {
+    if let Some((sql, layout)) = &statements.native {
+        let mut block = std::mem::take(&mut *statements.spare.lock().unwrap());
+        let failure = match layout.block_into(&rows, &mut block) {
+            Ok(()) => {
+                let block = Bytes::from(block);
+                let inserted = insert(client, sql, block.clone()).await;
+                if let Ok(spare) = block.try_into_mut() {
+                    *statements.spare.lock().unwrap() = spare.into();
+                }
+                match inserted {
+                    Err(clickhouse::error::Error::BadResponse(answer)) => answer,
+                    inserted => return inserted,
+                }
+            }
+            Err(err) => err.to_string(),
+        };
+        let inserted = insert(client, &statements.row_binary, rows).await;
+        if inserted.is_ok() {
+            metrics.native_fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %failure, "ClickHouse took as RowBinary rows a batch whose Native block it refused (or that could not be made)");
+        }
+        return inserted;
+    }
+    insert(client, &statements.row_binary, rows).await
+}
+
+async fn insert(
+    client: &clickhouse::Client,
+    sql: &str,
+    rows: Bytes,
+) -> Result<(), clickhouse::error::Error> {
+    let mut insert = client
+        .insert_formatted_with(sql)
+        .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+    insert.send(rows).await?;
+    insert.end().await
+}
+
 #[cfg(test)]
 mod tests {
-    use super::record_at;
+    use clickhouse::test::{handlers, Mock};
+
+    use super::*;
+    use crate::usage::UsageRow;
 
     #[test]
     fn a_row_is_traced_to_the_record_it_came_from() {
@@ -452,5 +528,90 @@ mod tests {
         assert_eq!(record_at(&records, 100), 6);
         assert_eq!(record_at(&records, 249), 6);
         assert_eq!(record_at(&records, 250), 7);
+    }
+
+    /// Two usage rows. The mock hands a request's body over as text, so every number is small
+    /// enough that each byte of the rows, and of their Native block, is ASCII.
+    fn usage_rows() -> Bytes {
+        let mut rows = Vec::new();
+        for (seq, route) in [(1, "/v1/events"), (2, "/v1/stats/summary")] {
+            UsageRow {
+                time: chrono::DateTime::UNIX_EPOCH,
+                request_id: "r",
+                instance_id: "host-1",
+                seq,
+                tenant: "acme",
+                key_id: "k",
+                method: "GET",
+                route,
+                status: 99,
+                latency_us: 10,
+                bytes_in: 0,
+                bytes_out: 5,
+                events_accepted: 0,
+                events_rejected: 0,
+            }
+            .encode(&mut rows);
+        }
+        rows.into()
+    }
+
+    fn mock_client(mock: &Mock) -> clickhouse::Client {
+        clickhouse::Client::default()
+            .with_url(mock.url())
+            .with_compression(clickhouse::Compression::None)
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_as_one_native_block() {
+        let mock = Mock::new();
+        let sent = mock.add(handlers::record_ddl());
+        let metrics = Metrics::default();
+        let statements = Statements::new(&UsageRows);
+        let rows = usage_rows();
+        insert_rows(&mock_client(&mock), &metrics, &statements, rows.clone())
+            .await
+            .unwrap();
+        let (_, layout) = statements.native.as_ref().unwrap();
+        assert_eq!(
+            sent.query().await.into_bytes(),
+            layout.block(&rows).unwrap()
+        );
+        assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_native_block_goes_again_as_row_binary_and_that_answer_counts() {
+        let mock = Mock::new();
+        mock.add(handlers::failure(poem::http::StatusCode::BAD_REQUEST));
+        let sent = mock.add(handlers::record_ddl());
+        let metrics = Metrics::default();
+        let rows = usage_rows();
+        insert_rows(
+            &mock_client(&mock),
+            &metrics,
+            &Statements::new(&UsageRows),
+            rows.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(sent.query().await.into_bytes(), rows.to_vec());
+        assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 1);
+
+        // Refused both ways: the RowBinary answer is the one returned, nothing is counted.
+        mock.add(handlers::failure(poem::http::StatusCode::BAD_REQUEST));
+        mock.add(handlers::failure(poem::http::StatusCode::BAD_REQUEST));
+        let refused = insert_rows(
+            &mock_client(&mock),
+            &metrics,
+            &Statements::new(&UsageRows),
+            rows,
+        )
+        .await;
+        assert!(matches!(
+            refused,
+            Err(clickhouse::error::Error::BadResponse(_))
+        ));
+        assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 1);
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! The log is a directory of numbered segment files. A record is
 //! `len u32 | crc32 u32 | lsn u64 | rows u32 | payload` (little-endian; the CRC covers
-//! everything after itself), where the payload is RowBinary rows ready for ClickHouse.
+//! everything after itself), where the payload is RowBinary rows of the log's table.
 //! Group commit: while one fsync runs, new requests queue up and share the next one; and a
 //! group starts at most once per `Durability::min_group_interval`, so under load each fsync
 //! (and each wake-up of the log thread) serves more requests, while a lone request after a

@@ -117,6 +117,8 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
     assert_eq!(line["events"][0]["event_id"], poison["event_id"]);
     assert_eq!(line["code"], 469, "{line}");
     assert_eq!(app.metric("adtrack_dead_lettered_events_total").await, 1.0);
+    // The refused Native blocks were refused as RowBinary rows too: not a fallback.
+    assert_eq!(app.metric("adtrack_native_fallbacks_total").await, 0.0);
 
     // A client that waits for the commit is told when some of its events did not make it,
     // and a wait for clean events in the same batches still answers 200.

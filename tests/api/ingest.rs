@@ -557,3 +557,139 @@ async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
     }
     assert!(by_id.values().any(|row| row.3 == 2 && row.4 == 1));
 }
+
+#[tokio::test]
+async fn a_varied_batch_is_stored_exactly_as_sent() {
+    // The shipper sends batches to ClickHouse as Native blocks (columns; a dictionary per
+    // LowCardinality column): every kind of column, with and without optional values, and a
+    // dictionary over 256 entries (two-byte indexes), must come back exactly as sent.
+    let app = spawn_app("varied_batch").await;
+    let now = chrono::Utc::now();
+    let types = ["impression", "click", "conversion"];
+    let devices = ["desktop", "mobile", "tablet", "ctv", "other"];
+    let sent: Vec<Value> = (0..600u64)
+        .map(|i| {
+            let mut e = json!({
+                "event_id": uuid::Uuid::new_v4().to_string(),
+                "event_type": types[i as usize % 3],
+                "timestamp": (now - chrono::Duration::milliseconds(i as i64 * 1_001)).to_rfc3339(),
+                "campaign_id": format!("camp-{}", i % 300),
+                "ad_id": format!("ad-{i}"),
+                "publisher_id": format!("pub-{}", i % 7),
+                "cost_micros": i * 1_000,
+                "revenue_micros": i * 7,
+            });
+            if i % 2 == 0 {
+                e["sent_at"] = json!(now.to_rfc3339());
+            }
+            // Absent optional values are empty strings: first in some dictionaries, later
+            // in others.
+            if i % 3 != 0 {
+                e["advertiser_id"] = json!(format!("adv-{}", i % 5));
+                e["user_id"] = json!(format!("usér-{i} ✓"));
+            }
+            if i % 3 != 1 {
+                e["country"] = json!(["DE", "US", "JP"][i as usize % 3]);
+                e["device"] = json!(devices[i as usize % 5]);
+                e["os"] = json!("Android");
+                e["browser"] = json!(format!("Chrome {}", i % 4));
+            }
+            e["attributes"] = match i % 4 {
+                0 => json!({}),
+                1 => json!({"placement": "top"}),
+                _ => json!({"a": format!("{i}"), "ключ": "значение", "empty": ""}),
+            };
+            e
+        })
+        .collect();
+    let r = app
+        .post_and_wait(Value::from(sent.clone()).to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["accepted"], 600);
+
+    #[derive(clickhouse::Row, serde::Deserialize, Debug)]
+    struct Stored {
+        event_id: String,
+        event_type: String,
+        timestamp_ms: i64,
+        sent_at_ms: Option<i64>,
+        campaign_id: String,
+        ad_id: String,
+        publisher_id: String,
+        advertiser_id: String,
+        user_id: String,
+        country: String,
+        device: String,
+        os: String,
+        browser: String,
+        cost_micros: u64,
+        revenue_micros: u64,
+        keys: Vec<String>,
+        values: Vec<String>,
+    }
+    let stored: Vec<Stored> = app
+        .db
+        .query(
+            "SELECT toString(event_id) AS event_id, toString(event_type) AS event_type,
+                    toUnixTimestamp64Milli(timestamp) AS timestamp_ms,
+                    toUnixTimestamp64Milli(sent_at) AS sent_at_ms, campaign_id, ad_id,
+                    publisher_id, advertiser_id, user_id, country, device, os, browser,
+                    cost_micros, revenue_micros, mapKeys(attributes) AS keys,
+                    mapValues(attributes) AS values
+             FROM events FINAL",
+        )
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 600);
+    let by_id: std::collections::HashMap<&str, &Stored> =
+        stored.iter().map(|s| (s.event_id.as_str(), s)).collect();
+    let text = |e: &Value, field: &str| e[field].as_str().unwrap_or("").to_string();
+    let ms = |e: &Value, field: &str| {
+        e[field].as_str().map(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .timestamp_millis()
+        })
+    };
+    for e in &sent {
+        let s = by_id[e["event_id"].as_str().unwrap()];
+        assert_eq!(s.event_type, text(e, "event_type"));
+        assert_eq!(Some(s.timestamp_ms), ms(e, "timestamp"));
+        assert_eq!(s.sent_at_ms, ms(e, "sent_at"));
+        for (field, value) in [
+            ("campaign_id", &s.campaign_id),
+            ("ad_id", &s.ad_id),
+            ("publisher_id", &s.publisher_id),
+            ("advertiser_id", &s.advertiser_id),
+            ("user_id", &s.user_id),
+            ("country", &s.country),
+            ("device", &s.device),
+            ("os", &s.os),
+            ("browser", &s.browser),
+        ] {
+            assert_eq!(*value, text(e, field), "{field} of {e}");
+        }
+        assert_eq!(Some(s.cost_micros), e["cost_micros"].as_u64());
+        assert_eq!(Some(s.revenue_micros), e["revenue_micros"].as_u64());
+        let mut attributes: Vec<(String, String)> = s
+            .keys
+            .iter()
+            .cloned()
+            .zip(s.values.iter().cloned())
+            .collect();
+        attributes.sort();
+        let mut expected: Vec<(String, String)> = e["attributes"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        expected.sort();
+        assert_eq!(attributes, expected, "attributes of {e}");
+    }
+    // It went in as a Native block, not as RowBinary after a refused one.
+    assert_eq!(app.metric("adtrack_native_fallbacks_total").await, 0.0);
+    assert!(app.metric("adtrack_flushes_total").await >= 1.0);
+}
