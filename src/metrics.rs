@@ -105,7 +105,7 @@ pub struct Metrics {
     pub flush_seconds: Histogram,
     pub clickhouse_errors_retryable: AtomicU64,
     pub clickhouse_errors_data: AtomicU64,
-    /// Batches sent as RowBinary because their Native block was refused or could not be made.
+    /// Inserts that went in as RowBinary after their Native block was refused or not made.
     pub native_fallbacks: AtomicU64,
     pub dead_lettered_events: AtomicU64,
     pub duplicate_events: AtomicU64,
@@ -241,7 +241,7 @@ impl Metrics {
         counter(
             &mut out,
             "adtrack_native_fallbacks_total",
-            "Batches ClickHouse refused as a Native block (or whose block could not be made) and then took as RowBinary rows; the service log has its answer.",
+            "Inserts ClickHouse refused as a Native block (or whose block could not be made) and then took as RowBinary rows (each part of a split batch counts); the service log has its answer.",
             &[("", &self.native_fallbacks)],
         );
         counter(

@@ -63,6 +63,38 @@ pub fn is_data_error(err: &clickhouse::error::Error) -> bool {
     error_code(err).is_some_and(|code| DATA_ERROR_CODES.contains(&code))
 }
 
+/// Error codes meaning "not now": the server is overloaded, read-only, missing the table while
+/// someone fixes the schema, or cannot reach its coordination service. They say nothing
+/// about the rows or how they were sent.
+const NOT_NOW_CODES: &[u32] = &[
+    60,  // UNKNOWN_TABLE
+    81,  // UNKNOWN_DATABASE
+    159, // TIMEOUT_EXCEEDED
+    164, // READONLY
+    202, // TOO_MANY_SIMULTANEOUS_QUERIES
+    203, // NO_FREE_CONNECTION
+    209, // SOCKET_TIMEOUT
+    210, // NETWORK_ERROR
+    225, // NO_ZOOKEEPER
+    236, // ABORTED
+    241, // MEMORY_LIMIT_EXCEEDED
+    242, // TABLE_IS_READ_ONLY
+    243, // NOT_ENOUGH_SPACE
+    252, // TOO_MANY_PARTS
+    319, // UNKNOWN_STATUS_OF_INSERT
+    394, // QUERY_WAS_CANCELLED
+    439, // CANNOT_SCHEDULE_TASK
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+    999, // KEEPER_EXCEPTION
+];
+
+/// Whether ClickHouse answered with an exception that may be about what was sent (anything
+/// but "not now"). An answer without an exception code (a proxy's 502, say) is not.
+pub fn refused_what_was_sent(err: &clickhouse::error::Error) -> bool {
+    error_code(err).is_some_and(|code| !NOT_NOW_CODES.contains(&code))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +108,17 @@ mod tests {
         let err = Error::BadResponse("Code: 252. DB::Exception: Too many parts".into());
         assert!(!is_data_error(&err));
         assert!(!is_data_error(&Error::Network("connection refused".into())));
+    }
+
+    #[test]
+    fn only_an_exception_that_is_not_about_load_may_be_about_what_was_sent() {
+        let refused = |text: &str| refused_what_was_sent(&Error::BadResponse(text.into()));
+        assert!(refused("Code: 33. DB::Exception: Cannot read all data"));
+        assert!(refused("Code: 62. DB::Exception: Syntax error"));
+        assert!(!refused("Code: 252. DB::Exception: Too many parts"));
+        assert!(!refused("Code: 241. DB::Exception: Memory limit exceeded"));
+        assert!(!refused("502 Bad Gateway"));
+        assert!(!refused_what_was_sent(&Error::Network("reset".into())));
+        assert!(!refused_what_was_sent(&Error::TimedOut));
     }
 }

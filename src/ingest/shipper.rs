@@ -33,7 +33,9 @@ use super::{
     Refusals,
 };
 use crate::{
-    clickhouse::{error_code, insert_sql, is_data_error, native::Layout, rowbinary},
+    clickhouse::{
+        error_code, insert_sql, is_data_error, native::Layout, refused_what_was_sent, rowbinary,
+    },
     config::FlushSettings,
     metrics::Metrics,
 };
@@ -141,16 +143,25 @@ struct Statements {
     /// The last block's memory, for the next one: a batch's block is as large as the batch,
     /// and a new allocation each time would leave the allocator holding several.
     spare: std::sync::Mutex<Vec<u8>>,
+    /// The most memory `spare` keeps (a block from an unusually large batch is let go).
+    spare_limit: usize,
 }
 
 impl Statements {
-    fn new(format: &impl RowFormat) -> Self {
+    fn new(format: &impl RowFormat, spare_limit: usize) -> Self {
         let (table, columns) = format.table();
+        let native = Layout::new(columns);
+        if native.is_none() {
+            tracing::warn!(
+                table,
+                "a column type has no Native layout; sending RowBinary"
+            );
+        }
         Statements {
             row_binary: insert_sql(table, columns, "RowBinary"),
-            native: Layout::new(columns)
-                .map(|layout| (insert_sql(table, columns, "Native"), layout)),
+            native: native.map(|layout| (insert_sql(table, columns, "Native"), layout)),
             spare: Default::default(),
+            spare_limit,
         }
     }
 }
@@ -176,7 +187,7 @@ impl<F: RowFormat> Shipper<F> {
             end: self.start,
             started: None,
         };
-        let statements = Statements::new(&self.format);
+        let statements = Statements::new(&self.format, self.settings.max_bytes);
         let mut drain_deadline: Option<Instant> = None;
 
         loop {
@@ -464,10 +475,12 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Inserts `rows` as one Native block, or as RowBinary when the table has no layout. When
-/// ClickHouse answers the block with an error (rather than not answering), the rows go again
-/// at once as RowBinary, and what that attempt says is what counts: a rejection of the block
-/// that was in fact about how it was made can cost a retry, but never sends good rows to the
-/// dead-letter file or holds the log up.
+/// ClickHouse refuses the block with an exception that may be about what was sent (anything
+/// but "not now": see `refused_what_was_sent`), the rows go again at once as RowBinary, and
+/// what that attempt says is what counts: a rejection that was in fact about how the block
+/// was made can cost a retry, but never sends good rows to the dead-letter file or holds the
+/// log up. Everything else (no answer, an overloaded server) is returned for the caller's
+/// backoff, as it was.
 async fn insert_rows(
     client: &clickhouse::Client,
     metrics: &Metrics,
@@ -481,19 +494,25 @@ async fn insert_rows(
                 let block = Bytes::from(block);
                 let inserted = insert(client, sql, block.clone()).await;
                 if let Ok(spare) = block.try_into_mut() {
-                    *statements.spare.lock().unwrap() = spare.into();
+                    if spare.capacity() <= statements.spare_limit {
+                        *statements.spare.lock().unwrap() = spare.into();
+                    }
                 }
                 match inserted {
-                    Err(clickhouse::error::Error::BadResponse(answer)) => answer,
+                    Err(err) if refused_what_was_sent(&err) => err.to_string(),
                     inserted => return inserted,
                 }
             }
             Err(err) => err.to_string(),
         };
         let inserted = insert(client, &statements.row_binary, rows).await;
-        if inserted.is_ok() {
-            metrics.native_fallbacks.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %failure, "ClickHouse took as RowBinary rows a batch whose Native block it refused (or that could not be made)");
+        match &inserted {
+            Ok(()) => {
+                metrics.native_fallbacks.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %failure, "ClickHouse took as RowBinary rows a batch whose Native block it refused (or that could not be made)");
+            }
+            // Both refused: the rows themselves, as when a batch is split to find a bad row.
+            Err(_) => tracing::debug!(error = %failure, "the Native block was refused too"),
         }
         return inserted;
     }
@@ -567,7 +586,7 @@ mod tests {
         let mock = Mock::new();
         let sent = mock.add(handlers::record_ddl());
         let metrics = Metrics::default();
-        let statements = Statements::new(&UsageRows);
+        let statements = Statements::new(&UsageRows, usize::MAX);
         let rows = usage_rows();
         insert_rows(&mock_client(&mock), &metrics, &statements, rows.clone())
             .await
@@ -580,38 +599,52 @@ mod tests {
         assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 0);
     }
 
+    async fn send(
+        mock: &Mock,
+        metrics: &Metrics,
+        rows: Bytes,
+    ) -> Result<(), clickhouse::error::Error> {
+        let statements = Statements::new(&UsageRows, usize::MAX);
+        insert_rows(&mock_client(mock), metrics, &statements, rows).await
+    }
+
     #[tokio::test]
     async fn a_refused_native_block_goes_again_as_row_binary_and_that_answer_counts() {
         let mock = Mock::new();
-        mock.add(handlers::failure(poem::http::StatusCode::BAD_REQUEST));
-        let sent = mock.add(handlers::record_ddl());
         let metrics = Metrics::default();
         let rows = usage_rows();
-        insert_rows(
-            &mock_client(&mock),
-            &metrics,
-            &Statements::new(&UsageRows),
-            rows.clone(),
-        )
-        .await
-        .unwrap();
+        mock.add(handlers::exception(27)); // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        let sent = mock.add(handlers::record_ddl());
+        send(&mock, &metrics, rows.clone()).await.unwrap();
         assert_eq!(sent.query().await.into_bytes(), rows.to_vec());
         assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 1);
 
         // Refused both ways: the RowBinary answer is the one returned, nothing is counted.
-        mock.add(handlers::failure(poem::http::StatusCode::BAD_REQUEST));
-        mock.add(handlers::failure(poem::http::StatusCode::BAD_REQUEST));
-        let refused = insert_rows(
-            &mock_client(&mock),
-            &metrics,
-            &Statements::new(&UsageRows),
-            rows,
-        )
-        .await;
-        assert!(matches!(
-            refused,
-            Err(clickhouse::error::Error::BadResponse(_))
-        ));
+        mock.add(handlers::exception(27));
+        mock.add(handlers::exception(53));
+        let refused = send(&mock, &metrics, rows.clone()).await.unwrap_err();
+        assert!(refused.to_string().contains("Code: 53"), "{refused}");
         assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 1);
+
+        // Rows that do not lay out as a block go as RowBinary at once.
+        let torn = rows.slice(..10);
+        let sent = mock.add(handlers::record_ddl());
+        send(&mock, &metrics, torn.clone()).await.unwrap();
+        assert_eq!(sent.query().await.into_bytes(), torn.to_vec());
+        assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_says_not_now_is_left_to_the_backoff() {
+        let mock = Mock::new();
+        let metrics = Metrics::default();
+        // One answer each: a second attempt would find no handler and fail differently.
+        mock.add(handlers::exception(252)); // TOO_MANY_PARTS
+        let err = send(&mock, &metrics, usage_rows()).await.unwrap_err();
+        assert!(err.to_string().contains("Code: 252"), "{err}");
+        mock.add(handlers::failure(poem::http::StatusCode::BAD_GATEWAY));
+        let err = send(&mock, &metrics, usage_rows()).await.unwrap_err();
+        assert!(err.to_string().contains("Bad Gateway"), "{err}");
+        assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 0);
     }
 }

@@ -1002,6 +1002,8 @@ async fn the_usage_log_records_every_request_in_order_failures_included() {
         .map(|h| h["events_accepted"].as_u64().unwrap())
         .sum();
     assert_eq!((total, limited, accepted), (6, 1, 3));
+    // The usage rows went in as Native blocks, not as RowBinary after a refused one.
+    assert_eq!(app.metric("adtrack_native_fallbacks_total").await, 0.0);
 }
 
 #[tokio::test]

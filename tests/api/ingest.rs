@@ -610,6 +610,7 @@ async fn a_varied_batch_is_stored_exactly_as_sent() {
 
     #[derive(clickhouse::Row, serde::Deserialize, Debug)]
     struct Stored {
+        tenant: String,
         event_id: String,
         event_type: String,
         timestamp_ms: i64,
@@ -631,7 +632,7 @@ async fn a_varied_batch_is_stored_exactly_as_sent() {
     let stored: Vec<Stored> = app
         .db
         .query(
-            "SELECT toString(event_id) AS event_id, toString(event_type) AS event_type,
+            "SELECT tenant, toString(event_id) AS event_id, toString(event_type) AS event_type,
                     toUnixTimestamp64Milli(timestamp) AS timestamp_ms,
                     toUnixTimestamp64Milli(sent_at) AS sent_at_ms, campaign_id, ad_id,
                     publisher_id, advertiser_id, user_id, country, device, os, browser,
@@ -655,6 +656,7 @@ async fn a_varied_batch_is_stored_exactly_as_sent() {
     };
     for e in &sent {
         let s = by_id[e["event_id"].as_str().unwrap()];
+        assert_eq!(s.tenant, TENANT);
         assert_eq!(s.event_type, text(e, "event_type"));
         assert_eq!(Some(s.timestamp_ms), ms(e, "timestamp"));
         assert_eq!(s.sent_at_ms, ms(e, "sent_at"));
