@@ -155,6 +155,7 @@ if "${UNIQUE:-0}" == "1" then
     pieces[#pieces + 1] = wrk.body:sub(at, e); at = e + 9
   end
   pieces[#pieces + 1] = wrk.body:sub(at)
+  if #pieces == 1 then error("no event_id in $body") end
   local n, parts = 0, {}
   request = function()
     n = n + 1
@@ -196,7 +197,7 @@ UNIQUE=1 run_wrk app-batch100-wrk-unique "$app_pid" "$app" "$tmp/batch.json" 16
 # machine): the rate the service can sustain with new events on this machine.
 metric() { curl -fsS "http://127.0.0.1:$app_port/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 backlog=$(metric adtrack_wal_pending_bytes); flushed=$(metric adtrack_flushed_rows_total); started=$(date +%s.%N)
-until [ "$(metric adtrack_wal_pending_bytes)" = "0" ]; do sleep 0.1; done
+for _ in $(seq 1 6000); do [ "$(metric adtrack_wal_pending_bytes)" = "0" ] && break; sleep 0.1; done
 python3 - "$backlog" "$flushed" "$(metric adtrack_flushed_rows_total)" "$started" "$(date +%s.%N)" <<'PY'
 import sys
 backlog, before, after, start, end = map(float, sys.argv[1:])

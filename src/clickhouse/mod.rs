@@ -64,8 +64,8 @@ pub fn is_data_error(err: &clickhouse::error::Error) -> bool {
 }
 
 /// Error codes meaning "not now": the server is overloaded, read-only, missing the table while
-/// someone fixes the schema, or cannot reach its coordination service. They say nothing
-/// about the rows or how they were sent.
+/// someone fixes the schema, refusing this user, or cannot reach its coordination service.
+/// They say nothing about the rows or how they were sent.
 const NOT_NOW_CODES: &[u32] = &[
     60,  // UNKNOWN_TABLE
     81,  // UNKNOWN_DATABASE

@@ -114,20 +114,20 @@ impl Layout {
         out.clear();
         out.reserve(size);
         out.extend_from_slice(&head);
-        let mut copies = Vec::with_capacity(measures.len());
+        let mut cursors = Vec::with_capacity(measures.len());
         for (&(name, ty, _), measure) in self.columns.iter().zip(measures) {
             put_str(out, name);
             put_str(out, ty);
             // A block without rows has no column data at all (not even a dictionary's).
             if count > 0 {
-                copies.push(measure.place(out, count));
+                cursors.push(measure.place(out, count));
             }
         }
 
         let mut reader = Reader::new(rows);
         while !reader.at_end() {
-            for copy in &mut copies {
-                copy.take(&mut reader, out)?;
+            for cursor in &mut cursors {
+                cursor.take(&mut reader, out)?;
             }
         }
         Ok(())
@@ -227,12 +227,12 @@ impl<'a> Measure<'a> {
 
     /// Makes room for the column's values at the end of `out` (writing the ones it has
     /// already: a dictionary and its rows) and says where the second pass copies each value.
-    fn place(self, out: &mut Vec<u8>, count: usize) -> Copy {
+    fn place(self, out: &mut Vec<u8>, count: usize) -> Cursor {
         let at = out.len();
         let size = self.size(count);
-        let copy = match self {
-            Measure::Fixed(width) => Copy::Fixed { width, at },
-            Measure::Str(_) => Copy::Str { at },
+        let cursor = match self {
+            Measure::Fixed(width) => Cursor::Fixed { width, at },
+            Measure::Str(_) => Cursor::Str { at },
             Measure::LowCardinalityStr {
                 dictionary, rows, ..
             } => {
@@ -254,14 +254,14 @@ impl<'a> Measure<'a> {
                 for row in rows {
                     out.extend_from_slice(&row.to_le_bytes()[..width]);
                 }
-                return Copy::Skip;
+                return Cursor::Skip;
             }
-            Measure::NullableFixed(width) => Copy::NullableFixed {
+            Measure::NullableFixed(width) => Cursor::NullableFixed {
                 width,
                 nulls: at,
                 values: at + count,
             },
-            Measure::StrMap { keys, .. } => Copy::StrMap {
+            Measure::StrMap { keys, .. } => Cursor::StrMap {
                 entries: 0,
                 ends: at,
                 keys: at + count * 8,
@@ -270,7 +270,7 @@ impl<'a> Measure<'a> {
         };
         // Zeros, which a NULL's value stays.
         out.resize(at + size, 0);
-        copy
+        cursor
     }
 }
 
@@ -284,7 +284,7 @@ fn index_type(len: usize) -> (u64, usize) {
 }
 
 /// The second pass over one column: where its next value goes in the block.
-enum Copy {
+enum Cursor {
     Fixed {
         width: usize,
         at: usize,
@@ -307,16 +307,16 @@ enum Copy {
     },
 }
 
-impl Copy {
+impl Cursor {
     /// Copies this column's value of the row at `reader` into `out`.
     fn take(&mut self, reader: &mut Reader<'_>, out: &mut [u8]) -> Result<(), DecodeError> {
         match self {
-            Copy::Fixed { width, at } => put(out, at, reader.take(*width)?),
-            Copy::Str { at } => put(out, at, reader.raw_str()?),
-            Copy::Skip => {
+            Cursor::Fixed { width, at } => put(out, at, reader.take(*width)?),
+            Cursor::Str { at } => put(out, at, reader.raw_str()?),
+            Cursor::Skip => {
                 reader.bytes()?;
             }
-            Copy::NullableFixed {
+            Cursor::NullableFixed {
                 width,
                 nulls,
                 values,
@@ -328,7 +328,7 @@ impl Copy {
                     _ => *values += *width,
                 }
             }
-            Copy::StrMap {
+            Cursor::StrMap {
                 entries,
                 ends,
                 keys,
