@@ -339,12 +339,6 @@ mod tests {
             .collect();
         let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
         assert_eq!(declared, names);
-        for (name, ty) in COLUMNS {
-            let line = sql
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(name))
-                .unwrap();
-            assert!(line.contains(ty), "{name}: {line} lacks {ty}");
-        }
+        crate::clickhouse::schema::assert_declares(sql, COLUMNS);
     }
 }

@@ -163,6 +163,20 @@ pub async fn verify(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Asserts that `table` (a `CREATE TABLE` statement) declares each of `columns` with its type.
+#[cfg(test)]
+pub(crate) fn assert_declares(table: &str, columns: &[(&str, &str)]) {
+    for (name, ty) in columns {
+        let decl = format!("{name} ");
+        let line = table
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(&decl))
+            .unwrap_or_else(|| panic!("column {name} missing"));
+        assert!(line.contains(ty), "{name}: {line} lacks {ty}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,14 +220,6 @@ mod tests {
             usage_days: 90,
         };
         let table = &statements("adtrack", retention)[1];
-        for (name, ty) in COLUMNS {
-            let decl = format!("{name} ");
-            let line = table
-                .lines()
-                .map(str::trim)
-                .find(|l| l.starts_with(&decl))
-                .unwrap_or_else(|| panic!("column {name} missing"));
-            assert!(line.contains(ty), "{name}: {line} lacks {ty}");
-        }
+        assert_declares(table, COLUMNS);
     }
 }

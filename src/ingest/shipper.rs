@@ -164,6 +164,21 @@ impl Statements {
             spare_limit,
         }
     }
+
+    /// Memory for the next block (empty the first time).
+    fn take_spare(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.spare.lock().unwrap())
+    }
+
+    /// Keeps a sent block's memory for the next one, unless something still holds it or it
+    /// grew past the limit.
+    fn keep_spare(&self, block: Bytes) {
+        if let Ok(spare) = block.try_into_mut() {
+            if spare.capacity() <= self.spare_limit {
+                *self.spare.lock().unwrap() = spare.into();
+            }
+        }
+    }
 }
 
 struct Batch {
@@ -487,36 +502,32 @@ async fn insert_rows(
     statements: &Statements,
     rows: Bytes,
 ) -> Result<(), clickhouse::error::Error> {
-    if let Some((sql, layout)) = &statements.native {
-        let mut block = std::mem::take(&mut *statements.spare.lock().unwrap());
-        let failure = match layout.block_into(&rows, &mut block) {
-            Ok(()) => {
-                let block = Bytes::from(block);
-                let inserted = insert(client, sql, block.clone()).await;
-                if let Ok(spare) = block.try_into_mut() {
-                    if spare.capacity() <= statements.spare_limit {
-                        *statements.spare.lock().unwrap() = spare.into();
-                    }
-                }
-                match inserted {
-                    Err(err) if refused_what_was_sent(&err) => err.to_string(),
-                    inserted => return inserted,
-                }
+    let Some((sql, layout)) = &statements.native else {
+        return insert(client, &statements.row_binary, rows).await;
+    };
+    let mut block = statements.take_spare();
+    let failure = match layout.block_into(&rows, &mut block) {
+        Ok(()) => {
+            let block = Bytes::from(block);
+            let inserted = insert(client, sql, block.clone()).await;
+            statements.keep_spare(block);
+            match inserted {
+                Err(err) if refused_what_was_sent(&err) => err.to_string(),
+                inserted => return inserted,
             }
-            Err(err) => err.to_string(),
-        };
-        let inserted = insert(client, &statements.row_binary, rows).await;
-        match &inserted {
-            Ok(()) => {
-                metrics.native_fallbacks.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %failure, "ClickHouse took as RowBinary rows a batch whose Native block it refused (or that could not be made)");
-            }
-            // Both refused: the rows themselves, as when a batch is split to find a bad row.
-            Err(_) => tracing::debug!(error = %failure, "the Native block was refused too"),
         }
-        return inserted;
+        Err(err) => err.to_string(),
+    };
+    let inserted = insert(client, &statements.row_binary, rows).await;
+    match &inserted {
+        Ok(()) => {
+            metrics.native_fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %failure, "ClickHouse took as RowBinary rows a batch whose Native block it refused (or that could not be made)");
+        }
+        // Both refused: the rows themselves, as when a batch is split to find a bad row.
+        Err(_) => tracing::debug!(error = %failure, "the Native block was refused too"),
     }
-    insert(client, &statements.row_binary, rows).await
+    inserted
 }
 
 async fn insert(
