@@ -1,9 +1,10 @@
 //! The ceiling for the ingest benchmark: a bare poem server that reads the body and answers
-//! 202 with a fixed JSON body, on the same runtime and allocator as adtrack.
+//! 202 with a fixed JSON body, served the way adtrack serves (the same request threads,
+//! allocator and runtime).
 //!
 //! `cargo run --release --example bare_poem -- 127.0.0.1:9000`
 
-use poem::{handler, http::StatusCode, listener::TcpListener, post, Body, Response, Route, Server};
+use poem::{handler, http::StatusCode, post, Body, Response, Route};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -21,11 +22,13 @@ async fn accept(body: Body) -> Response {
 }
 
 #[tokio::main]
-async fn main() -> std::io::Result<()> {
+async fn main() -> anyhow::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9000".into());
-    Server::new(TcpListener::bind(addr))
-        .run(Route::new().at("/v1/events", post(accept)))
-        .await
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let routes = Route::new().at("/v1/events", post(accept));
+    adtrack::serve::serve(listener, routes, threads, std::future::pending()).await
 }

@@ -111,6 +111,8 @@ pub struct UsageSettings {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// Request threads, each serving its share of the connections (default: one per CPU).
+    pub http_threads: usize,
     pub clickhouse: ClickHouseSettings,
     pub limits: Limits,
     pub wal: WalSettings,
@@ -186,6 +188,13 @@ impl Settings {
 
         let settings = Settings {
             listen: num("ADTRACK_LISTEN", parse("ADTRACK_LISTEN", "127.0.0.1:8080")?)?,
+            http_threads: match var("ADTRACK_HTTP_THREADS") {
+                None => std::thread::available_parallelism().map_or(2, usize::from),
+                Some(raw) => match num::<usize>("ADTRACK_HTTP_THREADS", raw)? {
+                    n @ 1..=1024 => n,
+                    n => bail!("ADTRACK_HTTP_THREADS={n} must be between 1 and 1024"),
+                },
+            },
             clickhouse: ClickHouseSettings {
                 target,
                 database,
@@ -542,6 +551,18 @@ mod tests {
                 .map(|k| k.0),
             Some(key)
         );
+    }
+
+    #[test]
+    fn request_threads_default_to_one_per_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+        assert_eq!(settings(&[]).unwrap().http_threads, cpus);
+        let s = settings(&[("ADTRACK_HTTP_THREADS", "3")]).unwrap();
+        assert_eq!(s.http_threads, 3);
+        for bad in ["0", "-1", "two", "5000"] {
+            let err = settings(&[("ADTRACK_HTTP_THREADS", bad)]).unwrap_err();
+            assert!(err.to_string().contains("ADTRACK_HTTP_THREADS"), "{err}");
+        }
     }
 
     #[test]

@@ -9,10 +9,6 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use poem::{
-    listener::{Acceptor, TcpAcceptor},
-    Server,
-};
 use tokio::sync::watch;
 
 use crate::{
@@ -34,8 +30,9 @@ use crate::{
 };
 
 pub struct Application {
-    acceptor: TcpAcceptor,
+    listener: std::net::TcpListener,
     addr: SocketAddr,
+    http_threads: usize,
     routes: api::Routes,
     wal_thread: std::thread::JoinHandle<()>,
     usage_wal_thread: std::thread::JoinHandle<()>,
@@ -58,12 +55,7 @@ impl Application {
         let listener = std::net::TcpListener::bind(settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         listener.set_nonblocking(true)?;
-        let acceptor = TcpAcceptor::from_std(listener)?;
-        let addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .context("the listener has no socket address")?;
+        let addr = listener.local_addr()?;
 
         let engine = match &settings.clickhouse.target {
             ClickHouseTarget::Embedded {
@@ -242,8 +234,9 @@ impl Application {
         );
 
         Ok(Self {
-            acceptor,
+            listener,
             addr,
+            http_threads: settings.http_threads,
             routes,
             wal_thread: wal.thread,
             usage_wal_thread: usage_wal.thread,
@@ -270,11 +263,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.addr, "listening");
-        Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(self.routes, shutdown, Some(Duration::from_secs(10)))
-            .await
-            .context("the HTTP server failed")?;
+        tracing::info!(addr = %self.addr, threads = self.http_threads, "listening");
+        crate::serve::serve(self.listener, self.routes, self.http_threads, shutdown).await?;
         self.key_refresh.abort();
         if let Some(task) = &self.rollup_refresh {
             task.abort();

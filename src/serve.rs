@@ -1,0 +1,242 @@
+//! The HTTP server: a few request threads, each a single-threaded tokio runtime that serves
+//! the connections handed to it, fed by one accept loop that deals connections out in turn.
+//!
+//! Why not tokio's multi-threaded runtime: a small request costs so little (tens of µs) that
+//! the runtime's sharing between workers (stealing tasks, waking a sleeping worker for each
+//! new task, atomic reference counts touched from two threads) was a sixth of it. With one
+//! runtime per thread a connection's requests stay on the thread that reads them (A/B,
+//! single-event saturation: +14–25 % requests/s, −10–17 % CPU per request; see
+//! BENCHMARKS.md). The price: a long request (a 10 MB batch) delays the other connections of
+//! its thread rather than being worked around; connections are long-lived behind a load
+//! balancer, so dealing them out in turn keeps the threads evenly loaded.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use poem::{
+    listener::Acceptor,
+    web::{LocalAddr, RemoteAddr},
+    Endpoint, Server,
+};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// How long a graceful stop waits for open requests before closing their connections.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// A connection accepted on the main runtime, not yet registered with any reactor.
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// Serves `routes` on `threads` request threads until `shutdown` completes, then stops
+/// accepting, lets open requests finish (up to [`GRACE`]) and returns once every request
+/// thread has ended, so that `routes` (and every handle it holds) is dropped by then.
+///
+/// Returns an error, without waiting for `shutdown`, if a request thread ends by itself.
+pub async fn serve<E>(
+    listener: std::net::TcpListener,
+    routes: E,
+    threads: usize,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    E: Endpoint + 'static,
+{
+    let local = LocalAddr(listener.local_addr()?.into());
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let routes = Arc::new(routes);
+    let (stop, stop_rx) = watch::channel(false);
+    let ended = Arc::new(Notify::new());
+    let mut queues = Vec::with_capacity(threads);
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads.max(1) {
+        let (queue, connections) = mpsc::unbounded_channel();
+        queues.push(queue);
+        let thread = RequestThread {
+            acceptor: Handoff {
+                local: local.clone(),
+                connections,
+            },
+            routes: routes.clone(),
+            stop: stop_rx.clone(),
+            ended: EndedGuard(ended.clone()),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || thread.run())
+            .context("starting a request thread")?;
+        handles.push(handle);
+    }
+    drop(routes);
+
+    tokio::select! {
+        () = shutdown => {}
+        () = deal_out(&listener, &queues) => {}
+        () = ended.notified() => tracing::error!("a request thread ended by itself; stopping"),
+    }
+    drop(listener);
+    stop.send_replace(true);
+    drop(queues);
+    let results = tokio::task::spawn_blocking(move || {
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a request thread panicked")))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    results.into_iter().collect()
+}
+
+/// Accepts forever, giving each connection to the next request thread in turn.
+async fn deal_out(listener: &tokio::net::TcpListener, queues: &[mpsc::UnboundedSender<Accepted>]) {
+    let mut next = 0;
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => match stream.into_std() {
+                Ok(stream) => {
+                    // A closed queue means its thread has ended; `serve` notices that itself.
+                    let _ = queues[next].send((stream, remote));
+                    next = (next + 1) % queues.len();
+                }
+                Err(err) => tracing::warn!(error = %err, "could not hand over a connection"),
+            },
+            Err(err) => {
+                // Out of file descriptors and the like: retrying at once would spin.
+                tracing::warn!(error = %err, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct RequestThread<E> {
+    acceptor: Handoff,
+    routes: Arc<E>,
+    stop: watch::Receiver<bool>,
+    ended: EndedGuard,
+}
+
+impl<E: Endpoint + 'static> RequestThread<E> {
+    fn run(self) -> anyhow::Result<()> {
+        let Self {
+            acceptor,
+            routes,
+            mut stop,
+            ended,
+        } = self;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a request thread's runtime")?;
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        let served = runtime.block_on(
+            Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+                routes,
+                stopped,
+                Some(GRACE),
+            ),
+        );
+        // Connections still open after the grace period are closed with the runtime.
+        drop(runtime);
+        drop(ended);
+        served.context("the HTTP server failed")
+    }
+}
+
+/// Tells `serve` when a request thread ends, however it ends (a panic included).
+struct EndedGuard(Arc<Notify>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+/// The acceptor of one request thread: connections dealt to it by [`deal_out`].
+struct Handoff {
+    local: LocalAddr,
+    connections: mpsc::UnboundedReceiver<Accepted>,
+}
+
+impl Acceptor for Handoff {
+    type Io = tokio::net::TcpStream;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        vec![self.local.clone()]
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+        // The queue closes only while stopping; the stop signal ends the server then.
+        let Some((stream, remote)) = self.connections.recv().await else {
+            return std::future::pending().await;
+        };
+        let stream = tokio::net::TcpStream::from_std(stream)?;
+        Ok((
+            stream,
+            self.local.clone(),
+            RemoteAddr(remote.into()),
+            poem::http::uri::Scheme::HTTP,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(
+        client: &reqwest::Client,
+        addr: SocketAddr,
+    ) -> impl Future<Output = reqwest::Result<String>> {
+        let request = client.get(format!("http://{addr}/")).send();
+        async move { request.await?.text().await }
+    }
+
+    #[tokio::test]
+    async fn connections_are_dealt_to_the_threads_in_turn_and_all_stop_together() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(());
+        let routes = {
+            let held = held.clone();
+            poem::endpoint::make_sync(move |_| {
+                let _held = &held;
+                std::thread::current()
+                    .name()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, routes, 2, async {
+            let _ = stopped.await;
+        }));
+
+        // One client per connection: each keeps its connection, so each stays on a thread.
+        let clients: Vec<_> = (0..4).map(|_| reqwest::Client::new()).collect();
+        let mut first = Vec::new();
+        for client in &clients {
+            first.push(get(client, addr).await.unwrap());
+        }
+        assert_eq!(first, ["http-0", "http-1", "http-0", "http-1"]);
+        for (client, thread) in clients.iter().zip(&first) {
+            assert_eq!(&get(client, addr).await.unwrap(), thread);
+        }
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "the routes outlived the server"
+        );
+        let fresh = reqwest::Client::new();
+        assert!(get(&fresh, addr).await.is_err(), "still accepting");
+    }
+}
