@@ -1,13 +1,13 @@
 //! The HTTP server: a few request threads, each a single-threaded tokio runtime that serves
 //! the connections handed to it, fed by one accept loop that deals connections out in turn.
 //!
-//! Why not tokio's multi-threaded runtime: a small request costs so little (tens of µs) that
-//! the runtime's sharing between workers (stealing tasks, waking a sleeping worker for each
-//! new task, atomic reference counts touched from two threads) was a sixth of it. With one
-//! runtime per thread a connection's requests stay on the thread that reads them (A/B,
-//! single-event saturation: +14–25 % requests/s, −10–17 % CPU per request; see
-//! BENCHMARKS.md). The price: a long request (a 10 MB batch) delays the other connections of
-//! its thread rather than being worked around; connections are long-lived behind a load
+//! Why not tokio's multi-threaded runtime: a request costs so little (tens of µs for one
+//! event) that the runtime's sharing between workers (stealing tasks, waking a sleeping
+//! worker for new ones, a request read on one core and answered on another) was a large part
+//! of it. With one runtime per thread a connection's requests stay on the thread that reads
+//! them (A/B, see BENCHMARKS.md: 5–14 % less CPU per single-event request, a quarter less per
+//! 100-event batch). The price: a long request (a 10 MB batch) delays the other connections
+//! of its thread rather than being worked around; connections are long-lived behind a load
 //! balancer, so dealing them out in turn keeps the threads evenly loaded.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
