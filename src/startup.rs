@@ -264,7 +264,15 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, threads = self.http_threads, "listening");
-        crate::serve::serve(self.listener, self.routes, self.http_threads, shutdown).await?;
+        // Should the server fail, what the logs hold is still drained before the error returns.
+        let served = crate::serve::serve(self.listener, self.routes, self.http_threads, shutdown)
+            .await
+            .inspect_err(|err| {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "the HTTP server failed; draining the logs"
+                )
+            });
         self.key_refresh.abort();
         if let Some(task) = &self.rollup_refresh {
             task.abort();
@@ -289,6 +297,7 @@ impl Application {
         if let Some(engine) = self.engine {
             engine.stop().await;
         }
+        served?;
         tracing::info!("stopped");
         Ok(())
     }
