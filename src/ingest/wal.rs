@@ -195,7 +195,7 @@ pub fn open(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Wal> {
     fs::create_dir_all(dir).with_context(|| format!("creating WAL dir {}", dir.display()))?;
-    remove_unfinished_segments(dir)?;
+    keep_unfinished_segments_as_spares(dir)?;
     let segments = list_segments(dir)?;
     let checkpoint = read_checkpoint(dir);
     // Without a checkpoint the numbering may start again below the spares' old records.
@@ -817,8 +817,10 @@ fn prepare_segment(dir: &Path, id: u64, size: u64) -> PreparedSegment {
     }
 }
 
+const UNFINISHED: &str = ".wal.tmp";
+
 fn unfinished_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:020}.wal.tmp"))
+    dir.join(format!("{id:020}{UNFINISHED}"))
 }
 
 /// Makes `<id>.wal.tmp` ready for records, `size` bytes long: from
@@ -895,11 +897,18 @@ fn finish_segment(dir: &Path, id: u64, file: File) -> io::Result<File> {
     Ok(file)
 }
 
-/// Segments whose preparation a crash interrupted hold no records.
-fn remove_unfinished_segments(dir: &Path) -> anyhow::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.to_string_lossy().ends_with(".wal.tmp") {
+/// A segment prepared and not yet used (the one a stop leaves ready, or one whose preparation
+/// a crash interrupted) holds no record still to be shipped: it becomes a spare while there
+/// are fewer than [`MAX_SPARES`] (and then goes the way of spares: reused, or deleted when
+/// unused for long or when the log starts without a checkpoint), so a restart does not
+/// zero-fill a new segment while a prepared one is thrown away.
+fn keep_unfinished_segments_as_spares(dir: &Path) -> anyhow::Result<()> {
+    let mut spares = list_ids(dir, SPARE)?.len();
+    for id in list_ids(dir, UNFINISHED)? {
+        let path = unfinished_path(dir, id);
+        if spares < MAX_SPARES && fs::rename(&path, spare_path(dir, id)).is_ok() {
+            spares += 1;
+        } else {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
@@ -1306,6 +1315,46 @@ mod tests {
                 .tail,
             Tail::Clean
         );
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_the_segment_prepared_ahead_as_a_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = sixty_records(dir.path()).await;
+        checkpoint(dir.path(), *wal.durable.borrow()).unwrap();
+        // Fewer spares than allowed: one is reused for the next segment at the restart.
+        let spares = list_ids(dir.path(), SPARE).unwrap();
+        fs::remove_file(spare_path(dir.path(), spares[0])).unwrap();
+        close(wal);
+        let prepared = list_ids(dir.path(), UNFINISHED).unwrap();
+        assert_eq!(prepared.len(), 1, "a stop leaves the next segment prepared");
+        // Marked where no record of this test reaches, so it can be found again.
+        let mark = b"prepared ahead";
+        writable(&unfinished_path(dir.path(), prepared[0]))
+            .write_all_at(mark, 4096 - mark.len() as u64)
+            .unwrap();
+
+        // Started and stopped: the segment prepared ahead meanwhile is ready (reusing a
+        // spare zeroes its first header only).
+        close(open_at(dir.path(), 4096, u64::MAX));
+        let marked: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|path| fs::read(path).unwrap().ends_with(mark))
+            .collect();
+        assert_eq!(marked.len(), 1, "the prepared segment was thrown away");
+        // Used like any spare: records written across it read back.
+        let wal = open_at(dir.path(), 4096, u64::MAX);
+        for i in 0..40u8 {
+            wal.handle.append(vec![i; 200], 1).await.unwrap();
+        }
+        let records = read_all(dir.path(), wal.start, *wal.durable.borrow());
+        let payloads: Vec<u8> = records.iter().map(|(_, p)| p[0]).collect();
+        assert_eq!(
+            &payloads[payloads.len() - 40..],
+            (0..40).collect::<Vec<u8>>()
+        );
+        close(wal);
     }
 
     #[tokio::test]
