@@ -124,7 +124,7 @@ async fn read(
         return Err(ReadError::TooLarge { limit });
     }
     if gzip {
-        raw = gunzip(&raw, limit)?;
+        raw = crate::serve::cpu_bound(raw.len(), move || gunzip(&raw, limit)).await?;
     }
     let text = String::from_utf8(raw).map_err(|e| ReadError::NotUtf8 {
         offset: e.utf8_error().valid_up_to(),

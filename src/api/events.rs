@@ -168,7 +168,7 @@ impl EventsApi {
             .ingest
             .ingest(
                 &key.key.tenant,
-                &text,
+                text,
                 format,
                 wait,
                 Some(&key.limiter.events),

@@ -71,7 +71,7 @@ impl Ingest {
     pub async fn ingest(
         &self,
         tenant: &str,
-        body: &str,
+        body: String,
         format: BodyFormat,
         wait: bool,
         events_limit: Option<&TokenBucket>,
@@ -81,8 +81,12 @@ impl Ingest {
             max_future_ms: self.max_future_skew.as_millis() as i64,
             retention_ms: self.retention.as_millis() as i64,
         };
-        let sorted = parse::sort_events(body, format, &self.limits, &rules, tenant)
-            .map_err(IngestError::Body)?;
+        let (limits, owner) = (self.limits, tenant.to_owned());
+        let sorted = crate::serve::cpu_bound(body.len(), move || {
+            parse::sort_events(&body, format, &limits, &rules, &owner)
+        })
+        .await
+        .map_err(IngestError::Body)?;
         for rejection in &sorted.rejected {
             self.metrics.rejected(rejection.reason);
         }
