@@ -6,7 +6,7 @@
 # fixed-rate cases use oha only (wrk has no fixed rate, and oha corrects for coordinated
 # omission).
 #
-#   benches/ingest.sh            # full run (~3 minutes)
+#   benches/ingest.sh            # full run (~4 minutes)
 #   DURATION=5s benches/ingest.sh
 #   ENGINE_NICE=19 benches/ingest.sh   # the local ClickHouse at the lowest CPU priority
 #   CONNS=64 benches/ingest.sh         # fewer connections (default 128)
@@ -48,6 +48,7 @@ def ev():
             "browser": "Chrome", "cost_micros": 2500, "attributes": {"placement": "top"}}
 open(f"{tmp}/one.json", "w").write(json.dumps(ev()))
 open(f"{tmp}/batch.json", "w").write(json.dumps([ev() for _ in range(100)]))
+open(f"{tmp}/big.json", "w").write(json.dumps([ev() for _ in range(10000)]))
 PY
 echo "single event body: $(wc -c < "$tmp/one.json") bytes; batch body: $(wc -c < "$tmp/batch.json") bytes"
 
@@ -120,9 +121,9 @@ print("-" if bound is None else f"<={bound * 1000:g}")
 PY
 }
 
-run() { # name server-pid url body extra-args...
+run() { # name server-pid url body extra-args...  (BUSY=1: do not wait for a quiet machine)
     local name=$1 pid=$2 url=$3 body=$4; shift 4
-    drained
+    [ "${BUSY:-0}" = 1 ] || drained
     rss_reset
     local before; before=$(cpu_ticks "$pid")
     server_histogram > "$tmp/hist-before"
@@ -191,6 +192,23 @@ run bare-batch100       "$bare_pid" "$bare" "$tmp/batch.json" -z "$DURATION" -c 
 run app-batch100        "$app_pid"  "$app"  "$tmp/batch.json" -z "$DURATION" -c 16
 run app-single-20k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 20000 --latency-correction
 run app-single-10k-rate "$app_pid"  "$app"  "$tmp/one.json"   -z "$DURATION" -c "$CONNS" -q 10000 --latency-correction
+# Small requests beside large ones: 5,000 single events/s while wrk posts 10,000-event
+# batches (3.7 MB) over 2 connections without pause. What it shows: a large body does not
+# hold up the other connections of its request thread (it is parsed off that thread).
+cat > "$tmp/big.lua" <<LUA
+wrk.method = "POST"
+local f = io.open("$tmp/big.json"); wrk.body = f:read("*a"); f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+LUA
+drained
+# (DURATION in seconds, e.g. 10s: wrk runs 2 s longer than oha.)
+wrk -t1 -c2 -d "$(( ${DURATION%s} + 2 ))s" -s "$tmp/big.lua" "$app" > "$OUT/big-batches-beside.txt" &
+big_wrk=$!
+sleep 1
+BUSY=1 run app-single-5k-beside-big-batches "$app_pid" "$app" "$tmp/one.json" -z "$DURATION" -c "$CONNS" -q 5000 --latency-correction
+wait "$big_wrk"
+echo "(10,000-event batches alongside: $(awk '/Requests\/sec/ {print $2}' "$OUT/big-batches-beside.txt") req/s, $(awk '/Non-2xx/ {n = $NF} END {print n + 0}' "$OUT/big-batches-beside.txt") non-2xx; this case's service p99, CPU and RSS include them)"
 UNIQUE=1 run_wrk app-single-wrk-unique   "$app_pid" "$app" "$tmp/one.json"
 UNIQUE=1 run_wrk app-batch100-wrk-unique "$app_pid" "$app" "$tmp/batch.json" 16
 # How fast the backlog the last case left goes into ClickHouse (the shipper alone, on a quiet
