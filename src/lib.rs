@@ -1,8 +1,8 @@
 //! adtrack: ad-event ingestion and analytics over ClickHouse.
 //!
-//! `startup` wires the pieces; `serve` runs the request threads; `api` is HTTP; `domain` is what a valid event is; `ingest` is
-//! the durable write path (write-ahead log → batches → ClickHouse); `clickhouse` holds the
-//! schema and row format.
+//! `startup` wires the pieces; `serve` runs the request threads; `api` is HTTP; `domain` is
+//! what a valid event is; `ingest` is the durable write path (write-ahead log → batches →
+//! ClickHouse); `clickhouse` holds the schema and row format.
 
 pub mod analytics;
 pub mod api;
