@@ -49,6 +49,9 @@ pub async fn cpu_bound<T: Send + 'static>(
     }
 }
 
+/// Threads of each request thread's blocking pool, where large bodies are parsed.
+const BLOCKING_THREADS: usize = 2;
+
 /// A connection accepted on the main runtime, not yet registered with any reactor.
 type Accepted = (std::net::TcpStream, SocketAddr);
 
@@ -153,6 +156,10 @@ impl<E: Endpoint + 'static> RequestThread<E> {
         } = self;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // Only large bodies go to the blocking pool ([`cpu_bound`]): a few at a time per
+            // request thread keep the cores busy, and more would only hold more of them in
+            // memory at once (each parse adds about half its body in rows).
+            .max_blocking_threads(BLOCKING_THREADS)
             .build()
             .context("starting a request thread's runtime")?;
         let stopped = async move {
