@@ -8,11 +8,11 @@ SHELL := /bin/bash
 CARGO ?= cargo
 VENV  := .venv
 
-.PHONY: run test test-rust test-python deps lint fmt bench-ingest bench-analytics clean-data
+.PHONY: run test test-python deps deps-engine lint fmt bench-ingest bench-analytics clean-data
 
 # Without ADTRACK_ADMIN_KEY, a bootstrap admin key is made once and kept in data/admin-key;
 # `scripts/dev-key` uses it to create a tenant and an API key.
-run: deps
+run: deps-engine
 	@mkdir -p data && [ -s data/admin-key ] || python3 -c 'import secrets; print(secrets.token_hex(32))' > data/admin-key
 	@echo "bootstrap admin key: $${ADTRACK_ADMIN_KEY:-$$(cat data/admin-key)} (create an API key: scripts/dev-key)"
 	ADTRACK_ADMIN_KEY="$${ADTRACK_ADMIN_KEY:-$$(cat data/admin-key)}" $(CARGO) run --release --bin adtrack
@@ -25,9 +25,13 @@ test-python: deps
 	scripts/local-clickhouse --pytest -q
 	@if [ -d tests/infra ]; then $(VENV)/bin/python -m pip install -q -r tests/infra/requirements.txt && $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/infra; fi
 
-# System packages and the local ClickHouse's virtualenv (idempotent, quick when present).
+# System packages, the local ClickHouse's virtualenv and newman (idempotent, quick when present).
 deps:
 	@scripts/install-deps
+
+# Only the local ClickHouse's virtualenv (what `make run` needs).
+deps-engine:
+	@scripts/local-clickhouse --install-only
 
 lint:
 	$(CARGO) fmt --check

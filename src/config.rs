@@ -351,7 +351,7 @@ impl Settings {
                 )? as usize
                     * (1 << 20),
             },
-            log_level: parse("LOG_LEVEL", "info")?,
+            log_level: log_filter(parse("LOG_LEVEL", "info")?)?,
             log_json: match parse("ADTRACK_LOG_FORMAT", "text")?.as_str() {
                 "text" => false,
                 "json" => true,
@@ -420,6 +420,21 @@ fn default_instance_id() -> String {
         .unwrap_or_else(|| "adtrack".into());
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}", &suffix[..8])
+}
+
+/// `LOG_LEVEL`: a level, or a `tracing` filter whose directives each name a level
+/// (`adtrack=debug,info`). A bare word that is not a level (`verbose`, `warning`) would be
+/// taken for a target name and silence every log line, so it is refused.
+fn log_filter(value: String) -> anyhow::Result<String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let not_level =
+        |d: &&str| !d.contains(['=', '[']) && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d));
+    if let Some(word) = value.split(',').map(str::trim).find(not_level) {
+        bail!("LOG_LEVEL={value:?}: {word:?} is not a level (off, error, warn, info, debug, trace) nor a directive like `adtrack=debug`");
+    }
+    tracing_subscriber::EnvFilter::try_new(&value)
+        .with_context(|| format!("LOG_LEVEL={value:?} is not a valid filter"))?;
+    Ok(value)
 }
 
 /// A plain ClickHouse identifier, safe to splice into DDL.
@@ -562,6 +577,17 @@ mod tests {
         for bad in ["0", "-1", "two", "5000"] {
             let err = settings(&[("ADTRACK_HTTP_THREADS", bad)]).unwrap_err();
             assert!(err.to_string().contains("ADTRACK_HTTP_THREADS"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_log_level_must_name_a_level() {
+        for good in ["info", "WARN", "adtrack=debug,info", "off"] {
+            assert_eq!(settings(&[("LOG_LEVEL", good)]).unwrap().log_level, good);
+        }
+        for bad in ["verbose", "warning", "info,loud", "adtrack=loud"] {
+            let err = settings(&[("LOG_LEVEL", bad)]).unwrap_err();
+            assert!(err.to_string().contains("LOG_LEVEL"), "{bad}: {err}");
         }
     }
 

@@ -42,9 +42,10 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// The request is not valid; `field` names the parameter or body field.
     #[oai(status = 400)]
     BadRequest(Json<QueryErrorBody>),
-    /// The key may not act on this tenant (`forbidden_tenant`), only the bootstrap admin key
-    /// may do this (`operator_only`), or a tenant's admin key asked for rate limits above the
-    /// deployment's defaults (`forbidden_rate_limit`).
+    /// The key lacks the `admin` scope (`insufficient_scope`), may not act on this tenant
+    /// (`forbidden_tenant`), only the bootstrap admin key may do this (`operator_only`), or a
+    /// tenant's admin key asked for rate limits above the deployment's defaults
+    /// (`forbidden_rate_limit`).
     #[oai(status = 403)]
     Forbidden(Json<QueryErrorBody>),
     /// No such tenant or key (for this tenant).

@@ -89,7 +89,7 @@ fn document_guard(op: &mut MetaOperation) {
             headers: vec![],
         },
         MetaResponse {
-            description: "The key lacks the scope this operation needs (`insufficient_scope`), or may not act on the tenant named (`forbidden_tenant`).",
+            description: "The key lacks the scope this operation needs (`insufficient_scope`).",
             status: Some(403),
             status_range: None,
             content: json(),
