@@ -117,7 +117,8 @@ impl Bounds {
     }
 }
 
-/// One event of `tenant` by id.
+/// One event of `tenant` by id: the one received last, should the id have been sent with
+/// another type, campaign or hour too (which makes another event).
 pub fn get(tenant: &str, event_id: &Uuid) -> Sql {
     let mut sql = Sql::new();
     let filter = where_clause(&mut sql, tenant, None, &[]);
@@ -128,7 +129,7 @@ pub fn get(tenant: &str, event_id: &Uuid) -> Sql {
         .push_expr(&filter)
         .push(" AND event_id = ")
         .push_expr(&id)
-        .push(" LIMIT 1");
+        .push(" ORDER BY received_at DESC LIMIT 1");
     sql
 }
 

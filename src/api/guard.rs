@@ -84,7 +84,12 @@ pub async fn check(auth: &Auth, req: &Request, access: Access) -> Checked {
             outcome: Ok(None),
         };
     }
-    let principal = match auth.authenticate(req.header(header::AUTHORIZATION)).await {
+    // A header that is not visible ASCII holds no key of ours: invalid, not missing.
+    let authenticated = match req.headers().get(header::AUTHORIZATION).map(|v| v.to_str()) {
+        Some(Err(_)) => Err(AuthError::Invalid),
+        presented => auth.authenticate(presented.and_then(Result::ok)).await,
+    };
+    let principal = match authenticated {
         Ok(p) => p,
         Err(err) => {
             return Checked {

@@ -66,7 +66,7 @@ pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Rou
     )
     .description(
         "Ad-event ingestion and analytics. `202 Accepted` means durable on disk; \
-         re-sent events (same `event_id`) never count twice.\n\n\
+         a re-sent event (same `event_id`, type, campaign and hour) never counts twice.\n\n\
          Every `/v1` request needs `Authorization: Bearer <key>`. A key belongs to one tenant \
          and has scopes: `ingest` (POST /v1/events), `read` (stats and raw events), `admin` \
          (its tenant's keys, usage, and user-data deletion). Missing or invalid key: 401; \

@@ -26,12 +26,15 @@ pub enum DeviceDoc {
     Other,
 }
 
-/// An ad event. Unknown fields are rejected (put custom data in `attributes`).
+/// An ad event: a JSON object of at most 16 KB as sent (`ADTRACK_MAX_EVENT_BYTES`; whitespace
+/// and escapes count). Unknown fields are rejected (put custom data in `attributes`); a field
+/// given twice, or an attribute key given twice, is an error.
 #[derive(Debug, Clone, Object)]
 #[oai(rename = "Event", deny_unknown_fields)]
 pub struct EventDoc {
-    /// Unique id of the event, chosen by the client: the idempotency key. Re-sending an event
-    /// with the same id (and the same other fields) never counts it twice.
+    /// Unique id of the event, chosen by the client: the idempotency key, together with
+    /// `event_type`, `campaign_id` and the hour of `timestamp`. Re-sending an event (a copy
+    /// that agrees on these) never counts it twice; the copy received last is kept.
     pub event_id: uuid::Uuid,
     pub event_type: EventTypeDoc,
     /// When the event happened, by the client's clock (RFC 3339 with a zone). At most 5
@@ -64,9 +67,12 @@ pub struct EventDoc {
     pub os: Option<String>,
     #[oai(validator(max_length = 32))]
     pub browser: Option<String>,
-    /// Cost in micro-units of currency (1 USD = 1,000,000).
+    /// Cost in micro-units of currency (1 USD = 1,000,000); at most one million units of
+    /// currency per event, so that sums stay exact.
+    #[oai(validator(maximum(value = "1000000000000")))]
     pub cost_micros: Option<u64>,
-    /// Revenue in micro-units of currency.
+    /// Revenue in micro-units of currency; the same limit.
+    #[oai(validator(maximum(value = "1000000000000")))]
     pub revenue_micros: Option<u64>,
     /// Free-form string pairs: at most 32 keys, keys 1–64 characters, values at most 256.
     #[oai(validator(max_properties = 32))]

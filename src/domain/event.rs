@@ -5,11 +5,15 @@
 //! say precisely which field is wrong and why. Field rules are `garde` attributes; time rules
 //! need the server clock and live in [`WireEvent::into_valid`].
 
-use std::{borrow::Cow, collections::BTreeMap};
+use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use chrono::{DateTime, Utc};
 use garde::Validate;
-use serde::{Deserialize, Serialize};
+use serde::{
+    de::{MapAccess, Visitor},
+    Deserialize, Deserializer, Serialize,
+};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::country::is_country_code;
@@ -80,6 +84,11 @@ impl Device {
     }
 }
 
+/// The most `cost_micros` or `revenue_micros` one event may carry: one million units of
+/// currency. Figures sum them in 64 bits, which this keeps exact up to 18 million events at
+/// the limit (and far beyond with real amounts).
+pub const MAX_MICROS: u64 = 1_000_000_000_000;
+
 pub const MAX_ATTRIBUTES: usize = 32;
 pub const MAX_ATTRIBUTE_KEY: usize = 64;
 pub const MAX_ATTRIBUTE_VALUE: usize = 256;
@@ -126,10 +135,10 @@ pub struct WireEvent<'a> {
     #[garde(inner(length(chars, max = 32)))]
     #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub browser: Option<Cow<'a, str>>,
-    #[garde(skip)]
+    #[garde(inner(custom(amount_fits)))]
     #[serde(default)]
     pub cost_micros: Option<u64>,
-    #[garde(skip)]
+    #[garde(inner(custom(amount_fits)))]
     #[serde(default)]
     pub revenue_micros: Option<u64>,
     #[garde(inner(custom(attributes_fit)))]
@@ -160,6 +169,16 @@ fn country_code(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
         Err(garde::Error::new(
             "must be an ISO 3166-1 alpha-2 code in upper case, e.g. US",
         ))
+    }
+}
+
+fn amount_fits(micros: &u64, _ctx: &()) -> garde::Result {
+    if *micros <= MAX_MICROS {
+        Ok(())
+    } else {
+        Err(garde::Error::new(format!(
+            "is {micros}; at most {MAX_MICROS} (one million units of currency) allowed"
+        )))
     }
 }
 
@@ -277,10 +296,15 @@ impl<'a> WireEvent<'a> {
 /// it uses `Cow`'s own impl, which always copies: an allocation (and a free) per optional
 /// field and per attribute key and value.
 mod borrowed {
-    use std::{borrow::Cow, collections::BTreeMap, fmt, marker::PhantomData};
+    use std::{
+        borrow::Cow,
+        collections::{btree_map::Entry, BTreeMap},
+        fmt,
+        marker::PhantomData,
+    };
 
     use serde::{
-        de::{MapAccess, Visitor},
+        de::{Error, MapAccess, Visitor},
         Deserialize, Deserializer,
     };
 
@@ -312,7 +336,18 @@ mod borrowed {
                 fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Map<'a>, A::Error> {
                     let mut map = BTreeMap::new();
                     while let Some((key, value)) = entries.next_entry::<Text<'a>, Text<'a>>()? {
-                        map.insert(key.0, value.0);
+                        // A repeated key would otherwise keep only its last value, unseen.
+                        match map.entry(key.0) {
+                            Entry::Occupied(taken) => {
+                                return Err(A::Error::custom(format!(
+                                    "has the key {:?} more than once",
+                                    taken.key()
+                                )))
+                            }
+                            Entry::Vacant(free) => {
+                                free.insert(value.0);
+                            }
+                        }
                     }
                     Ok(map)
                 }
@@ -417,55 +452,152 @@ mod time {
     }
 }
 
-/// Explains why a JSON value is not a valid event, naming the field. Used only on the slow
-/// path, after the fast typed parse failed.
-pub fn explain_parse_error(raw: &str) -> FieldError {
-    let mut de = serde_json::Deserializer::from_str(raw);
-    let err = match serde_path_to_error::deserialize::<_, WireEvent<'_>>(&mut de) {
-        Ok(_) => return FieldError::new("", "is not a valid event"),
-        Err(err) => err,
+/// Explains why a JSON value is not a valid event: every field that is missing, unknown,
+/// given twice or of the wrong type. Used only on the slow path, after the typed parse failed.
+pub fn explain_parse_error(raw: &str) -> Vec<FieldError> {
+    let fields = match fields_of(raw) {
+        Ok(fields) => fields,
+        Err(error) => return vec![error],
     };
-    let path = err.path().to_string();
-    let inner = err.into_inner();
-    let text = inner.to_string();
-    let text = text.split(" at line ").next().unwrap_or(&text).to_string();
-
-    if let Some(name) = between(&text, "missing field `", "`") {
-        return FieldError::new(name, "is required");
-    }
-    if let Some(name) = between(&text, "unknown field `", "`") {
-        return FieldError::new(
-            name,
-            "is not a known event field (put custom data in `attributes`)",
-        );
-    }
-    if inner.is_syntax() || inner.is_eof() || path == "." {
-        if text.starts_with("invalid type") {
-            return FieldError::new("", "must be a JSON object");
+    let mut errors = Vec::new();
+    let mut seen: Vec<&str> = Vec::with_capacity(fields.len());
+    for (name, value) in &fields {
+        if seen.contains(&name.as_str()) {
+            errors.push(FieldError::new(name, "is given more than once"));
+            continue;
         }
-        return FieldError::new("", format!("is not valid JSON: {text}"));
+        seen.push(name);
+        let problem = match field_problem(name, value.get()) {
+            Some(problem) => problem,
+            None => {
+                Some("is not a known event field (put custom data in `attributes`)".to_string())
+            }
+        };
+        if let Some(message) = problem {
+            errors.push(FieldError::new(name, message));
+        }
     }
-    let field = path.split('.').next().unwrap_or(&path).to_string();
-    let message = match field.as_str() {
-        "event_id" => "must be a UUID, e.g. 0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d".to_string(),
-        "event_type" => "must be one of impression, click, conversion".to_string(),
-        "timestamp" | "sent_at" => {
-            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T12:00:00.000Z".to_string()
+    for name in REQUIRED {
+        if !seen.contains(&name) {
+            errors.push(FieldError::new(name, "is required"));
         }
-        "device" => "must be one of desktop, mobile, tablet, ctv, other".to_string(),
-        "cost_micros" | "revenue_micros" => {
-            "must be a non-negative integer (micro-units of currency)".to_string()
-        }
-        "attributes" => "must be an object of string keys to string values".to_string(),
-        _ => format!("has the wrong type: {text}"),
-    };
-    FieldError::new(field, message)
+    }
+    if errors.is_empty() {
+        errors.push(FieldError::new("", "is not a valid event"));
+    }
+    errors
 }
 
-fn between<'t>(text: &'t str, start: &str, end: &str) -> Option<&'t str> {
-    let from = text.find(start)? + start.len();
-    let len = text[from..].find(end)?;
-    Some(&text[from..from + len])
+const REQUIRED: [&str; 6] = [
+    "event_id",
+    "event_type",
+    "timestamp",
+    "campaign_id",
+    "ad_id",
+    "publisher_id",
+];
+
+/// The object's fields in order, repeats included, each value as raw JSON; or why `raw` is not
+/// a JSON object (naming the field whose value is not valid JSON, when there is one).
+fn fields_of(raw: &str) -> Result<Vec<(String, Box<RawValue>)>, FieldError> {
+    struct Fields<'k>(&'k std::cell::RefCell<String>);
+
+    impl<'de> Visitor<'de> for Fields<'_> {
+        type Value = Vec<(String, Box<RawValue>)>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Vec::new();
+            while let Some(name) = map.next_key::<String>()? {
+                self.0.replace(name.clone());
+                fields.push((name, map.next_value()?));
+            }
+            Ok(fields)
+        }
+    }
+
+    let current = std::cell::RefCell::new(String::new());
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let fields = de
+        .deserialize_map(Fields(&current))
+        .and_then(|fields| de.end().map(|()| fields));
+    fields.map_err(|err| {
+        if err.is_data() {
+            return FieldError::new("", "must be a JSON object");
+        }
+        let text = err.to_string();
+        let text = text.split(" at line ").next().unwrap_or(&text).to_string();
+        FieldError::new(current.take(), format!("is not valid JSON: {text}"))
+    })
+}
+
+/// What is wrong with the value of event field `name` (`Some(None)`: nothing), or `None`
+/// when there is no such field. Reads the value as the typed parse does.
+fn field_problem(name: &str, value: &str) -> Option<Option<String>> {
+    fn fails<T: for<'de> Deserialize<'de>>(value: &str) -> bool {
+        serde_json::from_str::<T>(value).is_err()
+    }
+    fn time_fails(value: &str, optional: bool) -> bool {
+        let mut de = serde_json::Deserializer::from_str(value);
+        match optional {
+            true => time::optional(&mut de).is_err(),
+            false => time::required(&mut de).is_err(),
+        }
+    }
+    let (failed, message) = match name {
+        "event_id" => (
+            fails::<Uuid>(value),
+            "must be a UUID, e.g. 0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d",
+        ),
+        "event_type" => (
+            fails::<EventType>(value),
+            "must be one of impression, click, conversion",
+        ),
+        "timestamp" | "sent_at" => (
+            time_fails(value, name == "sent_at"),
+            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T12:00:00.000Z",
+        ),
+        "campaign_id" | "ad_id" | "publisher_id" | "advertiser_id" | "user_id" | "country"
+        | "os" | "browser" => {
+            let required = REQUIRED.contains(&name);
+            return Some(match serde_json::from_str::<Option<String>>(value) {
+                Ok(Some(_)) => None,
+                Ok(None) if !required => None,
+                // A string with a broken escape (a lone surrogate, say).
+                Err(err) if value.starts_with('"') => {
+                    let text = err.to_string();
+                    let text = text.split(" at line ").next().unwrap_or(&text);
+                    Some(format!("is not a valid JSON string: {text}"))
+                }
+                _ => Some("must be a string".to_string()),
+            });
+        }
+        "device" => (
+            fails::<Option<Device>>(value),
+            "must be one of desktop, mobile, tablet, ctv, other",
+        ),
+        "cost_micros" | "revenue_micros" => (
+            fails::<Option<u64>>(value),
+            "must be a non-negative integer (micro-units of currency)",
+        ),
+        "attributes" => {
+            let mut de = serde_json::Deserializer::from_str(value);
+            return Some(borrowed::map(&mut de).err().map(|err| {
+                let text = err.to_string();
+                match text.split(" at line ").next() {
+                    Some(duplicate) if duplicate.starts_with("has the key") => {
+                        duplicate.to_string()
+                    }
+                    _ => "must be an object of string keys to string values".to_string(),
+                }
+            }));
+        }
+        _ => return None,
+    };
+    Some(failed.then(|| message.to_string()))
 }
 
 #[cfg(test)]
@@ -499,7 +631,7 @@ mod tests {
     fn check(json: &str) -> Result<ValidEvent<'_>, Vec<FieldError>> {
         match serde_json::from_str::<WireEvent>(json) {
             Ok(event) => event.into_valid(&rules()),
-            Err(_) => Err(vec![explain_parse_error(json)]),
+            Err(_) => Err(explain_parse_error(json)),
         }
     }
 
@@ -559,16 +691,27 @@ mod tests {
     }
 
     #[test]
-    fn missing_and_unknown_fields_are_named() {
+    fn every_missing_and_unknown_field_is_named() {
         let json = r#"{"event_id":"0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d","event_type":"click"}"#;
-        let err = explain_parse_error(json);
-        assert_eq!(err.message, "is required");
-        assert!(["timestamp", "campaign_id", "ad_id", "publisher_id"].contains(&err.field.as_str()));
+        let errors = explain_parse_error(json);
+        let named: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("timestamp", "is required"),
+                ("campaign_id", "is required"),
+                ("ad_id", "is required"),
+                ("publisher_id", "is required")
+            ]
+        );
         assert_eq!(fields(&event_json(r#","campain":"x""#)), vec!["campain"]);
     }
 
     #[test]
-    fn wrong_types_name_the_field() {
+    fn every_wrong_type_names_its_field() {
         assert_eq!(
             fields(&event_json(r#","cost_micros":-5"#)),
             vec!["cost_micros"]
@@ -576,6 +719,70 @@ mod tests {
         assert_eq!(fields(&event_json(r#","device":"fridge""#)), vec!["device"]);
         let bad_uuid = event_json("").replace("0b8a1d2e-4f6c", "nope");
         assert_eq!(fields(&bad_uuid), vec!["event_id"]);
+        // Not one at a time: every field that is wrong, whatever its JSON type.
+        let json = event_json(r#","os":5,"device":null,"user_id":[],"revenue_micros":1.5"#)
+            .replace(r#""event_type":"click""#, r#""event_type":null"#)
+            .replace(r#""ad_id":"a1""#, r#""ad_id":{}"#);
+        let errors = check(&json).unwrap_err();
+        let mut named: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        named.sort();
+        assert_eq!(
+            named,
+            ["ad_id", "event_type", "os", "revenue_micros", "user_id"]
+        );
+        let event_type = errors.iter().find(|e| e.field == "event_type").unwrap();
+        assert_eq!(
+            event_type.message,
+            "must be one of impression, click, conversion"
+        );
+    }
+
+    #[test]
+    fn a_field_given_twice_is_named() {
+        let json = event_json(r#","campaign_id":"c2""#);
+        let errors = check(&json).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            (errors[0].field.as_str(), errors[0].message.as_str()),
+            ("campaign_id", "is given more than once")
+        );
+        let json = event_json(r#","attributes":{"k":"1","k":"2"}"#);
+        let errors = check(&json).unwrap_err();
+        assert_eq!(errors[0].field, "attributes");
+        assert_eq!(errors[0].message, r#"has the key "k" more than once"#);
+    }
+
+    #[test]
+    fn json_that_is_not_an_object_or_not_json_is_explained() {
+        let errors = explain_parse_error(r#"["0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d","click"]"#);
+        assert_eq!(errors[0].message, "must be a JSON object");
+        let errors = explain_parse_error(r#"{"user_id":"\ud800","cost_micros":1e400}"#);
+        assert_eq!(errors[0].field, "user_id", "{errors:?}");
+        assert!(
+            errors[0].message.starts_with("is not a valid JSON string"),
+            "{errors:?}"
+        );
+        assert_eq!(errors[1].field, "cost_micros", "{errors:?}");
+        let errors = explain_parse_error(r#"{"user_id":"u1","os":"#);
+        assert_eq!(errors[0].field, "os", "{errors:?}");
+        assert!(
+            errors[0].message.starts_with("is not valid JSON"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn amounts_are_capped_so_that_sums_stay_exact() {
+        let at_cap = event_json(&format!(
+            r#","cost_micros":{MAX_MICROS},"revenue_micros":0"#
+        ));
+        assert!(check(&at_cap).is_ok());
+        let over = event_json(&format!(
+            r#","cost_micros":{},"revenue_micros":{}"#,
+            MAX_MICROS + 1,
+            u64::MAX
+        ));
+        assert_eq!(fields(&over), vec!["cost_micros", "revenue_micros"]);
     }
 
     #[test]

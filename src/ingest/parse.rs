@@ -200,6 +200,16 @@ impl Sorted {
             });
             return;
         }
+        if !raw.starts_with('{') {
+            // serde would read an array as the event's fields in order.
+            self.rejected.push(Rejection {
+                index,
+                event_id: None,
+                errors: vec![FieldError::new("", "must be a JSON object")],
+                reason: RejectReason::Invalid,
+            });
+            return;
+        }
         let parsed = match parsed {
             Some(event) => Ok(event),
             None => serde_json::from_str::<WireEvent<'a>>(raw),
@@ -211,7 +221,7 @@ impl Sorted {
                     .into_valid(rules)
                     .map_err(|errors| (Some(id.to_string()), errors))
             }
-            Err(_) => Err((event_id_of(raw), vec![explain_parse_error(raw)])),
+            Err(_) => Err((event_id_of(raw), explain_parse_error(raw))),
         };
         match checked {
             Ok(valid) => {
@@ -254,7 +264,8 @@ fn split<'a>(
         BodyFormat::Ndjson => body
             .lines()
             .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
+            // Blank lines are skipped; only JSON's whitespace is blank (not, say, a form feed).
+            .filter(|(_, line)| !line.trim_matches([' ', '\t', '\r']).is_empty())
             .map(
                 |(line_no, line)| match serde_json::from_str::<&RawValue>(line) {
                     Ok(raw) => Ok(raw.get()),
@@ -300,17 +311,23 @@ fn error_text(err: &serde_json::Error) -> String {
     }
 }
 
-/// The `event_id` of an event that failed, when it has a readable one.
+/// Characters of an unreadable `event_id` repeated in its rejection: a UUID takes 36 (45 as
+/// a URN), and a megabyte of junk need not come back whole.
+const ECHOED_ID_CHARS: usize = 64;
+
+/// The `event_id` of an event that failed, when it has a readable one (cut after
+/// [`ECHOED_ID_CHARS`] characters, marked with `…`).
 fn event_id_of(raw: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct IdOnly<'a> {
         #[serde(borrow, default)]
         event_id: Option<Cow<'a, str>>,
     }
-    serde_json::from_str::<IdOnly>(raw)
-        .ok()?
-        .event_id
-        .map(Cow::into_owned)
+    let id = serde_json::from_str::<IdOnly>(raw).ok()?.event_id?;
+    Some(match id.char_indices().nth(ECHOED_ID_CHARS) {
+        Some((cut, _)) => format!("{}…", &id[..cut]),
+        None => id.into_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -454,6 +471,55 @@ mod tests {
         assert_eq!(sorted.rejected.len(), 1);
         assert_eq!(sorted.rejected[0].index, 1);
         assert!(sorted.rejected[0].errors[0].message.contains("line 2"));
+    }
+
+    #[test]
+    fn an_event_written_as_an_array_is_rejected_alone() {
+        // serde reads an array as a struct's fields in order; the API takes objects only.
+        let positional = format!(
+            r#"["00000000-0000-4000-8000-000000000007","click","{}",null,"c","a","p",null,null,null,null,null,null,null,null,null]"#,
+            chrono::Utc::now().to_rfc3339()
+        );
+        let json = format!("[{},{positional}]", event(1));
+        let ndjson = format!("{}\n{positional}\n", event(1));
+        for (body, format) in [(json, BodyFormat::Json), (ndjson, BodyFormat::Ndjson)] {
+            let sorted = sort_events(&body, format, &LIMITS, &rules(), "t").unwrap();
+            assert_eq!(sorted.accepted, 1, "{format:?}");
+            assert_eq!(sorted.rejected[0].index, 1);
+            assert_eq!(
+                sorted.rejected[0].errors,
+                [FieldError::new("", "must be a JSON object")]
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_unreadable_id_is_echoed_cut_short() {
+        let long = "é".repeat(100_000);
+        let body = event(1).replace("00000000-0000-4000-8000-000000000001", &long);
+        let sorted = sort_events(&body, BodyFormat::Json, &LIMITS, &rules(), "t").unwrap();
+        let echoed = sorted.rejected[0].event_id.as_deref().unwrap();
+        assert_eq!(echoed, format!("{}…", "é".repeat(ECHOED_ID_CHARS)));
+        let body = event(1).replace("00000000-0000-4000-8000-000000000001", "not-a-uuid");
+        let sorted = sort_events(&body, BodyFormat::Json, &LIMITS, &rules(), "t").unwrap();
+        assert_eq!(sorted.rejected[0].event_id.as_deref(), Some("not-a-uuid"));
+    }
+
+    #[test]
+    fn only_json_whitespace_makes_an_ndjson_line_blank() {
+        let body = format!("{}\n \t\r\n\u{c}\n\u{a0}\n{}", event(1), event(2));
+        let limits = Limits {
+            max_events: 10,
+            ..LIMITS
+        };
+        let sorted = sort_events(&body, BodyFormat::Ndjson, &limits, &rules(), "t").unwrap();
+        assert_eq!(sorted.accepted, 2);
+        let lines: Vec<usize> = sorted.rejected.iter().map(|r| r.index).collect();
+        assert_eq!(
+            lines,
+            [1, 2],
+            "a form feed and a no-break space are not blank"
+        );
     }
 
     #[test]

@@ -1244,3 +1244,22 @@ async fn bad_usage_parameters_are_400_naming_the_parameter() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_key_header_that_is_not_ascii_is_invalid_not_missing() {
+    let app = spawn_app("auth_not_ascii").await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/events", app.base);
+    let latin1 = reqwest::header::HeaderValue::from_bytes(b"Bearer adt_\xe9t\xe9").unwrap();
+    let r = http.get(&url).header("authorization", latin1).send().await;
+    let r = Response::from(r.unwrap()).await;
+    assert_eq!(
+        (r.status, &r.json["error"]),
+        (401, &json!("invalid_api_key"))
+    );
+    let r = Response::from(http.get(&url).send().await.unwrap()).await;
+    assert_eq!(
+        (r.status, &r.json["error"]),
+        (401, &json!("missing_api_key"))
+    );
+}

@@ -12,6 +12,21 @@ fn ndjson(events: &[Value]) -> String {
         .join("\n")
 }
 
+/// Waits until ClickHouse holds as many events as `valid`, and checks they are those.
+async fn assert_only_these_stored(app: &TestApp, valid: &[Value]) {
+    let count = valid.len() as u64;
+    assert_eq!(app.wait_for_count(count).await, count);
+    let stored: Vec<String> = app
+        .db
+        .query("SELECT toString(event_id) AS id FROM events FINAL ORDER BY id")
+        .fetch_all()
+        .await
+        .unwrap();
+    let mut expected = ids_of(valid);
+    expected.sort();
+    assert_eq!(stored, expected, "only the valid events went in");
+}
+
 #[tokio::test]
 async fn a_single_event_is_accepted_and_reaches_clickhouse() {
     let app = spawn_app("single").await;
@@ -185,16 +200,7 @@ async fn a_partial_batch_accepts_the_valid_events_and_explains_the_others() {
         .unwrap()
         .contains("retention"));
 
-    assert_eq!(app.wait_for_count(3).await, 3);
-    let stored: Vec<String> = app
-        .db
-        .query("SELECT toString(event_id) AS id FROM events FINAL ORDER BY id")
-        .fetch_all()
-        .await
-        .unwrap();
-    let mut expected = ids_of(&good);
-    expected.sort();
-    assert_eq!(stored, expected);
+    assert_only_these_stored(&app, &good).await;
 }
 
 #[tokio::test]
@@ -209,6 +215,87 @@ async fn a_request_with_no_valid_event_is_422_with_the_same_body() {
     assert_eq!(r.json["accepted"], 0);
     assert_eq!(r.json["rejected"][0]["errors"][0]["field"], "country");
     assert_eq!(r.json["rejected"][1]["errors"][0]["field"], "cost_micros");
+}
+
+#[tokio::test]
+async fn every_wrong_field_is_named_and_only_objects_are_events() {
+    let app = spawn_app("every_field").await;
+    let good = events(2);
+    // Fields a typed parse would stop at one by one, all in one event.
+    let mut wrong = event();
+    wrong["event_type"] = Value::Null;
+    wrong["device"] = json!(1);
+    wrong["os"] = json!(5);
+    for field in ["ad_id", "publisher_id"] {
+        wrong.as_object_mut().unwrap().remove(field);
+    }
+    // Sums of amounts this large would wrap around.
+    let mut rich = event();
+    rich["cost_micros"] = json!(u64::MAX);
+    // The fields in order as an array: serde reads that as an event unless told not to.
+    let e = event();
+    let mut fields = vec![
+        e["event_id"].clone(),
+        e["event_type"].clone(),
+        e["timestamp"].clone(),
+    ];
+    fields.push(Value::Null);
+    fields.extend(["campaign_id", "ad_id", "publisher_id"].map(|f| e[f].clone()));
+    fields.extend(std::iter::repeat_n(Value::Null, 9));
+    // A repeated key (inexpressible as a `Value`): written by hand.
+    let repeated =
+        event()
+            .to_string()
+            .replacen('{', r#"{"attributes":{"slot":"top","slot":"side"},"#, 1);
+    let body = format!(
+        "[{},{wrong},{rich},{},{repeated},{}]",
+        good[0],
+        Value::Array(fields),
+        good[1]
+    );
+
+    let r = app.post(body, JSON).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.json["accepted"], 2, "{}", r.text);
+    let errors = |i: usize| -> Vec<(String, String)> {
+        r.json["rejected"][i]["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["field"].as_str().unwrap().into(),
+                    e["message"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let mut named: Vec<String> = errors(0).into_iter().map(|(field, _)| field).collect();
+    named.sort();
+    assert_eq!(
+        named,
+        ["ad_id", "device", "event_type", "os", "publisher_id"]
+    );
+    assert!(errors(0).contains(&(
+        "event_type".into(),
+        "must be one of impression, click, conversion".into()
+    )));
+    assert_eq!(errors(1)[0].0, "cost_micros");
+    assert!(errors(1)[0].1.contains("1000000000000"), "{:?}", errors(1));
+    assert_eq!(errors(2), [("".into(), "must be a JSON object".into())]);
+    assert_eq!(
+        errors(3),
+        [(
+            "attributes".into(),
+            r#"has the key "slot" more than once"#.into()
+        )]
+    );
+    let indexes: Vec<u64> = (0..4)
+        .map(|i| r.json["rejected"][i]["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, [1, 2, 3, 4]);
+
+    assert_only_these_stored(&app, &good).await;
 }
 
 #[tokio::test]

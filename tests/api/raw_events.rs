@@ -299,3 +299,23 @@ async fn the_export_holds_back_events_that_may_still_be_in_flight() {
     let (status, body) = get_query(&app, "/v1/events/export", &[("limit", "0".into())]).await;
     assert_eq!((status, body["field"].as_str()), (400, Some("limit")));
 }
+
+#[tokio::test]
+async fn an_id_sent_again_as_another_event_reads_as_the_last_one_received() {
+    let app = spawn_app("by_id_last").await;
+    let first = event();
+    let mut second = first.clone();
+    second["campaign_id"] = json!("camp-2");
+    for sent in [&first, &second] {
+        let r = app.post_and_wait(sent.to_string()).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let r = app
+        .get(&format!(
+            "/v1/events/{}",
+            first["event_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["campaign_id"], "camp-2", "{}", r.text);
+}
