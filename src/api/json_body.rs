@@ -109,6 +109,12 @@ async fn read<T: DeserializeOwned>(
 
 /// Parses a body, naming the JSON path of the first fault.
 fn parse<T: DeserializeOwned>(raw: &[u8]) -> Result<T, InvalidInput> {
+    // serde would read an array as the object's fields in order; every body here is an object.
+    if raw.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(whole_body(
+            "the body must be a JSON object, not an array".into(),
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(raw);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(fault)?;
     // Anything after the value (`{…} junk`, a second object) makes the body broken JSON too.
@@ -194,6 +200,9 @@ mod tests {
         assert_eq!(field(r#"{"name": 5}"#), "name");
         assert_eq!(field(r#"{"name": "a", "nmae": 1}"#), "nmae");
         assert_eq!(field("{}"), "name");
+        let array = parse::<Outer>(br#" ["a", []]"#).unwrap_err();
+        assert_eq!((array.field.as_str(), array.code), ("", "invalid_body"));
+        assert!(array.message.contains("not an array"), "{}", array.message);
         assert_eq!(field(r#"{"name": "a", "inner": [{}]}"#), "inner[0].n");
         assert!(parse::<Outer>(br#"{"name": "a"}"#).is_ok());
     }
