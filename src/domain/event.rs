@@ -511,11 +511,14 @@ fn fields_of(raw: &str) -> Result<Vec<(String, Box<RawValue>)>, FieldError> {
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut fields = Vec::new();
-            while let Some(name) = map.next_key::<String>()? {
+            loop {
+                self.0.take(); // while a name is read, no field is at fault yet
+                let Some(name) = map.next_key::<String>()? else {
+                    return Ok(fields);
+                };
                 self.0.replace(name.clone());
                 fields.push((name, map.next_value()?));
             }
-            Ok(fields)
         }
     }
 
@@ -765,6 +768,8 @@ mod tests {
         assert_eq!(errors[1].field, "cost_micros", "{errors:?}");
         let errors = explain_parse_error(r#"{"user_id":"u1","os":"#);
         assert_eq!(errors[0].field, "os", "{errors:?}");
+        let errors = explain_parse_error(r#"{"user_id":"u1","o"#);
+        assert_eq!(errors[0].field, "", "{errors:?}");
         assert!(
             errors[0].message.starts_with("is not valid JSON"),
             "{errors:?}"
