@@ -286,6 +286,8 @@ pub fn open(
         shared: shared.clone(),
         metrics,
         failed_until: 0,
+        #[cfg(test)]
+        fail_next_sync: false,
     };
     let thread = std::thread::Builder::new()
         .name("wal-writer".into())
@@ -323,6 +325,9 @@ struct LogWriter {
     /// since the last successful one). Its records may be on disk, numbered exactly like the
     /// ones written in their place, so the next group writes zeros over all of it.
     failed_until: u64,
+    /// Tests: the next fsync fails (after its write succeeded), as a failing disk's would.
+    #[cfg(test)]
+    fail_next_sync: bool,
 }
 
 impl LogWriter {
@@ -404,6 +409,10 @@ impl LogWriter {
                 return Ok(());
             }
             let started = Instant::now();
+            #[cfg(test)]
+            if std::mem::take(&mut self.fail_next_sync) {
+                return Err(io::Error::other("injected fsync failure"));
+            }
             let synced = self.file.sync_data();
             self.metrics.fsync_seconds.observe(started.elapsed());
             synced
@@ -1125,6 +1134,7 @@ mod tests {
             }),
             metrics: metrics(),
             failed_until: 0,
+            fail_next_sync: false,
         }
     }
 
@@ -1178,6 +1188,24 @@ mod tests {
         let scan = scan_segment(&path).unwrap();
         assert_eq!(scan.last_lsn, 2, "a record of the failed group was read");
         assert_eq!(scan.tail, Tail::Clean);
+    }
+
+    #[test]
+    fn a_group_whose_fsync_failed_is_cut_off_where_it_starts() {
+        // The disk took the group's write, then failed its fsync: the requests got an error,
+        // yet the records may well be on disk. The log must end before them, so that a crash
+        // now (before a later group writes over them) does not bring them back on recovery.
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer_on(dir.path());
+        writer.write_group(&mut records(1..=2), 2).unwrap();
+        writer.fail_next_sync = true;
+        assert!(writer.write_group(&mut records(3..=4), 4).is_err());
+        assert!(writer.shared.failing.load(Ordering::Relaxed));
+        drop(writer); // the crash
+
+        let scan = scan_segment(&segment_path(dir.path(), 1)).unwrap();
+        assert_eq!((scan.last_lsn, scan.tail), (2, Tail::Clean));
+        assert_eq!(scan.valid_len, records(1..=2).len() as u64);
     }
 
     #[test]
