@@ -35,7 +35,7 @@ pub enum IngestResponse {
     Accepted(Json<IngestResult>),
     /// The body cannot be read as events: malformed JSON (`line`/`column` say where), not an
     /// object or array, empty, not UTF-8, or broken gzip; or a query parameter is not valid
-    /// (`invalid_parameter`, `field` names it; e.g. `wait` must be `true` or `false`).
+    /// (`invalid_parameter`, `field` names it; e.g. `wait` must be `true` or `false`, given once).
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// Body (after decompression) or event count over the limit (`limit`).
@@ -131,6 +131,15 @@ impl Endpoint for DirectIngest {
             Some(_) => None,
         };
         let principal = req.extensions().get::<Principal>().cloned();
+        if principal.is_some() && req.uri().query().is_some_and(repeats_wait) {
+            // The OpenAPI layer would take the first value without a word.
+            let mut body = ErrorBody::new(
+                "invalid_parameter",
+                "`wait` is given more than once; send it once, `true` or `false`",
+            );
+            body.field = Some("wait".into());
+            return Ok(IngestResponse::BadRequest(Json(body)).into_response());
+        }
         let (Some(wait), Some(caller), &Method::POST) = (wait, principal, req.method()) else {
             return self.documented.call(req).await;
         };
@@ -189,6 +198,13 @@ impl EventsApi {
             Err(IngestError::RateLimited(over)) => events_rate_limited(over),
         }
     }
+}
+
+fn repeats_wait(query: &str) -> bool {
+    let waits = query
+        .split('&')
+        .filter(|pair| pair.split('=').next() == Some("wait"));
+    waits.count() > 1
 }
 
 /// A query parameter poem-openapi could not parse: the same JSON error body as every other 400.

@@ -617,6 +617,20 @@ async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
         r.text
     );
     assert!(r.json["message"].as_str().unwrap().contains("true"));
+    // Given twice, `wait` is not silently taken from either.
+    let r = app
+        .post_to(
+            "/v1/events?wait=true&wait=false",
+            event().to_string(),
+            &[("content-type", JSON)],
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json["field"], "wait", "{}", r.text);
+    assert!(r.json["message"]
+        .as_str()
+        .unwrap()
+        .contains("more than once"));
 
     // The usage log saw the same for each pair.
     let rows: Vec<(String, u16, u64, u64, u32, u32)> = wait_for_rows(
