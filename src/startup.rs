@@ -335,13 +335,20 @@ async fn answers_within(client: &clickhouse::Client, wait: Duration) -> bool {
     let probe = client.clone().with_database("default");
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        match probe.query("SELECT 1").fetch_one::<u8>().await {
-            Ok(_) => return true,
-            Err(_) if tokio::time::Instant::now() < deadline => {
+        // A server that accepts connections but never answers (stopped, overloaded) must not
+        // hold the start past the deadline either.
+        let asked = probe.query("SELECT 1").fetch_one::<u8>();
+        match tokio::time::timeout_at(deadline, asked).await {
+            Ok(Ok(_)) => return true,
+            Ok(Err(_)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(err) => {
+            Ok(Err(err)) => {
                 tracing::debug!(error = %err, "ClickHouse did not answer");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!("ClickHouse did not answer in time");
                 return false;
             }
         }

@@ -65,6 +65,10 @@ impl UsageStatus {
 /// How long readiness waits for the write-ahead log's test write after a failure.
 const WAL_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long readiness waits for ClickHouse's answers (a server that takes connections but
+/// does not answer would otherwise hold the check, and the prober, indefinitely).
+const CLICKHOUSE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
     /// ClickHouse answers, the schema is in place, and the write-ahead log can write and sync.
@@ -97,10 +101,10 @@ impl HealthApi {
 
     /// Readiness
     ///
-    /// 200 only when ClickHouse answers, the `events` table has the expected schema, the key
-    /// and usage-log tables exist, and the write-ahead log can write and sync: after one of
-    /// its writes or fsyncs failed, until a later one succeeds (each readiness check tries
-    /// one).
+    /// 200 only when ClickHouse answers (within 2 s), the `events` table has the expected
+    /// schema, the key and usage-log tables exist, and the write-ahead log can write and sync:
+    /// after one of its writes or fsyncs failed, until a later one succeeds (each readiness
+    /// check tries one).
     #[oai(path = "/health/ready", method = "get", tag = "ApiTags::Health")]
     async fn ready(&self) -> ReadyResponse {
         let reason = if !self.wal.probe(WAL_PROBE_TIMEOUT).await {
@@ -110,10 +114,14 @@ impl HealthApi {
                 WAL_PROBE_TIMEOUT.as_secs()
             ))
         } else {
-            crate::clickhouse::schema::verify(&self.clickhouse)
-                .await
-                .err()
-                .map(|e| format!("ClickHouse: {e:#}"))
+            let verified = crate::clickhouse::schema::verify(&self.clickhouse);
+            match tokio::time::timeout(CLICKHOUSE_CHECK_TIMEOUT, verified).await {
+                Ok(verified) => verified.err().map(|e| format!("ClickHouse: {e:#}")),
+                Err(_) => Some(format!(
+                    "ClickHouse did not answer within {} s",
+                    CLICKHOUSE_CHECK_TIMEOUT.as_secs()
+                )),
+            }
         };
         match reason {
             None => ReadyResponse::Ready(Json(HealthBody {

@@ -181,6 +181,26 @@ impl Statements {
     }
 }
 
+/// Completes when the drain time is over: at `deadline` once the stop has been seen, else
+/// `drain` after the stop comes (never, while the service runs).
+async fn drain_over(stopping: watch::Receiver<bool>, deadline: Option<Instant>, drain: Duration) {
+    let deadline = match deadline {
+        Some(deadline) => deadline,
+        None => {
+            stopped(stopping).await;
+            Instant::now() + drain
+        }
+    };
+    tokio::time::sleep_until(deadline.into()).await;
+}
+
+/// Completes when the service stops (never, should nobody be left to say so).
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 struct Batch {
     rows: Vec<u8>,
     /// Per record in the batch: where its rows end in `rows`, and its sequence number.
@@ -207,9 +227,7 @@ impl<F: RowFormat> Shipper<F> {
 
         loop {
             let stopping = *self.stopping.borrow();
-            if stopping && drain_deadline.is_none() {
-                drain_deadline = Some(Instant::now() + self.drain_timeout);
-            }
+            self.drain_deadline(&mut drain_deadline);
             // Fill the batch from what is durable.
             let durable = *self.durable.borrow_and_update();
             let mut caught_up = false;
@@ -242,7 +260,9 @@ impl<F: RowFormat> Shipper<F> {
                 .is_some_and(|t| t.elapsed() >= self.settings.interval);
             if batch.count > 0 && (full || due || stopping) {
                 self.format.inspect(&batch.rows, &self.metrics);
-                let committed = self.flush(&statements, &mut batch, drain_deadline).await;
+                let committed = self
+                    .flush(&statements, &mut batch, &mut drain_deadline)
+                    .await;
                 if !committed {
                     // Only while stopping: the drain time ran out before ClickHouse took it.
                     tracing::warn!(
@@ -281,25 +301,46 @@ impl<F: RowFormat> Shipper<F> {
         }
     }
 
+    /// The drain deadline: `drain_timeout` after the stop was first seen (`None` until then).
+    fn drain_deadline(&self, deadline: &mut Option<Instant>) -> Option<Instant> {
+        if deadline.is_none() && *self.stopping.borrow() {
+            *deadline = Some(Instant::now() + self.drain_timeout);
+        }
+        *deadline
+    }
+
     /// Commits the batch, retrying until it is in ClickHouse or in the dead-letter file, and
-    /// returns true. Returns false, with the batch untouched, only when the drain deadline
-    /// would pass before the next attempt.
+    /// returns true. Returns false, with the batch untouched, only when the service is stopping
+    /// and the drain deadline has come (or would pass before the next attempt); an attempt
+    /// under way then is given up (ClickHouse may have taken it: the next start sends the
+    /// records again, and the table collapses the copies).
     async fn flush(
         &mut self,
         statements: &Statements,
         batch: &mut Batch,
-        deadline: Option<Instant>,
+        deadline: &mut Option<Instant>,
     ) -> bool {
         let mut backoff = Duration::from_millis(100);
         let rows = Bytes::from(std::mem::take(&mut batch.rows));
         loop {
             let started = Instant::now();
-            let attempt = match self.ensure_schema().await {
-                Ok(()) => self
-                    .insert_or_dead_letter(statements, rows.clone(), &batch.records)
+            let drain_over = drain_over(
+                self.stopping.clone(),
+                self.drain_deadline(deadline),
+                self.drain_timeout,
+            );
+            let attempt = async {
+                self.ensure_schema().await?;
+                self.insert_or_dead_letter(statements, rows.clone(), &batch.records)
                     .await
-                    .map_err(anyhow::Error::from),
-                Err(err) => Err(err),
+                    .map_err(anyhow::Error::from)
+            };
+            let attempt = tokio::select! {
+                attempt = attempt => attempt,
+                () = drain_over => {
+                    batch.rows = rows.to_vec();
+                    return false;
+                }
             };
             match attempt {
                 Ok(()) => {
@@ -326,11 +367,18 @@ impl<F: RowFormat> Shipper<F> {
                     tracing::warn!(error = %format!("{err:#}"), rows = batch.count, retry_in = ?backoff, "insert into ClickHouse failed; retrying");
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+            if self
+                .drain_deadline(deadline)
+                .is_some_and(|d| Instant::now() + backoff >= d)
+            {
                 batch.rows = rows.to_vec();
                 return false;
             }
-            tokio::time::sleep(backoff).await;
+            // A stop during the pause starts the drain's attempts at once.
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stopped(self.stopping.clone()), if deadline.is_none() => {}
+            }
             backoff = (backoff * 2).min(self.settings.max_backoff);
         }
     }

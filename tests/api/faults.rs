@@ -216,6 +216,42 @@ async fn log_segments_are_deleted_once_clickhouse_has_their_rows() {
     assert!(files("spare") <= 2, "{} spare segments", files("spare"));
 }
 
+/// The service in this process, started from `env` (it may start without ClickHouse).
+async fn build(
+    env: &std::collections::HashMap<String, String>,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let settings = adtrack::config::Settings::from_lookup(|k| env.get(k).cloned()).unwrap();
+    let app = adtrack::startup::Application::build(settings)
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    (base, stop, server)
+}
+
+/// A key made while ClickHouse on `port` was up (the instance keeps a snapshot of the keys,
+/// so a later start knows it without ClickHouse); ClickHouse is gone again on return.
+async fn key_made_while_clickhouse_was_up(
+    env: &std::collections::HashMap<String, String>,
+    port: u16,
+) -> (String, local_clickhouse::LocalClickHouse, tempfile::TempDir) {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let mut clickhouse = local_clickhouse::LocalClickHouse::start_on(ch_dir.path(), port);
+    let (base, stop, server) = build(env).await;
+    let key = provision_key(&base, TENANT).await;
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    clickhouse.kill();
+    (key, clickhouse, ch_dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_starts_and_accepts_while_clickhouse_is_down() {
     let port = free_port();
@@ -224,30 +260,10 @@ async fn the_service_starts_and_accepts_while_clickhouse_is_down() {
     let database = unique_database("starts_down");
     let mut env = base_env(&url, &database, tmp.path());
     env.insert("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS".into(), "1".into());
-    let build = || async {
-        let settings = adtrack::config::Settings::from_lookup(|k| env.get(k).cloned()).unwrap();
-        let app = adtrack::startup::Application::build(settings)
-            .await
-            .unwrap();
-        let base = format!("http://{}", app.addr());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(app.run_until_stopped(async {
-            let _ = stopped.await;
-        }));
-        (base, stop, server)
-    };
-
-    // A first run with ClickHouse up creates a key; the instance keeps a snapshot of the keys.
-    let ch_dir = tempfile::tempdir().unwrap();
-    let mut clickhouse = local_clickhouse::LocalClickHouse::start_on(ch_dir.path(), port);
-    let (base, stop, server) = build().await;
-    let key = provision_key(&base, TENANT).await;
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
-    clickhouse.kill();
+    let (key, mut clickhouse, _ch_dir) = key_made_while_clickhouse_was_up(&env, port).await;
 
     // Restarted while ClickHouse is down: it still knows the key, and accepts into its log.
-    let (base, stop, server) = build().await;
+    let (base, stop, server) = build(&env).await;
     let http = client_with_key(&key);
 
     let batch = events(50);
@@ -284,4 +300,47 @@ async fn the_service_starts_and_accepts_while_clickhouse_is_down() {
     assert_eq!(ready.status(), 200);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clickhouse_that_never_answers_holds_up_no_start_no_readiness_and_no_stop() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut env = base_env(&url, &unique_database("stalled"), tmp.path());
+    env.insert("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS".into(), "1".into());
+    env.insert("ADTRACK_SHUTDOWN_TIMEOUT_SECS".into(), "2".into());
+    let (key, _clickhouse, _ch_dir) = key_made_while_clickhouse_was_up(&env, port).await;
+
+    // Now the port takes connections and never answers: a stopped or wedged server.
+    let _stalled = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let within = |secs| Duration::from_secs(secs);
+    let (base, stop, server) = tokio::time::timeout(within(5), build(&env))
+        .await
+        .expect("the start waits 1 s for ClickHouse, not forever");
+
+    let ready = reqwest::get(format!("{base}/health/ready"));
+    let ready = tokio::time::timeout(within(10), ready)
+        .await
+        .expect("readiness answers whether ClickHouse does or not")
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    let http = client_with_key(&key);
+    let r = http
+        .post(format!("{base}/v1/events"))
+        .header("content-type", JSON)
+        .body(Value::from(events(20)).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "accepted into the log");
+    // Let the shipper start its attempt, which hangs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(within(15), server)
+        .await
+        .expect("the stop gives up draining after its 2 s")
+        .unwrap()
+        .unwrap();
 }
