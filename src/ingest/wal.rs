@@ -195,6 +195,8 @@ pub fn open(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Wal> {
     fs::create_dir_all(dir).with_context(|| format!("creating WAL dir {}", dir.display()))?;
+    // While the disk has room: later checkpoints are written into these.
+    prepare_slots(dir).context("creating the WAL checkpoint slots")?;
     keep_unfinished_segments_as_spares(dir)?;
     let segments = list_segments(dir)?;
     let checkpoint = read_checkpoint(dir);
@@ -725,21 +727,33 @@ impl WalReader {
     }
 }
 
-/// Records that everything before `pos` is committed, and retires the segments before it:
-/// kept as spares for reuse while there are fewer than [`MAX_SPARES`], deleted otherwise.
+/// Records that ClickHouse has committed everything before `pos`, then retires the segments
+/// wholly before it (kept as spares, or deleted).
+///
+/// The checkpoint lives in two slots written in turn, in place ([`SLOTS`]): a write needs no
+/// new disk block, so a disk the log itself filled while ClickHouse was away can still take
+/// the checkpoint that lets segments be retired (a new file per checkpoint could not be
+/// written then, and nothing was ever freed). A slot torn by a crash fails its CRC and the
+/// other one, a checkpoint older, is read instead: a longer replay, which is harmless.
 pub fn checkpoint(dir: &Path, pos: WalPos) -> anyhow::Result<()> {
+    prepare_slots(dir).context("creating the WAL checkpoint slots")?;
+    let (seq, slot) = match newest_slot(dir) {
+        Some((_, seq, slot)) => (seq + 1, 1 - slot),
+        None => (1, 0),
+    };
     // Durable before it counts: otherwise a machine crash could bring back an older
     // checkpoint, and the replay re-insert rows deleted since (a user's data deletion waits
     // only until the rows are committed).
-    let tmp = dir.join("checkpoint.tmp");
-    let mut file = File::create(&tmp).context("writing WAL checkpoint")?;
-    file.write_all(&serde_json::to_vec(&pos)?)
-        .and_then(|()| file.sync_data())
+    OpenOptions::new()
+        .write(true)
+        .open(dir.join(SLOTS[slot]))
+        .and_then(|file| {
+            file.write_all_at(&encode_slot(pos, seq), 0)?;
+            file.sync_data()
+        })
         .context("writing WAL checkpoint")?;
-    fs::rename(&tmp, dir.join("checkpoint")).context("replacing WAL checkpoint")?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .context("syncing the WAL directory")?;
+    // A checkpoint of an older version of the service, superseded now.
+    let _ = fs::remove_file(dir.join(OLD_CHECKPOINT));
     remove_spares_older_than(dir, SPARE_MAX_AGE)?;
     let mut spares = list_ids(dir, SPARE)?.len();
     for id in list_segments(dir)? {
@@ -757,8 +771,77 @@ pub fn checkpoint(dir: &Path, pos: WalPos) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The two checkpoint slots. Each holds `segment u64 | offset u64 | lsn u64 | seq u64 |
+/// crc32 u32` (little-endian; the CRC covers the rest); the valid one with the higher `seq`
+/// is the checkpoint. All zeros (as created) is no checkpoint.
+const SLOTS: [&str; 2] = ["checkpoint.0", "checkpoint.1"];
+const SLOT_LEN: usize = 36;
+/// The checkpoint file of versions before the slots (JSON), still read when no slot is valid.
+const OLD_CHECKPOINT: &str = "checkpoint";
+
+/// Creates the slots not there yet (zeroed, synced, and the directory entry synced).
+fn prepare_slots(dir: &Path) -> io::Result<()> {
+    let mut created = false;
+    for name in SLOTS {
+        let path = dir.join(name);
+        if !path.exists() {
+            let file = File::create(&path)?;
+            file.write_all_at(&[0; SLOT_LEN], 0)?;
+            file.sync_all()?;
+            created = true;
+        }
+    }
+    if created {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn encode_slot(pos: WalPos, seq: u64) -> [u8; SLOT_LEN] {
+    let mut slot = [0; SLOT_LEN];
+    for (i, value) in [pos.segment, pos.offset, pos.lsn, seq]
+        .into_iter()
+        .enumerate()
+    {
+        slot[i * 8..i * 8 + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&slot[..32]);
+    slot[32..].copy_from_slice(&crc.to_le_bytes());
+    slot
+}
+
+/// The position and sequence number in a slot, if it holds a whole checkpoint.
+fn decode_slot(bytes: &[u8]) -> Option<(WalPos, u64)> {
+    let bytes: &[u8; SLOT_LEN] = bytes.get(..SLOT_LEN)?.try_into().ok()?;
+    let crc = u32::from_le_bytes(bytes[32..].try_into().ok()?);
+    let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+    let seq = word(3);
+    if seq == 0 || crc != crc32fast::hash(&bytes[..32]) {
+        return None;
+    }
+    let pos = WalPos {
+        segment: word(0),
+        offset: word(1),
+        lsn: word(2),
+    };
+    Some((pos, seq))
+}
+
+/// The newest valid slot: its position, sequence number and index.
+fn newest_slot(dir: &Path) -> Option<(WalPos, u64, usize)> {
+    (0..SLOTS.len())
+        .filter_map(|i| {
+            let bytes = fs::read(dir.join(SLOTS[i])).ok()?;
+            decode_slot(&bytes).map(|(pos, seq)| (pos, seq, i))
+        })
+        .max_by_key(|&(_, seq, _)| seq)
+}
+
 fn read_checkpoint(dir: &Path) -> Option<WalPos> {
-    let bytes = fs::read(dir.join("checkpoint")).ok()?;
+    if let Some((pos, _, _)) = newest_slot(dir) {
+        return Some(pos);
+    }
+    let bytes = fs::read(dir.join(OLD_CHECKPOINT)).ok()?;
     match serde_json::from_slice(&bytes) {
         Ok(pos) => Some(pos),
         Err(err) => {
@@ -1403,10 +1486,60 @@ mod tests {
         assert_eq!(list_ids(dir.path(), SPARE).unwrap(), spares[1..]);
         close(wal);
         // Without a checkpoint a start keeps none.
-        fs::remove_file(dir.path().join("checkpoint")).unwrap();
+        for slot in SLOTS {
+            fs::remove_file(dir.path().join(slot)).unwrap();
+        }
         let wal = open_at(dir.path(), 4096, u64::MAX);
         assert!(list_ids(dir.path(), SPARE).unwrap().is_empty());
         close(wal);
+    }
+
+    #[test]
+    fn checkpoints_are_written_in_place_in_turn_and_a_torn_one_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |segment, lsn| WalPos {
+            segment,
+            offset: 100 * lsn,
+            lsn,
+        };
+        // A checkpoint of the older format is read until the first new one replaces it.
+        fs::write(
+            dir.path().join(OLD_CHECKPOINT),
+            serde_json::to_vec(&at(1, 5)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(read_checkpoint(dir.path()), Some(at(1, 5)));
+        checkpoint(dir.path(), at(1, 7)).unwrap();
+        assert!(!dir.path().join(OLD_CHECKPOINT).exists());
+
+        // Later checkpoints create no file (no new disk block): the same two, in turn.
+        use std::os::unix::fs::MetadataExt;
+        let inodes = || -> Vec<u64> {
+            let mut all: Vec<u64> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().ino())
+                .collect();
+            all.sort();
+            all
+        };
+        let before = inodes();
+        for lsn in 8..=11 {
+            checkpoint(dir.path(), at(1, lsn)).unwrap();
+            assert_eq!(read_checkpoint(dir.path()), Some(at(1, lsn)));
+        }
+        assert_eq!(inodes(), before);
+
+        // A crash tears the newest slot: the one before it is read (a longer replay).
+        let (_, _, newest) = newest_slot(dir.path()).unwrap();
+        let torn = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(SLOTS[newest]))
+            .unwrap();
+        torn.write_all_at(&[0xff; 4], 8).unwrap();
+        assert_eq!(read_checkpoint(dir.path()), Some(at(1, 10)));
+        // And the next checkpoint goes where the torn one was, newer than the one left.
+        checkpoint(dir.path(), at(2, 12)).unwrap();
+        assert_eq!(read_checkpoint(dir.path()), Some(at(2, 12)));
     }
 
     #[tokio::test]
