@@ -467,12 +467,9 @@ pub fn explain_parse_error(raw: &str) -> Vec<FieldError> {
             continue;
         }
         seen.push(name);
-        let problem = match field_problem(name, value.get()) {
-            Some(problem) => problem,
-            None => {
-                Some("is not a known event field (put custom data in `attributes`)".to_string())
-            }
-        };
+        let problem = field_problem(name, value.get()).unwrap_or_else(|| {
+            Some("is not a known event field (put custom data in `attributes`)".to_string())
+        });
         if let Some(message) = problem {
             errors.push(FieldError::new(name, message));
         }
@@ -531,8 +528,7 @@ fn fields_of(raw: &str) -> Result<Vec<(String, Box<RawValue>)>, FieldError> {
         if err.is_data() {
             return FieldError::new("", "must be a JSON object");
         }
-        let text = err.to_string();
-        let text = text.split(" at line ").next().unwrap_or(&text).to_string();
+        let text = json_error_text(&err);
         FieldError::new(current.take(), format!("is not valid JSON: {text}"))
     })
 }
@@ -540,67 +536,68 @@ fn fields_of(raw: &str) -> Result<Vec<(String, Box<RawValue>)>, FieldError> {
 /// What is wrong with the value of event field `name` (`Some(None)`: nothing), or `None`
 /// when there is no such field. Reads the value as the typed parse does.
 fn field_problem(name: &str, value: &str) -> Option<Option<String>> {
-    fn fails<T: for<'de> Deserialize<'de>>(value: &str) -> bool {
-        serde_json::from_str::<T>(value).is_err()
+    fn unless<T: for<'de> Deserialize<'de>>(value: &str, message: &str) -> Option<String> {
+        serde_json::from_str::<T>(value)
+            .is_err()
+            .then(|| message.to_string())
     }
-    fn time_fails(value: &str, optional: bool) -> bool {
-        let mut de = serde_json::Deserializer::from_str(value);
-        match optional {
-            true => time::optional(&mut de).is_err(),
-            false => time::required(&mut de).is_err(),
-        }
-    }
-    let (failed, message) = match name {
-        "event_id" => (
-            fails::<Uuid>(value),
+    let problem = match name {
+        "event_id" => unless::<Uuid>(
+            value,
             "must be a UUID, e.g. 0b8a1d2e-4f6c-4a1b-9c3d-2e5f7a9b1c4d",
         ),
-        "event_type" => (
-            fails::<EventType>(value),
-            "must be one of impression, click, conversion",
-        ),
-        "timestamp" | "sent_at" => (
-            time_fails(value, name == "sent_at"),
-            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T12:00:00.000Z",
-        ),
-        "campaign_id" | "ad_id" | "publisher_id" | "advertiser_id" | "user_id" | "country"
-        | "os" | "browser" => {
-            let required = REQUIRED.contains(&name);
-            return Some(match serde_json::from_str::<Option<String>>(value) {
-                Ok(Some(_)) => None,
-                Ok(None) if !required => None,
-                // A string with a broken escape (a lone surrogate, say).
-                Err(err) if value.starts_with('"') => {
-                    let text = err.to_string();
-                    let text = text.split(" at line ").next().unwrap_or(&text);
-                    Some(format!("is not a valid JSON string: {text}"))
-                }
-                _ => Some("must be a string".to_string()),
-            });
+        "event_type" => unless::<EventType>(value, "must be one of impression, click, conversion"),
+        "timestamp" | "sent_at" => {
+            let mut de = serde_json::Deserializer::from_str(value);
+            let read = match name {
+                "sent_at" => time::optional(&mut de).map(drop),
+                _ => time::required(&mut de).map(drop),
+            };
+            read.is_err().then(|| {
+                "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T12:00:00.000Z".into()
+            })
         }
-        "device" => (
-            fails::<Option<Device>>(value),
-            "must be one of desktop, mobile, tablet, ctv, other",
-        ),
-        "cost_micros" | "revenue_micros" => (
-            fails::<Option<u64>>(value),
+        "campaign_id" | "ad_id" | "publisher_id" | "advertiser_id" | "user_id" | "country"
+        | "os" | "browser" => match serde_json::from_str::<Option<String>>(value) {
+            Ok(Some(_)) => None,
+            Ok(None) if !REQUIRED.contains(&name) => None,
+            // A string with a broken escape (a lone surrogate, say).
+            Err(err) if value.starts_with('"') => Some(format!(
+                "is not a valid JSON string: {}",
+                json_error_text(&err)
+            )),
+            _ => Some("must be a string".to_string()),
+        },
+        "device" => {
+            unless::<Option<Device>>(value, "must be one of desktop, mobile, tablet, ctv, other")
+        }
+        "cost_micros" | "revenue_micros" => unless::<Option<u64>>(
+            value,
             "must be a non-negative integer (micro-units of currency)",
         ),
         "attributes" => {
             let mut de = serde_json::Deserializer::from_str(value);
-            return Some(borrowed::map(&mut de).err().map(|err| {
-                let text = err.to_string();
-                match text.split(" at line ").next() {
-                    Some(duplicate) if duplicate.starts_with("has the key") => {
-                        duplicate.to_string()
-                    }
-                    _ => "must be an object of string keys to string values".to_string(),
+            borrowed::map(&mut de).err().map(|err| {
+                let text = json_error_text(&err);
+                match text.starts_with("has the key") {
+                    true => text,
+                    false => "must be an object of string keys to string values".to_string(),
                 }
-            }));
+            })
         }
         _ => return None,
     };
-    Some(failed.then(|| message.to_string()))
+    Some(problem)
+}
+
+/// serde_json's message without its " at line L column C" suffix (reported separately, or
+/// meaningless within one event).
+pub fn json_error_text(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
 }
 
 #[cfg(test)]

@@ -3,4 +3,6 @@
 pub mod country;
 pub mod event;
 
-pub use event::{explain_parse_error, EventType, FieldError, TimeRules, ValidEvent, WireEvent};
+pub use event::{
+    explain_parse_error, json_error_text, EventType, FieldError, TimeRules, ValidEvent, WireEvent,
+};

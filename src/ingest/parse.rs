@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use crate::{
     clickhouse::rowbinary,
     config::Limits,
-    domain::{explain_parse_error, FieldError, TimeRules, WireEvent},
+    domain::{explain_parse_error, json_error_text, FieldError, TimeRules, WireEvent},
     metrics::RejectReason,
 };
 
@@ -274,7 +274,7 @@ fn split<'a>(
                         format!(
                             "line {} is not valid JSON: {} (column {})",
                             line_no + 1,
-                            error_text(&err),
+                            json_error_text(&err),
                             err.column()
                         ),
                     )),
@@ -296,18 +296,9 @@ fn split<'a>(
 
 fn malformed(err: serde_json::Error) -> BodyError {
     BodyError::Malformed {
-        message: error_text(&err),
+        message: json_error_text(&err),
         line: err.line(),
         column: err.column(),
-    }
-}
-
-/// serde_json's message without its " at line L column C" suffix (reported separately).
-fn error_text(err: &serde_json::Error) -> String {
-    let text = err.to_string();
-    match text.rfind(" at line ") {
-        Some(at) => text[..at].to_string(),
-        None => text,
     }
 }
 
