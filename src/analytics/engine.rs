@@ -3,7 +3,9 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
     sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
@@ -39,6 +41,11 @@ enum GaveUp {
 /// Most rows of figures read raw for the days without a current summary (per bucket,
 /// campaign and event type); a query with more reads raw events with the top N in ClickHouse.
 const RAW_FIGURES_MAX_ROWS: u64 = 250_000;
+
+/// How much longer than its own time limit a read may take before the service stops waiting
+/// for ClickHouse (network, queueing): a server that takes connections but never answers
+/// (stopped, wedged) costs a dashboard this long and a 503, not a request that never ends.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// The aggregates of one group (or one bucket of it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -329,6 +336,34 @@ impl Analytics {
             )
     }
 
+    /// `read` (statements with `max_execution_ms`, which ClickHouse enforces once it runs
+    /// them), given up as unavailable (503) when no answer came within that and
+    /// [`ANSWER_GRACE`].
+    pub async fn within<T>(
+        &self,
+        max_execution_ms: u64,
+        read: impl Future<Output = Result<T, AnalyticsError>>,
+    ) -> Result<T, AnalyticsError> {
+        let limit = Duration::from_millis(max_execution_ms) + ANSWER_GRACE;
+        tokio::time::timeout(limit, read)
+            .await
+            .unwrap_or(Err(AnalyticsError::Unavailable(
+                clickhouse::error::Error::TimedOut,
+            )))
+    }
+
+    /// One statement's answer, within its time limit as [`Analytics::within`] has it.
+    pub async fn answer<T>(
+        &self,
+        max_execution_ms: u64,
+        read: impl Future<Output = clickhouse::error::Result<T>>,
+    ) -> Result<T, AnalyticsError> {
+        self.within(max_execution_ms, async {
+            read.await.map_err(|e| self.error(e))
+        })
+        .await
+    }
+
     pub fn error(&self, err: clickhouse::error::Error) -> AnalyticsError {
         AnalyticsError::from_clickhouse(err, &self.guard_limits())
     }
@@ -415,13 +450,18 @@ impl Analytics {
             }
         };
 
-        let held = match self.coverage(q).await {
-            Some((rollup, coverage)) => {
-                self.summarized(rollup, &coverage, q, tenant, &starts, n)
-                    .await?
-            }
-            None => None,
-        };
+        let limit = self.settings.max_execution_ms;
+        let held = self
+            .within(limit, async {
+                match self.coverage(q).await {
+                    Some((rollup, coverage)) => {
+                        self.summarized(rollup, &coverage, q, tenant, &starts, n)
+                            .await
+                    }
+                    None => Ok(None),
+                }
+            })
+            .await?;
         let counter = match held {
             Some(_) => &self.metrics.analytics_from_summaries,
             None => &self.metrics.analytics_from_raw,
@@ -430,7 +470,7 @@ impl Analytics {
         let additive = q.aggs().is_additive();
         let (main, ranking, mut other) = match held {
             Some(rows) => (rows.main, rows.ranking, rows.totals),
-            None => self.statements(q, tenant, n).await?,
+            None => self.within(limit, self.statements(q, tenant, n)).await?,
         };
         if q.other && additive {
             subtract_groups(&mut other, &main);

@@ -257,12 +257,11 @@ impl RawEventsApi {
                 after,
                 u64::from(limit) + 1,
             );
-            let mut rows = self
-                .analytics
-                .statement(&sql)
-                .fetch_all::<EventRow>()
-                .await
-                .map_err(|e| self.analytics.error(e))?;
+            let analytics = &self.analytics;
+            let read = analytics.statement(&sql).fetch_all::<EventRow>();
+            let mut rows = analytics
+                .answer(analytics.settings().max_execution_ms, read)
+                .await?;
             let more = rows.len() > limit as usize;
             rows.truncate(limit as usize);
             let events: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
@@ -340,7 +339,10 @@ impl RawEventsApi {
                 .map_err(|e| self.analytics.error(e))?;
             // The first row is read before answering, so that a query ClickHouse refuses
             // gets a proper status instead of a broken stream.
-            let first = rows.next().await.map_err(|e| self.analytics.error(e))?;
+            let first = self
+                .analytics
+                .answer(settings.export_max_execution_ms, rows.next())
+                .await?;
             let until = DateTime::from_timestamp_millis(until_ms).unwrap_or_default();
             Ok::<_, AnalyticsError>((stream(rows, first), until.to_rfc3339()))
         };
@@ -360,12 +362,13 @@ impl RawEventsApi {
             let id = Uuid::try_parse(&event_id.0).map_err(|_| {
                 InvalidInput::new("invalid_event_id", "event_id", "event_id must be a UUID")
             })?;
-            let row = self
-                .analytics
+            let analytics = &self.analytics;
+            let read = analytics
                 .statement(&raw::get(auth.tenant(), &id))
-                .fetch_optional::<EventRow>()
-                .await
-                .map_err(|e| self.analytics.error(e))?;
+                .fetch_optional::<EventRow>();
+            let row = analytics
+                .answer(analytics.settings().max_execution_ms, read)
+                .await?;
             row.map(StoredEvent::from).ok_or(AnalyticsError::NotFound)
         };
         respond(run.await)

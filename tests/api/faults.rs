@@ -303,13 +303,16 @@ async fn the_service_starts_and_accepts_while_clickhouse_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clickhouse_that_never_answers_holds_up_no_start_no_readiness_and_no_stop() {
+async fn a_clickhouse_that_never_answers_holds_up_no_start_readiness_read_or_stop() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let tmp = tempfile::tempdir().unwrap();
     let mut env = base_env(&url, &unique_database("stalled"), tmp.path());
     env.insert("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS".into(), "1".into());
     env.insert("ADTRACK_SHUTDOWN_TIMEOUT_SECS".into(), "2".into());
+    // Reads wait for this and 5 s more, then answer 503.
+    env.insert("ADTRACK_ANALYTICS_MAX_EXECUTION_MS".into(), "500".into());
+    env.insert("ADTRACK_EXPORT_MAX_EXECUTION_MS".into(), "500".into());
     let (key, _clickhouse, _ch_dir) = key_made_while_clickhouse_was_up(&env, port).await;
 
     // Now the port takes connections and never answers: a stopped or wedged server.
@@ -327,6 +330,28 @@ async fn a_clickhouse_that_never_answers_holds_up_no_start_no_readiness_and_no_s
     assert_eq!(ready.status(), 503);
 
     let http = client_with_key(&key);
+    let reads = [
+        "/v1/stats/summary?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z",
+        "/v1/events",
+        "/v1/events/export",
+        "/v1/events/00000000-0000-4000-8000-000000000000",
+    ]
+    .map(|path| {
+        let read = http.get(format!("{base}{path}")).send();
+        async move {
+            let r = tokio::time::timeout(within(15), read)
+                .await
+                .unwrap_or_else(|_| panic!("{path} waited for ClickHouse without limit"))
+                .unwrap();
+            (path, r.status(), r.text().await.unwrap())
+        }
+    });
+    for (path, status, body) in futures_util::future::join_all(reads).await {
+        assert_eq!(status, 503, "{path}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "clickhouse_unavailable", "{path}");
+    }
+
     let r = http
         .post(format!("{base}/v1/events"))
         .header("content-type", JSON)
