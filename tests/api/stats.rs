@@ -974,6 +974,24 @@ async fn bad_input_is_a_precise_400() {
         ),
         (
             "/v1/stats/summary",
+            base(&[("to", &from.1)]),
+            "invalid_parameter",
+            "to",
+        ),
+        (
+            "/v1/stats/breakdown",
+            base(&[("group_by", "os"), ("limit", "5"), ("group_by", "country")]),
+            "invalid_parameter",
+            "group_by",
+        ),
+        (
+            "/v1/events",
+            vec![("limit", "1".into()), ("limit", "2".into())],
+            "invalid_parameter",
+            "limit",
+        ),
+        (
+            "/v1/stats/summary",
             base(&[("filter", "country=US")]),
             "invalid_filter",
             "filter",
