@@ -220,6 +220,8 @@ impl Application {
                     durable: wal.durable.clone(),
                     committed,
                     wait_timeout: settings.wait_timeout,
+                    read_timeout: Duration::from_millis(settings.analytics.max_execution_ms)
+                        + crate::analytics::ANSWER_GRACE,
                     default_limits: settings.rate_limits,
                     settle: settings.flush.interval * 2,
                     deletions: tokio::sync::Mutex::new(()),

@@ -45,7 +45,7 @@ const RAW_FIGURES_MAX_ROWS: u64 = 250_000;
 /// How much longer than its own time limit a read may take before the service stops waiting
 /// for ClickHouse (network, queueing): a server that takes connections but never answers
 /// (stopped, wedged) costs a dashboard this long and a 503, not a request that never ends.
-const ANSWER_GRACE: Duration = Duration::from_secs(5);
+pub const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// The aggregates of one group (or one bucket of it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

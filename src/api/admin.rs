@@ -127,6 +127,20 @@ fn error(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<Qu
     })
 }
 
+/// `read`, given up when ClickHouse has not answered within `limit` (a server that takes
+/// connections but never answers would hold the request until the client gave up).
+async fn within<T>(
+    limit: Duration,
+    read: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "ClickHouse did not answer within {} ms",
+            limit.as_millis()
+        ))
+    })
+}
+
 fn unavailable<T: ToJSON + Send + Sync>(err: anyhow::Error) -> AdminResponse<T> {
     tracing::warn!(error = %format!("{err:#}"), "admin request failed");
     AdminResponse::Unavailable(error(
@@ -362,6 +376,8 @@ pub struct AdminApi {
     pub durable: watch::Receiver<WalPos>,
     pub committed: watch::Receiver<u64>,
     pub wait_timeout: Duration,
+    /// How long a read (tenants, keys, usage) waits for ClickHouse before answering 503.
+    pub read_timeout: Duration,
     /// Limits a key gets without overrides; a tenant's admin key may only lower them.
     pub default_limits: RateLimits,
     /// Events other instances acknowledged reach ClickHouse within about this long (their
@@ -423,15 +439,13 @@ impl AdminApi {
     #[oai(path = "/admin/tenants", method = "get", tag = "ApiTags::Admin")]
     async fn list_tenants(&self, auth: ApiKey) -> Answer<Vec<TenantBody>, ByParams> {
         async {
-            let tenants = match auth.0.tenant() {
-                Some(own) => self
-                    .store
-                    .tenant(own)
-                    .await
-                    .map(|t| t.into_iter().collect()),
-                None => self.store.list_tenants().await,
-            };
-            match tenants {
+            let tenants = within(self.read_timeout, async {
+                match auth.0.tenant() {
+                    Some(own) => Ok(self.store.tenant(own).await?.into_iter().collect()),
+                    None => self.store.list_tenants().await,
+                }
+            });
+            match tenants.await {
                 Ok(t) => AdminResponse::Ok(Json(t.into_iter().map(Into::into).collect())),
                 Err(e) => unavailable(e),
             }
@@ -547,7 +561,7 @@ impl AdminApi {
                 Ok(t) => t,
                 Err(resp) => return resp,
             };
-            match self.store.list_keys(tenant.as_deref()).await {
+            match within(self.read_timeout, self.store.list_keys(tenant.as_deref())).await {
                 Ok(keys) => AdminResponse::Ok(Json(keys.into_iter().map(Into::into).collect())),
                 Err(e) => unavailable(e),
             }
@@ -642,9 +656,10 @@ impl AdminApi {
                     status: status.0,
                 },
             );
-            match query.fetch_all::<UsageEntry>().await {
+            let read = async { Ok(query.fetch_all::<UsageEntry>().await?) };
+            match within(self.read_timeout, read).await {
                 Ok(requests) => AdminResponse::Ok(Json(UsagePage { requests })),
-                Err(e) => unavailable(e.into()),
+                Err(e) => unavailable(e),
             }
         }
         .await
@@ -691,9 +706,10 @@ impl AdminApi {
                     status: None,
                 },
             );
-            match query.fetch_all::<UsageHour>().await {
+            let read = async { Ok(query.fetch_all::<UsageHour>().await?) };
+            match within(self.read_timeout, read).await {
                 Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
-                Err(e) => unavailable(e.into()),
+                Err(e) => unavailable(e),
             }
         }
         .await

@@ -310,7 +310,7 @@ async fn a_clickhouse_that_never_answers_holds_up_no_start_readiness_read_or_sto
     let mut env = base_env(&url, &unique_database("stalled"), tmp.path());
     env.insert("ADTRACK_CLICKHOUSE_STARTUP_WAIT_SECS".into(), "1".into());
     env.insert("ADTRACK_SHUTDOWN_TIMEOUT_SECS".into(), "2".into());
-    // Reads wait for this and 5 s more, then answer 503.
+    // Reads (analytics, raw events, admin) wait for this and 5 s more, then answer 503.
     env.insert("ADTRACK_ANALYTICS_MAX_EXECUTION_MS".into(), "500".into());
     env.insert("ADTRACK_EXPORT_MAX_EXECUTION_MS".into(), "500".into());
     let (key, _clickhouse, _ch_dir) = key_made_while_clickhouse_was_up(&env, port).await;
@@ -335,6 +335,10 @@ async fn a_clickhouse_that_never_answers_holds_up_no_start_readiness_read_or_sto
         "/v1/events",
         "/v1/events/export",
         "/v1/events/00000000-0000-4000-8000-000000000000",
+        "/v1/admin/tenants",
+        "/v1/admin/keys",
+        "/v1/admin/usage?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z",
+        "/v1/admin/usage/hourly?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z",
     ]
     .map(|path| {
         let read = http.get(format!("{base}{path}")).send();
