@@ -532,4 +532,124 @@ mod tests {
             Some("00000000-0000-4000-8000-000000000009")
         );
     }
+
+    /// A full event: every optional field, attributes, the time inside the allowed window.
+    fn rich_event(id: u32, now: &str) -> String {
+        format!(
+            r#"{{"event_id":"00000000-0000-4000-8000-{id:012}","event_type":"click","timestamp":"{now}","sent_at":"{now}","campaign_id":"camp-{id}","ad_id":"ad.{id}","publisher_id":"pub:{id}","advertiser_id":"adv","user_id":"u-{id}","country":"DE","device":"mobile","os":"iOS","browser":"Safari","cost_micros":{},"revenue_micros":0,"attributes":{{"slot":"top","é":"ü \"q\""}}}}"#,
+            1000 + id
+        )
+    }
+
+    /// One damaged event in a batch (a byte replaced, removed, inserted or repeated; the
+    /// event cut short), thousands of times over: the batch is never a panic, every other
+    /// event is accepted with exactly the row it has alone, and the damaged one is accepted or
+    /// rejected with a reason. A JSON array may instead be refused whole (its JSON broke: a
+    /// 400 with line and column); NDJSON never is.
+    #[test]
+    fn damage_to_one_event_never_costs_the_others() {
+        let limits = Limits {
+            max_body_bytes: 1 << 20,
+            max_events: 20,
+            max_event_bytes: 16 * 1024,
+        };
+        let r = rules();
+        let now = chrono::DateTime::from_timestamp_millis(r.received_at_ms - 60_000)
+            .unwrap()
+            .to_rfc3339();
+        let events: Vec<String> = (0..6).map(|id| rich_event(id, &now)).collect();
+        let row_alone = |e: &str| {
+            let sorted = sort_events(e, BodyFormat::Json, &limits, &r, "t").unwrap();
+            assert_eq!(sorted.accepted, 1, "{e}");
+            sorted.rows
+        };
+        let rows: Vec<Vec<u8>> = events.iter().map(|e| row_alone(e)).collect();
+        const BYTES: &[u8] = b"{}[]:,\"\\ 0aZ-.\t\n\xc3\xa9\x00";
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut refused_whole, mut damaged_accepted, mut damaged_rejected) = (0, 0, 0);
+        for case in 0..4000 {
+            let k = next(events.len());
+            let mut bytes = events[k].clone().into_bytes();
+            let at = next(bytes.len());
+            match next(5) {
+                0 => bytes[at] = BYTES[next(BYTES.len())],
+                1 => drop(bytes.remove(at)),
+                2 => bytes.insert(at, BYTES[next(BYTES.len())]),
+                3 => {
+                    let piece = bytes[at..(at + 1 + next(12)).min(bytes.len())].to_vec();
+                    bytes.splice(at..at, piece);
+                }
+                _ => bytes.truncate(at),
+            }
+            // Only whole characters: the body reached the parser as UTF-8.
+            let damaged = String::from_utf8_lossy(&bytes).into_owned();
+            let ndjson = !damaged.contains(['\n', '\r']) && case % 2 == 0;
+            let mut all = events.clone();
+            all[k] = damaged.clone();
+            let (body, format) = match ndjson {
+                true => (all.join("\n"), BodyFormat::Ndjson),
+                false => (format!("[{}]", all.join(",")), BodyFormat::Json),
+            };
+            let sorted = match sort_events(&body, format, &limits, &r, "t") {
+                Ok(sorted) => sorted,
+                Err(BodyError::Malformed { message, .. }) if !ndjson => {
+                    assert!(!message.is_empty());
+                    refused_whole += 1;
+                    continue;
+                }
+                Err(err) => panic!("case {case}: {err:?} for {body}"),
+            };
+            let rejected: Vec<usize> = sorted.rejected.iter().map(|r| r.index).collect();
+            let items = match ndjson {
+                true => body
+                    .lines()
+                    .filter(|l| !l.trim_matches([' ', '\t']).is_empty())
+                    .count(),
+                false => serde_json::from_str::<Vec<&RawValue>>(&body).unwrap().len(),
+            };
+            assert_eq!(
+                sorted.accepted + rejected.len(),
+                items,
+                "case {case}: {body}"
+            );
+            if items != events.len() {
+                // The damage made one event two (`},{`), or nothing (a blank line).
+                continue;
+            }
+            for rejection in &sorted.rejected {
+                assert_eq!(rejection.index, k, "case {case}: {body}");
+                assert!(
+                    !rejection.errors.is_empty()
+                        && rejection.errors.iter().all(|e| !e.message.is_empty()),
+                    "case {case}: {:?}",
+                    rejection.errors
+                );
+            }
+            let before: Vec<u8> = rows[..k].concat();
+            let after: Vec<u8> = rows[k + 1..].concat();
+            assert!(
+                sorted.rows.starts_with(&before) && sorted.rows.ends_with(&after),
+                "case {case}: the other events' rows changed: {body}"
+            );
+            if rejected.is_empty() {
+                damaged_accepted += 1;
+                let middle = &sorted.rows[before.len()..sorted.rows.len() - after.len()];
+                assert_eq!(middle, row_alone(&damaged), "case {case}: {damaged}");
+            } else {
+                damaged_rejected += 1;
+                assert_eq!(sorted.rows.len(), before.len() + after.len());
+            }
+        }
+        // Each way out was taken often enough to mean something.
+        assert!(
+            refused_whole > 200 && damaged_accepted > 200 && damaged_rejected > 1000,
+            "{refused_whole} {damaged_accepted} {damaged_rejected}"
+        );
+    }
 }
