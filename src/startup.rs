@@ -220,8 +220,7 @@ impl Application {
                     durable: wal.durable.clone(),
                     committed,
                     wait_timeout: settings.wait_timeout,
-                    read_timeout: Duration::from_millis(settings.analytics.max_execution_ms)
-                        + crate::analytics::ANSWER_GRACE,
+                    read_limit_ms: settings.analytics.max_execution_ms,
                     default_limits: settings.rate_limits,
                     settle: settings.flush.interval * 2,
                     deletions: tokio::sync::Mutex::new(()),

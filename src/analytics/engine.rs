@@ -450,6 +450,9 @@ impl Analytics {
             }
         };
 
+        // The summaries' statements run one after another (coverage, summaries, edge hours),
+        // each within the time limit; together they get one limit and 5 s, then the query
+        // reads raw events (a fresh limit), as when what is held cannot answer.
         let limit = self.settings.max_execution_ms;
         let held = self
             .within(limit, async {
@@ -461,7 +464,14 @@ impl Analytics {
                     None => Ok(None),
                 }
             })
-            .await?;
+            .await;
+        let held = match held {
+            Err(AnalyticsError::Unavailable(clickhouse::error::Error::TimedOut)) => {
+                tracing::debug!("the summaries did not answer in time; reading raw events");
+                None
+            }
+            held => held?,
+        };
         let counter = match held {
             Some(_) => &self.metrics.analytics_from_summaries,
             None => &self.metrics.analytics_from_raw,

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use poem::Request;
 use poem_openapi::{
     param::{Path, Query},
     payload::Json,
@@ -19,11 +20,11 @@ use super::{
     documented::{unanswered, Documented},
     guard::ApiKey,
     json_body::{null_as_default, Fault, JsonBody},
-    stats::{parse_error_body, QueryErrorBody},
+    stats::{given_once, parse_error_body, QueryErrorBody},
     ApiTags,
 };
 use crate::{
-    analytics::InvalidInput,
+    analytics::{InvalidInput, ANSWER_GRACE},
     auth::{
         keys, store::format_time, ApiKey as StoredKey, KeyStore, LimitOverrides, Principal,
         RateLimits, Scopes, Tenant,
@@ -118,6 +119,11 @@ fn bad_body<T: ToJSON + Send + Sync>(err: InvalidInput) -> AdminResponse<T> {
     }
 }
 
+/// See [`given_once`].
+fn params_given_once(req: &Request) -> Result<(), InvalidInput> {
+    given_once(&req.params::<Vec<(String, String)>>().unwrap_or_default())
+}
+
 fn error(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<QueryErrorBody> {
     Json(QueryErrorBody {
         error: code.to_string(),
@@ -139,6 +145,26 @@ async fn within<T>(
             limit.as_millis()
         ))
     })
+}
+
+/// A usage read's error: ClickHouse stopping it at its time limit is the request's fault (a
+/// range too wide), anything else is ClickHouse's.
+fn usage_read_failed<T: ToJSON + Send + Sync>(
+    err: anyhow::Error,
+    limit_ms: u64,
+) -> AdminResponse<T> {
+    let timed_out = err
+        .downcast_ref::<clickhouse::error::Error>()
+        .and_then(crate::clickhouse::error_code)
+        == Some(159);
+    match timed_out {
+        true => AdminResponse::BadRequest(error(
+            "query_timeout",
+            format!("reading the usage log took longer than the {limit_ms} ms allowed; narrow from/to or give key_id"),
+            Some("from"),
+        )),
+        false => unavailable(err),
+    }
 }
 
 fn unavailable<T: ToJSON + Send + Sync>(err: anyhow::Error) -> AdminResponse<T> {
@@ -376,8 +402,10 @@ pub struct AdminApi {
     pub durable: watch::Receiver<WalPos>,
     pub committed: watch::Receiver<u64>,
     pub wait_timeout: Duration,
-    /// How long a read (tenants, keys, usage) waits for ClickHouse before answering 503.
-    pub read_timeout: Duration,
+    /// The time limit of a read (ClickHouse's `max_execution_time` of usage reads); a read
+    /// (tenants, keys, usage) that ClickHouse has not answered within it and
+    /// [`ANSWER_GRACE`] is a 503.
+    pub read_limit_ms: u64,
     /// Limits a key gets without overrides; a tenant's admin key may only lower them.
     pub default_limits: RateLimits,
     /// Events other instances acknowledged reach ClickHouse within about this long (their
@@ -439,7 +467,7 @@ impl AdminApi {
     #[oai(path = "/admin/tenants", method = "get", tag = "ApiTags::Admin")]
     async fn list_tenants(&self, auth: ApiKey) -> Answer<Vec<TenantBody>, ByParams> {
         async {
-            let tenants = within(self.read_timeout, async {
+            let tenants = within(self.read_limit(), async {
                 match auth.0.tenant() {
                     Some(own) => Ok(self.store.tenant(own).await?.into_iter().collect()),
                     None => self.store.list_tenants().await,
@@ -552,16 +580,20 @@ impl AdminApi {
     #[oai(path = "/admin/keys", method = "get", tag = "ApiTags::Admin")]
     async fn list_keys(
         &self,
+        req: &Request,
         auth: ApiKey,
         /// Only this tenant's keys (the bootstrap admin key sees every tenant without it).
         tenant_id: Query<Option<String>>,
     ) -> Answer<Vec<KeyBody>, ByParams> {
         async {
+            if let Err(e) = params_given_once(req) {
+                return bad_body(e);
+            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
                 Err(resp) => return resp,
             };
-            match within(self.read_timeout, self.store.list_keys(tenant.as_deref())).await {
+            match within(self.read_limit(), self.store.list_keys(tenant.as_deref())).await {
                 Ok(keys) => AdminResponse::Ok(Json(keys.into_iter().map(Into::into).collect())),
                 Err(e) => unavailable(e),
             }
@@ -608,11 +640,13 @@ impl AdminApi {
     ///
     /// Requests as the usage log recorded them (every request, failures included), oldest
     /// first: by arrival time, then instance and per-instance sequence number. Rows reach the
-    /// log within about a second.
+    /// log within about a second. A read longer than the analytics time limit is a 400
+    /// `query_timeout` (narrow the range).
     #[oai(path = "/admin/usage", method = "get", tag = "ApiTags::Admin")]
     #[allow(clippy::too_many_arguments)]
     async fn usage(
         &self,
+        req: &Request,
         auth: ApiKey,
         /// Start of the range on arrival time, inclusive (RFC 3339).
         from: Query<DateTime<Utc>>,
@@ -629,6 +663,9 @@ impl AdminApi {
         limit: Query<Option<u32>>,
     ) -> Answer<UsagePage, ByParams> {
         async {
+            if let Err(e) = params_given_once(req) {
+                return bad_body(e);
+            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
                 Err(resp) => return resp,
@@ -657,9 +694,9 @@ impl AdminApi {
                 },
             );
             let read = async { Ok(query.fetch_all::<UsageEntry>().await?) };
-            match within(self.read_timeout, read).await {
+            match within(self.read_limit(), read).await {
                 Ok(requests) => AdminResponse::Ok(Json(UsagePage { requests })),
-                Err(e) => unavailable(e),
+                Err(e) => usage_read_failed(e, self.read_limit_ms),
             }
         }
         .await
@@ -669,10 +706,11 @@ impl AdminApi {
     /// Usage per key per hour
     ///
     /// Requests, errors, rate-limited requests, accepted events and bytes of every key, by
-    /// hour (UTC).
+    /// hour (UTC). A read longer than the analytics time limit is a 400 `query_timeout`.
     #[oai(path = "/admin/usage/hourly", method = "get", tag = "ApiTags::Admin")]
     async fn usage_hourly(
         &self,
+        req: &Request,
         auth: ApiKey,
         /// Start of the range, inclusive (RFC 3339).
         from: Query<DateTime<Utc>>,
@@ -684,6 +722,9 @@ impl AdminApi {
         tenant_id: Query<Option<String>>,
     ) -> Answer<UsageHours, ByParams> {
         async {
+            if let Err(e) = params_given_once(req) {
+                return bad_body(e);
+            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
                 Err(resp) => return resp,
@@ -707,9 +748,9 @@ impl AdminApi {
                 },
             );
             let read = async { Ok(query.fetch_all::<UsageHour>().await?) };
-            match within(self.read_timeout, read).await {
+            match within(self.read_limit(), read).await {
                 Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
-                Err(e) => unavailable(e),
+                Err(e) => usage_read_failed(e, self.read_limit_ms),
             }
         }
         .await
@@ -796,6 +837,10 @@ impl AdminApi {
 
 impl AdminApi {
     /// `select … FROM usage_log FINAL WHERE <filter> tail`, every value bound.
+    fn read_limit(&self) -> Duration {
+        Duration::from_millis(self.read_limit_ms) + ANSWER_GRACE
+    }
+
     fn usage_query(
         &self,
         select: &str,
@@ -820,6 +865,10 @@ impl AdminApi {
         let mut query = self
             .client
             .query(&sql)
+            .with_setting(
+                "max_execution_time",
+                format!("{:.3}", self.read_limit_ms as f64 / 1000.0),
+            )
             .bind(format_time(filter.from))
             .bind(format_time(filter.to));
         for value in [filter.tenant, filter.key_id].into_iter().flatten() {
@@ -887,4 +936,35 @@ struct UsageFilter<'a> {
     tenant: Option<&'a str>,
     key_id: Option<&'a str>,
     status: Option<StatusClass>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickhouse::error::Error;
+
+    #[test]
+    fn a_usage_read_clickhouse_stopped_is_a_range_too_wide_and_other_failures_unavailable() {
+        let stopped = Error::BadResponse(
+            "Code: 159. DB::Exception: Timeout exceeded: elapsed 1.2 seconds, maximum: 1. (TIMEOUT_EXCEEDED)".into(),
+        );
+        let AdminResponse::BadRequest(body) = usage_read_failed::<UsagePage>(stopped.into(), 1000)
+        else {
+            panic!("ClickHouse's own time limit is not a 400");
+        };
+        assert_eq!(
+            (body.0.error.as_str(), body.0.field.as_deref()),
+            ("query_timeout", Some("from"))
+        );
+        assert!(body.0.message.contains("1000 ms"), "{}", body.0.message);
+        for other in [
+            anyhow::Error::from(Error::BadResponse("Connection refused".into())),
+            anyhow::anyhow!("ClickHouse did not answer within 15000 ms"),
+        ] {
+            assert!(matches!(
+                usage_read_failed::<UsagePage>(other, 1000),
+                AdminResponse::Unavailable(_)
+            ));
+        }
+    }
 }

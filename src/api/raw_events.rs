@@ -4,7 +4,7 @@
 //! `GET /v1/events` shares its path with `POST /v1/events` (`EventsApi`); routing allows two
 //! `#[OpenApi]` impls on one path, and `SharedPaths` merges them in the OpenAPI document.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use bytes::Bytes;
 use chrono::{DateTime, FixedOffset, Utc};
@@ -29,7 +29,7 @@ use super::{
 };
 use crate::analytics::{
     raw::{self, Bounds, Cursor, EventRow},
-    Analytics, AnalyticsError, InvalidInput,
+    Analytics, AnalyticsError, InvalidInput, ANSWER_GRACE,
 };
 
 /// A stored event: the fields it was sent with, and what the service added.
@@ -339,12 +339,15 @@ impl RawEventsApi {
                 .map_err(|e| self.analytics.error(e))?;
             // The first row is read before answering, so that a query ClickHouse refuses
             // gets a proper status instead of a broken stream.
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(settings.export_max_execution_ms)
+                + ANSWER_GRACE;
             let first = self
                 .analytics
                 .answer(settings.export_max_execution_ms, rows.next())
                 .await?;
             let until = DateTime::from_timestamp_millis(until_ms).unwrap_or_default();
-            Ok::<_, AnalyticsError>((stream(rows, first), until.to_rfc3339()))
+            Ok::<_, AnalyticsError>((stream(rows, first, deadline), until.to_rfc3339()))
         };
         match run.await {
             Ok((body, until)) => ExportResponse::Ok(Ndjson(body), until),
@@ -411,7 +414,14 @@ fn bounds(
 /// The rest of the rows as NDJSON chunks, read from ClickHouse as the client reads: at most
 /// one chunk is held in memory. An error mid-stream ends the body abnormally (the client
 /// sees a broken transfer, not a clean end) and it resumes from its last cursor.
-fn stream(rows: clickhouse::query::RowCursor<EventRow>, first: Option<EventRow>) -> Body {
+/// The export's body: `first`, then the rest of `rows`, in chunks. The stream breaks off
+/// (the client sees a body without its end) when ClickHouse fails, or has not sent the last
+/// row by `deadline`.
+fn stream(
+    rows: clickhouse::query::RowCursor<EventRow>,
+    first: Option<EventRow>,
+    deadline: tokio::time::Instant,
+) -> Body {
     struct State {
         rows: clickhouse::query::RowCursor<EventRow>,
         pending: Option<EventRow>,
@@ -422,13 +432,14 @@ fn stream(rows: clickhouse::query::RowCursor<EventRow>, first: Option<EventRow>)
         rows,
         pending: first,
     };
-    let chunks = futures_util::stream::try_unfold(state, |mut st| async move {
+    let chunks = futures_util::stream::try_unfold(state, move |mut st| async move {
         let mut buf = Vec::with_capacity(CHUNK_BYTES + 1024);
         if let Some(row) = st.pending.take() {
             line(&mut buf, row)?;
         }
         while !st.done && buf.len() < CHUNK_BYTES {
-            match st.rows.next().await {
+            let next = tokio::time::timeout_at(deadline, st.rows.next()).await;
+            match next.unwrap_or(Err(clickhouse::error::Error::TimedOut)) {
                 Ok(Some(row)) => line(&mut buf, row)?,
                 Ok(None) => st.done = true,
                 Err(e) => {

@@ -496,7 +496,12 @@ pub fn only_params(req: &Request, known: &[&str]) -> Result<(), InvalidInput> {
             ),
         ));
     }
-    // The framework would take the first of a repeated one and drop the rest unseen.
+    given_once(&pairs)
+}
+
+/// Every query parameter but the repeatable ones given at most once: the framework would take
+/// the first of a repeated one and drop the rest unseen.
+pub fn given_once(pairs: &[(String, String)]) -> Result<(), InvalidInput> {
     let mut seen = HashSet::new();
     match pairs
         .iter()

@@ -553,7 +553,11 @@ mod tests {
             max_events: 20,
             max_event_bytes: 16 * 1024,
         };
-        let r = rules();
+        // A fixed clock (2026-01-01T00:00:00.123Z): the same bodies, and damages, every run.
+        let r = TimeRules {
+            received_at_ms: 1_767_225_600_123,
+            ..rules()
+        };
         let now = chrono::DateTime::from_timestamp_millis(r.received_at_ms - 60_000)
             .unwrap()
             .to_rfc3339();

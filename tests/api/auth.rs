@@ -373,6 +373,29 @@ async fn every_endpoint_checks_the_scope_and_the_tenant_of_its_key() {
         assert_eq!(r.status, 403, "{path}: {}", r.text);
         assert_eq!(r.json["error"], "forbidden_tenant");
     }
+    // A parameter given twice is refused, not read as its first value.
+    for (path, field) in [
+        (
+            format!("/v1/admin/usage?{range}&key_id=a&key_id=b"),
+            "key_id",
+        ),
+        (
+            format!("/v1/admin/usage/hourly?key_id=a&{range}&key_id=a"),
+            "key_id",
+        ),
+        (
+            "/v1/admin/keys?tenant_id=globex&tenant_id=acme".into(),
+            "tenant_id",
+        ),
+    ] {
+        let r = send(&app, Some(&other), Method::GET, &path, None).await;
+        assert_eq!(
+            (r.status, r.json["error"].as_str(), r.json["field"].as_str()),
+            (400, Some("invalid_parameter"), Some(field)),
+            "{path}: {}",
+            r.text
+        );
+    }
     let r = send(&app, Some(&other), Method::GET, "/v1/admin/keys", None).await;
     let tenants: BTreeSet<&str> = r
         .json
@@ -1025,12 +1048,13 @@ async fn usage_rows_of_the_last_moments_are_written_on_a_graceful_stop() {
 
 #[tokio::test]
 async fn deleting_a_users_events_removes_them_for_the_tenant_only() {
-    // Flushes every 500 ms, so its second pass comes 1 s after the first.
-    let app = spawn_app_with("delete_user", &[("ADTRACK_FLUSH_INTERVAL_MS", "500")]).await;
+    // Flushes every second, so its second pass comes 2 s after the first.
+    let app = spawn_app_with("delete_user", &[("ADTRACK_FLUSH_INTERVAL_MS", "1000")]).await;
     // Another instance of the same tenant, whose events reach ClickHouse after the first pass
-    // (~0.5 s after they were sent) and well before the second (~1.5 s), even when the
+    // (up to ~1 s after they were sent) and well before the second (~2.5 s), even when the
     // parallel tests keep the local engine busy (with 0.4 s between the passes and a flush
-    // after 0.3 s, a slow insert once missed the second pass).
+    // after 0.3 s, a slow insert once missed the second pass; with 1 s and 0.7 s, once under
+    // twice the usual load).
     let second = spawn_app_with(
         "delete_user_second",
         &[
