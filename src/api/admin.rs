@@ -772,12 +772,16 @@ impl AdminApi {
     )]
     async fn delete_user_events(
         &self,
+        req: &Request,
         auth: ApiKey,
         user_id: Path<String>,
         /// The tenant (bootstrap admin key only, and then required).
         tenant_id: Query<Option<String>>,
     ) -> Answer<UserDeletion, ByParams> {
         async {
+            if let Err(e) = params_given_once(req) {
+                return bad_body(e);
+            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), true) {
                 Ok(t) => t.unwrap_or_default(),
                 Err(resp) => return resp,
@@ -836,11 +840,12 @@ impl AdminApi {
 }
 
 impl AdminApi {
-    /// `select … FROM usage_log FINAL WHERE <filter> tail`, every value bound.
+    /// How long a read waits for ClickHouse's answer.
     fn read_limit(&self) -> Duration {
         Duration::from_millis(self.read_limit_ms) + ANSWER_GRACE
     }
 
+    /// `select … FROM usage_log FINAL WHERE <filter> tail`, every value bound.
     fn usage_query(
         &self,
         select: &str,

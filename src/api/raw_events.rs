@@ -174,7 +174,8 @@ pub enum ExportResponse {
     /// A guard stopped the query (`query_memory_limit`, `query_timeout`).
     #[oai(status = 422)]
     TooExpensive(Json<QueryErrorBody>),
-    /// ClickHouse is unreachable or overloaded; retry later.
+    /// ClickHouse is unreachable or overloaded, or did not answer within the time limit and
+    /// 5 s (`clickhouse_unavailable`); retry later.
     #[oai(status = 503)]
     Unavailable(Json<QueryErrorBody>),
     /// An unexpected failure; the service log has the cause.
@@ -411,12 +412,10 @@ fn bounds(
     })
 }
 
-/// The rest of the rows as NDJSON chunks, read from ClickHouse as the client reads: at most
-/// one chunk is held in memory. An error mid-stream ends the body abnormally (the client
-/// sees a broken transfer, not a clean end) and it resumes from its last cursor.
-/// The export's body: `first`, then the rest of `rows`, in chunks. The stream breaks off
-/// (the client sees a body without its end) when ClickHouse fails, or has not sent the last
-/// row by `deadline`.
+/// `first`, then the rest of the rows, as NDJSON chunks read from ClickHouse as the client
+/// reads: at most one chunk is held in memory. An error mid-stream, or rows still coming at
+/// `deadline`, end the body abnormally (the client sees a broken transfer, not a clean end)
+/// and it resumes from its last cursor.
 fn stream(
     rows: clickhouse::query::RowCursor<EventRow>,
     first: Option<EventRow>,

@@ -103,7 +103,8 @@ pub enum AnalyticsResponse<T: ToJSON + Send + Sync> {
     /// time range, add filters, use a limit or a coarser bucket.
     #[oai(status = 422)]
     TooExpensive(Json<QueryErrorBody>),
-    /// ClickHouse is unreachable or overloaded; retry later.
+    /// ClickHouse is unreachable or overloaded, or did not answer within the time limit and
+    /// 5 s (`clickhouse_unavailable`); retry later.
     #[oai(status = 503)]
     Unavailable(Json<QueryErrorBody>),
     /// An unexpected failure; the service log has the cause.

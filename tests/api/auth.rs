@@ -374,21 +374,26 @@ async fn every_endpoint_checks_the_scope_and_the_tenant_of_its_key() {
         assert_eq!(r.json["error"], "forbidden_tenant");
     }
     // A parameter given twice is refused, not read as its first value.
-    for (path, field) in [
+    let users = "/v1/users/u1/events?tenant_id=globex&tenant_id=acme";
+    for (method, path, field) in [
         (
+            Method::GET,
             format!("/v1/admin/usage?{range}&key_id=a&key_id=b"),
             "key_id",
         ),
         (
+            Method::GET,
             format!("/v1/admin/usage/hourly?key_id=a&{range}&key_id=a"),
             "key_id",
         ),
         (
+            Method::GET,
             "/v1/admin/keys?tenant_id=globex&tenant_id=acme".into(),
             "tenant_id",
         ),
+        (Method::DELETE, users.into(), "tenant_id"),
     ] {
-        let r = send(&app, Some(&other), Method::GET, &path, None).await;
+        let r = send(&app, Some(&other), method, &path, None).await;
         assert_eq!(
             (r.status, r.json["error"].as_str(), r.json["field"].as_str()),
             (400, Some("invalid_parameter"), Some(field)),
