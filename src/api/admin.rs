@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use poem::Request;
 use poem_openapi::{
     param::{Path, Query},
     payload::Json,
@@ -20,7 +19,7 @@ use super::{
     documented::{unanswered, Documented},
     guard::ApiKey,
     json_body::{null_as_default, Fault, JsonBody},
-    stats::{given_once, parse_error_body, QueryErrorBody},
+    stats::{parse_error_body, QueryErrorBody},
     ApiTags,
 };
 use crate::{
@@ -117,11 +116,6 @@ fn bad_body<T: ToJSON + Send + Sync>(err: InvalidInput) -> AdminResponse<T> {
         Fault::TooLarge => AdminResponse::PayloadTooLarge(Json(err.into())),
         Fault::Invalid => AdminResponse::BadRequest(Json(err.into())),
     }
-}
-
-/// See [`given_once`].
-fn params_given_once(req: &Request) -> Result<(), InvalidInput> {
-    given_once(&req.params::<Vec<(String, String)>>().unwrap_or_default())
 }
 
 fn error(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<QueryErrorBody> {
@@ -580,15 +574,11 @@ impl AdminApi {
     #[oai(path = "/admin/keys", method = "get", tag = "ApiTags::Admin")]
     async fn list_keys(
         &self,
-        req: &Request,
         auth: ApiKey,
         /// Only this tenant's keys (the bootstrap admin key sees every tenant without it).
         tenant_id: Query<Option<String>>,
     ) -> Answer<Vec<KeyBody>, ByParams> {
         async {
-            if let Err(e) = params_given_once(req) {
-                return bad_body(e);
-            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
                 Err(resp) => return resp,
@@ -646,7 +636,6 @@ impl AdminApi {
     #[allow(clippy::too_many_arguments)]
     async fn usage(
         &self,
-        req: &Request,
         auth: ApiKey,
         /// Start of the range on arrival time, inclusive (RFC 3339).
         from: Query<DateTime<Utc>>,
@@ -663,9 +652,6 @@ impl AdminApi {
         limit: Query<Option<u32>>,
     ) -> Answer<UsagePage, ByParams> {
         async {
-            if let Err(e) = params_given_once(req) {
-                return bad_body(e);
-            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
                 Err(resp) => return resp,
@@ -710,7 +696,6 @@ impl AdminApi {
     #[oai(path = "/admin/usage/hourly", method = "get", tag = "ApiTags::Admin")]
     async fn usage_hourly(
         &self,
-        req: &Request,
         auth: ApiKey,
         /// Start of the range, inclusive (RFC 3339).
         from: Query<DateTime<Utc>>,
@@ -722,9 +707,6 @@ impl AdminApi {
         tenant_id: Query<Option<String>>,
     ) -> Answer<UsageHours, ByParams> {
         async {
-            if let Err(e) = params_given_once(req) {
-                return bad_body(e);
-            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
                 Err(resp) => return resp,
@@ -772,16 +754,12 @@ impl AdminApi {
     )]
     async fn delete_user_events(
         &self,
-        req: &Request,
         auth: ApiKey,
         user_id: Path<String>,
         /// The tenant (bootstrap admin key only, and then required).
         tenant_id: Query<Option<String>>,
     ) -> Answer<UserDeletion, ByParams> {
         async {
-            if let Err(e) = params_given_once(req) {
-                return bad_body(e);
-            }
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), true) {
                 Ok(t) => t.unwrap_or_default(),
                 Err(resp) => return resp,

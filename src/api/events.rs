@@ -131,15 +131,6 @@ impl Endpoint for DirectIngest {
             Some(_) => None,
         };
         let principal = req.extensions().get::<Principal>().cloned();
-        if principal.is_some() && req.uri().query().is_some_and(repeats_wait) {
-            // The OpenAPI layer would take the first value without a word.
-            let mut body = ErrorBody::new(
-                "invalid_parameter",
-                "`wait` is given more than once; send it once, `true` or `false`",
-            );
-            body.field = Some("wait".into());
-            return Ok(IngestResponse::BadRequest(Json(body)).into_response());
-        }
         let (Some(wait), Some(caller), &Method::POST) = (wait, principal, req.method()) else {
             return self.documented.call(req).await;
         };
@@ -198,13 +189,6 @@ impl EventsApi {
             Err(IngestError::RateLimited(over)) => events_rate_limited(over),
         }
     }
-}
-
-fn repeats_wait(query: &str) -> bool {
-    let waits = query
-        .split('&')
-        .filter(|pair| pair.split('=').next() == Some("wait"));
-    waits.count() > 1
 }
 
 /// A query parameter poem-openapi could not parse: the same JSON error body as every other 400.

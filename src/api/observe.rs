@@ -3,6 +3,7 @@
 //! latency histogram by route, and the request's row in the usage log.
 
 use std::{
+    collections::HashSet,
     pin::Pin,
     sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
@@ -14,7 +15,7 @@ use http_body::{Body as _, Frame};
 use http_body_util::combinators::BoxBody;
 use poem::{
     error::{MethodNotAllowedError, NotFoundError},
-    http::Method,
+    http::{Method, StatusCode},
     Body, Endpoint, IntoResponse, Request, Response, Result,
 };
 
@@ -100,6 +101,30 @@ impl<E: Endpoint> Endpoint for Observed<E> {
     }
 }
 
+/// The query parameters of `/v1` that may be given more than once.
+const REPEATABLE: [&str; 2] = ["metrics", "filter"];
+
+/// A `/v1` query parameter given twice (other than the [`REPEATABLE`] ones) is a 400 naming
+/// it, on every endpoint: the framework would take the first value and drop the rest unseen.
+fn repeated_parameter(req: &Request) -> Option<Response> {
+    // Only a query of two parameters or more can repeat one (the ingest path has none).
+    req.uri().query().filter(|q| q.contains('&'))?;
+    if !req.uri().path().starts_with("/v1/") {
+        return None;
+    }
+    let pairs: Vec<(String, String)> = req.params().ok()?;
+    let mut seen = HashSet::new();
+    let (name, _) = pairs
+        .iter()
+        .find(|(name, _)| !REPEATABLE.contains(&name.as_str()) && !seen.insert(name))?;
+    let mut body = ErrorBody::new(
+        "invalid_parameter",
+        format!("`{name}` is given more than once; give it once"),
+    );
+    body.field = Some(name.clone());
+    Some(body.with_status(StatusCode::BAD_REQUEST))
+}
+
 async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> Result<Response> {
     let arrived = chrono::Utc::now();
     let started = Instant::now();
@@ -128,9 +153,12 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
             }
             // A cheap clone (shared bytes), for the message of a routing error.
             let uri = req.uri().clone();
-            let resp = match ep.call(req).await {
-                Ok(resp) => resp.into_response(),
-                Err(err) => error_response(err, &method, uri.path()),
+            let resp = match repeated_parameter(&req) {
+                Some(refused) => refused,
+                None => match ep.call(req).await {
+                    Ok(resp) => resp.into_response(),
+                    Err(err) => error_response(err, &method, uri.path()),
+                },
             };
             (resp, quota)
         }

@@ -7,10 +7,7 @@
 //! Unknown query parameters are refused too: a misspelt filter would otherwise return
 //! unfiltered figures that look right.
 
-use std::{
-    borrow::Cow,
-    collections::{BTreeMap, HashSet},
-};
+use std::{borrow::Cow, collections::BTreeMap};
 
 use chrono::{DateTime, FixedOffset, Utc};
 use poem::Request;
@@ -484,41 +481,21 @@ impl ParseFromParameter for MetricList {
 /// Refuses query parameters the endpoint does not know.
 pub fn only_params(req: &Request, known: &[&str]) -> Result<(), InvalidInput> {
     let pairs: Vec<(String, String)> = req.params().unwrap_or_default();
-    if let Some((name, _)) = pairs
+    match pairs
         .iter()
         .find(|(name, _)| !known.contains(&name.as_str()))
     {
-        return Err(InvalidInput::new(
+        None => Ok(()),
+        Some((name, _)) => Err(InvalidInput::new(
             "unknown_parameter",
             name,
             format!(
                 "unknown query parameter {name:?}; this endpoint takes {}",
                 known.join(", ")
             ),
-        ));
-    }
-    given_once(&pairs)
-}
-
-/// Every query parameter but the repeatable ones given at most once: the framework would take
-/// the first of a repeated one and drop the rest unseen.
-pub fn given_once(pairs: &[(String, String)]) -> Result<(), InvalidInput> {
-    let mut seen = HashSet::new();
-    match pairs
-        .iter()
-        .find(|(name, _)| !REPEATABLE.contains(&name.as_str()) && !seen.insert(name))
-    {
-        None => Ok(()),
-        Some((name, _)) => Err(InvalidInput::new(
-            "invalid_parameter",
-            name,
-            format!("{name} is given more than once; give it once"),
         )),
     }
 }
-
-/// The query parameters that may be given more than once.
-const REPEATABLE: [&str; 2] = ["metrics", "filter"];
 
 pub fn parse_filters(filters: &[String]) -> Result<Vec<Filter>, InvalidInput> {
     filters.iter().map(|f| Filter::parse(f, "filter")).collect()
