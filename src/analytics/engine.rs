@@ -45,7 +45,13 @@ const RAW_FIGURES_MAX_ROWS: u64 = 250_000;
 /// How much longer than its own time limit a read may take before the service stops waiting
 /// for ClickHouse (network, queueing): a server that takes connections but never answers
 /// (stopped, wedged) costs a dashboard this long and a 503, not a request that never ends.
-pub const ANSWER_GRACE: Duration = Duration::from_secs(5);
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the service waits for the answer to a read ClickHouse runs with
+/// `max_execution_ms`: that, and [`ANSWER_GRACE`].
+pub fn answer_limit(max_execution_ms: u64) -> Duration {
+    Duration::from_millis(max_execution_ms) + ANSWER_GRACE
+}
 
 /// The aggregates of one group (or one bucket of it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -337,15 +343,13 @@ impl Analytics {
     }
 
     /// `read` (statements with `max_execution_ms`, which ClickHouse enforces once it runs
-    /// them), given up as unavailable (503) when no answer came within that and
-    /// [`ANSWER_GRACE`].
+    /// them), given up as unavailable (503) when no answer came within [`answer_limit`].
     pub async fn within<T>(
         &self,
         max_execution_ms: u64,
         read: impl Future<Output = Result<T, AnalyticsError>>,
     ) -> Result<T, AnalyticsError> {
-        let limit = Duration::from_millis(max_execution_ms) + ANSWER_GRACE;
-        tokio::time::timeout(limit, read)
+        tokio::time::timeout(answer_limit(max_execution_ms), read)
             .await
             .unwrap_or(Err(AnalyticsError::Unavailable(
                 clickhouse::error::Error::TimedOut,

@@ -46,7 +46,7 @@ pub mod raw;
 pub mod rollup;
 pub mod sql;
 
-pub use engine::{Aggregates, Analytics, GroupResult, QueryOutput, ANSWER_GRACE};
+pub use engine::{answer_limit, Aggregates, Analytics, GroupResult, QueryOutput};
 pub use model::{AnalyticsQuery, Bucket, Dimension, Filter, Metric, TimeRange};
 
 /// A request the API cannot answer as asked, and which field is at fault.

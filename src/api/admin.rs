@@ -23,7 +23,7 @@ use super::{
     ApiTags,
 };
 use crate::{
-    analytics::{InvalidInput, ANSWER_GRACE},
+    analytics::{answer_limit, InvalidInput},
     auth::{
         keys, store::format_time, ApiKey as StoredKey, KeyStore, LimitOverrides, Principal,
         RateLimits, Scopes, Tenant,
@@ -397,8 +397,8 @@ pub struct AdminApi {
     pub committed: watch::Receiver<u64>,
     pub wait_timeout: Duration,
     /// The time limit of a read (ClickHouse's `max_execution_time` of usage reads); a read
-    /// (tenants, keys, usage) that ClickHouse has not answered within it and
-    /// [`ANSWER_GRACE`] is a 503.
+    /// (tenants, keys, usage) that ClickHouse has not answered within [`answer_limit`] of it
+    /// is a 503.
     pub read_limit_ms: u64,
     /// Limits a key gets without overrides; a tenant's admin key may only lower them.
     pub default_limits: RateLimits,
@@ -461,7 +461,7 @@ impl AdminApi {
     #[oai(path = "/admin/tenants", method = "get", tag = "ApiTags::Admin")]
     async fn list_tenants(&self, auth: ApiKey) -> Answer<Vec<TenantBody>, ByParams> {
         async {
-            let tenants = within(self.read_limit(), async {
+            let tenants = within(answer_limit(self.read_limit_ms), async {
                 match auth.0.tenant() {
                     Some(own) => Ok(self.store.tenant(own).await?.into_iter().collect()),
                     None => self.store.list_tenants().await,
@@ -583,7 +583,12 @@ impl AdminApi {
                 Ok(t) => t,
                 Err(resp) => return resp,
             };
-            match within(self.read_limit(), self.store.list_keys(tenant.as_deref())).await {
+            match within(
+                answer_limit(self.read_limit_ms),
+                self.store.list_keys(tenant.as_deref()),
+            )
+            .await
+            {
                 Ok(keys) => AdminResponse::Ok(Json(keys.into_iter().map(Into::into).collect())),
                 Err(e) => unavailable(e),
             }
@@ -680,7 +685,7 @@ impl AdminApi {
                 },
             );
             let read = async { Ok(query.fetch_all::<UsageEntry>().await?) };
-            match within(self.read_limit(), read).await {
+            match within(answer_limit(self.read_limit_ms), read).await {
                 Ok(requests) => AdminResponse::Ok(Json(UsagePage { requests })),
                 Err(e) => usage_read_failed(e, self.read_limit_ms),
             }
@@ -730,7 +735,7 @@ impl AdminApi {
                 },
             );
             let read = async { Ok(query.fetch_all::<UsageHour>().await?) };
-            match within(self.read_limit(), read).await {
+            match within(answer_limit(self.read_limit_ms), read).await {
                 Ok(hours) => AdminResponse::Ok(Json(UsageHours { hours })),
                 Err(e) => usage_read_failed(e, self.read_limit_ms),
             }
@@ -818,11 +823,6 @@ impl AdminApi {
 }
 
 impl AdminApi {
-    /// How long a read waits for ClickHouse's answer.
-    fn read_limit(&self) -> Duration {
-        Duration::from_millis(self.read_limit_ms) + ANSWER_GRACE
-    }
-
     /// `select … FROM usage_log FINAL WHERE <filter> tail`, every value bound.
     fn usage_query(
         &self,

@@ -4,7 +4,7 @@
 //! `GET /v1/events` shares its path with `POST /v1/events` (`EventsApi`); routing allows two
 //! `#[OpenApi]` impls on one path, and `SharedPaths` merges them in the OpenAPI document.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, FixedOffset, Utc};
@@ -28,8 +28,9 @@ use super::{
     ApiTags,
 };
 use crate::analytics::{
+    answer_limit,
     raw::{self, Bounds, Cursor, EventRow},
-    Analytics, AnalyticsError, InvalidInput, ANSWER_GRACE,
+    Analytics, AnalyticsError, InvalidInput,
 };
 
 /// A stored event: the fields it was sent with, and what the service added.
@@ -340,9 +341,8 @@ impl RawEventsApi {
                 .map_err(|e| self.analytics.error(e))?;
             // The first row is read before answering, so that a query ClickHouse refuses
             // gets a proper status instead of a broken stream.
-            let deadline = tokio::time::Instant::now()
-                + Duration::from_millis(settings.export_max_execution_ms)
-                + ANSWER_GRACE;
+            let deadline =
+                tokio::time::Instant::now() + answer_limit(settings.export_max_execution_ms);
             let first = self
                 .analytics
                 .answer(settings.export_max_execution_ms, rows.next())
