@@ -328,9 +328,11 @@ impl Analytics {
             .with_setting("result_overflow_mode", "throw")
     }
 
-    /// A statement with the dedup setting, a time limit and the memory limit.
+    /// A statement with the dedup setting, a time limit and the memory limit, which ClickHouse
+    /// stops when the service goes away (its client went away, or it gave up waiting).
     pub fn read(&self, sql: &Sql, max_execution_ms: u64) -> clickhouse::query::Query {
         sql.query(&self.client)
+            .with_setting("cancel_http_readonly_queries_on_client_close", "1")
             .with_setting("do_not_merge_across_partitions_select_final", "1")
             .with_setting(
                 "max_execution_time",
@@ -611,6 +613,43 @@ fn fill(starts: &[DateTime<Utc>], rows: &[AggRow]) -> Vec<(DateTime<Utc>, Aggreg
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn reads_ask_clickhouse_to_stop_them_when_the_service_goes_away() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let request = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = vec![0; 64 << 10];
+            let n = conn.read(&mut head).await.unwrap();
+            String::from_utf8_lossy(&head[..n]).into_owned()
+        });
+        let settings = AnalyticsSettings {
+            max_range_days: 1,
+            max_groups: 1,
+            max_points: 1,
+            max_execution_ms: 1000,
+            max_memory_bytes: 1 << 30,
+            export_max_execution_ms: 1000,
+            export_settle_ms: 0,
+            rollup_refresh: Duration::ZERO,
+            rollup_cache_bytes: 0,
+        };
+        let client = clickhouse::Client::default().with_url(url);
+        let analytics = Analytics::new(client, settings, Arc::new(Metrics::default()));
+        let mut sql = Sql::new();
+        sql.push("SELECT 1");
+        // Nothing answers; the request is all this test wants.
+        let read = analytics.read(&sql, 1000).fetch_all::<u8>();
+        let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
+        let request = request.await.unwrap();
+        let line = request.lines().next().unwrap();
+        assert!(
+            line.contains("cancel_http_readonly_queries_on_client_close=1"),
+            "{line}"
+        );
+    }
 
     #[test]
     fn ratios_are_undefined_without_a_denominator() {

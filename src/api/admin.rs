@@ -848,6 +848,7 @@ impl AdminApi {
         let mut query = self
             .client
             .query(&sql)
+            .with_setting("cancel_http_readonly_queries_on_client_close", "1")
             .with_setting(
                 "max_execution_time",
                 format!("{:.3}", self.read_limit_ms as f64 / 1000.0),
