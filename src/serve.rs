@@ -9,17 +9,34 @@
 //! 100-event batch). Work is not moved to another thread by itself, so what is long is moved
 //! explicitly: [`cpu_bound`] decompresses and parses large bodies off the request thread.
 //! Connections are long-lived behind a load balancer, so dealing them out in turn keeps the
-//! threads evenly loaded.
+//! threads evenly loaded. A handler can cut its connection off ([`abort_connection`]): a
+//! streamed answer that fails midway must not end like a complete one.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, LazyLock, Mutex,
+    },
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
 
 use anyhow::Context;
 use poem::{
     listener::Acceptor,
     web::{LocalAddr, RemoteAddr},
-    Endpoint, Server,
+    Addr, Endpoint, Server,
 };
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{mpsc, watch, Notify},
+};
 
 /// How long a graceful stop waits for open requests before closing their connections.
 const GRACE: Duration = Duration::from_secs(10);
@@ -195,7 +212,7 @@ struct Handoff {
 }
 
 impl Acceptor for Handoff {
-    type Io = tokio::net::TcpStream;
+    type Io = Connection;
 
     fn local_addr(&self) -> Vec<LocalAddr> {
         vec![self.local.clone()]
@@ -208,13 +225,119 @@ impl Acceptor for Handoff {
         let Some((stream, remote)) = self.connections.recv().await else {
             return std::future::pending().await;
         };
-        let stream = tokio::net::TcpStream::from_std(stream)?;
+        let stream = Connection::new(TcpStream::from_std(stream)?, remote);
         Ok((
             stream,
             self.local.clone(),
             RemoteAddr(remote.into()),
             poem::http::uri::Scheme::HTTP,
         ))
+    }
+}
+
+/// Open connections by their client's address (unique among open connections), each with
+/// its [`abort_connection`] switch.
+static OPEN: LazyLock<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>> =
+    LazyLock::new(Default::default);
+
+/// Ends the connection of the request from `remote` where it is, without another byte: for a
+/// streamed answer whose body failed after its head went out. Returning an error from the
+/// body is not enough: poem polls a connection once more after it failed, and hyper then
+/// writes the chunked body's end marker, so the client would take a cut-off answer for a
+/// complete one. With this, the client sees a broken transfer.
+pub fn abort_connection(remote: &RemoteAddr) {
+    if let Addr::SocketAddr(addr) = &remote.0 {
+        if let Some(aborted) = OPEN.lock().unwrap_or_else(|e| e.into_inner()).get(addr) {
+            aborted.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A served connection: its socket refuses every write once [`abort_connection`] was called
+/// for it.
+pub struct Connection {
+    stream: TcpStream,
+    remote: SocketAddr,
+    aborted: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, remote: SocketAddr) -> Self {
+        let aborted = Arc::new(AtomicBool::new(false));
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.insert(remote, aborted.clone());
+        Self {
+            stream,
+            remote,
+            aborted,
+        }
+    }
+
+    fn refused(&self) -> Option<io::Error> {
+        self.aborted.load(Ordering::Relaxed).then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the answer failed while it was being sent",
+            )
+        })
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        if open
+            .get(&self.remote)
+            .is_some_and(|a| Arc::ptr_eq(a, &self.aborted))
+        {
+            open.remove(&self.remote);
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.refused() {
+            return Poll::Ready(Err(err));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.refused() {
+            return Poll::Ready(Err(err));
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -284,5 +407,62 @@ mod tests {
         );
         let fresh = reqwest::Client::new();
         assert!(get(&fresh, addr).await.is_err(), "still accepting");
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_body_fails_midway_is_cut_off_not_ended() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = poem::endpoint::make(|req: poem::Request| async move {
+            let remote = req.remote_addr().clone();
+            let fails = req.uri().path() == "/fails";
+            let lines = futures_util::stream::unfold(0, move |n| {
+                let remote = remote.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    match n {
+                        0 => Some((Ok(bytes::Bytes::from("first line\n")), 1)),
+                        1 if fails => {
+                            abort_connection(&remote);
+                            Some((Err(io::Error::other("the source failed")), 2))
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            poem::Body::from_bytes_stream(lines)
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, routes, 1, async {
+            let _ = stopped.await;
+        }));
+
+        // The answer, and the client's address (the key of its connection in `OPEN`).
+        let answer = |path: &'static str| async move {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = conn.read_to_end(&mut answer).await;
+            (
+                String::from_utf8(answer).unwrap(),
+                conn.local_addr().unwrap(),
+            )
+        };
+        let (whole, _) = answer("/works").await;
+        assert!(whole.ends_with("first line\n\r\n0\r\n\r\n"), "{whole:?}");
+        let (cut, client) = answer("/fails").await;
+        assert!(cut.contains("first line\n"), "{cut:?}");
+        assert!(
+            !cut.ends_with("0\r\n\r\n"),
+            "ended like a complete answer: {cut:?}"
+        );
+        let remembered = OPEN.lock().unwrap().contains_key(&client);
+        assert!(!remembered, "a closed connection is forgotten");
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
     }
 }

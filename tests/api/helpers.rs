@@ -102,10 +102,19 @@ pub async fn spawn_app_with(test: &str, overrides: &[(&str, &str)]) -> TestApp {
 
 /// Starts the app, with `http` sending a key of `tenant`.
 pub async fn spawn_app_for(test: &str, tenant: &str, overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_on(&local_clickhouse::shared_url(), test, tenant, overrides).await
+}
+
+/// Starts the app against the ClickHouse at `url`.
+pub async fn spawn_app_on(
+    url: &str,
+    test: &str,
+    tenant: &str,
+    overrides: &[(&str, &str)],
+) -> TestApp {
     let tmp = tempfile::tempdir().unwrap();
-    let url = local_clickhouse::shared_url();
     let database = unique_database(test);
-    let mut env = base_env(&url, &database, tmp.path());
+    let mut env = base_env(url, &database, tmp.path());
     for (k, v) in overrides {
         env.insert(k.to_string(), v.to_string());
     }
@@ -571,4 +580,70 @@ pub async fn assert_all_stored_once(db: &clickhouse::Client, acked: &HashSet<Str
         .unwrap();
     assert_eq!(raw as usize, stored.len(), "rows after merge");
     stored.len()
+}
+
+/// A TCP proxy to the ClickHouse at `upstream` (its URL) that passes everything through but
+/// the answer to the first request containing `marker`: of that one it passes the HTTP head
+/// and the first `pass` bytes of the body, then holds the rest back with the connection open.
+/// A ClickHouse that stalls in the middle of a long answer. Returns the proxy's URL.
+pub async fn stalling_proxy(upstream: &str, marker: &'static str, pass: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let armed = Arc::new(AtomicBool::new(true));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (upstream, armed) = (upstream.clone(), armed.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let stall = Arc::new(AtomicBool::new(false));
+                let stall_this = stall.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 64 << 10];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                        let request = String::from_utf8_lossy(&buf[..n]);
+                        if request.contains(marker) && armed.swap(false, Ordering::SeqCst) {
+                            stall_this.store(true, Ordering::SeqCst);
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buf = vec![0; 64 << 10];
+                let mut held = Vec::new();
+                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                    if !stall.load(Ordering::SeqCst) {
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    held.extend_from_slice(&buf[..n]);
+                    let cut = body_start(&held).map(|at| at + pass);
+                    if let Some(end) = cut.filter(|&end| held.len() >= end) {
+                        eprintln!("END {end} of {}", held.len());
+                        let _ = to_client.write_all(&held[..end]).await;
+                        // The rest never comes; the connection stays open.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// Where the body of an HTTP answer starts, once `response` holds its head.
+fn body_start(response: &[u8]) -> Option<usize> {
+    let head = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some(head + 4)
 }
