@@ -328,10 +328,12 @@ impl Analytics {
             .with_setting("result_overflow_mode", "throw")
     }
 
-    /// A statement with the dedup setting, a time limit and the memory limit, which ClickHouse
-    /// stops when the service goes away (its client went away, or it gave up waiting).
+    /// A statement with the dedup setting, a time limit and the memory limit, read-only, which
+    /// ClickHouse stops when the service goes away (its client went away, or it gave up
+    /// waiting): ClickHouse honours that only for read-only statements.
     pub fn read(&self, sql: &Sql, max_execution_ms: u64) -> clickhouse::query::Query {
         sql.query(&self.client)
+            .with_setting("readonly", "2")
             .with_setting("cancel_http_readonly_queries_on_client_close", "1")
             .with_setting("do_not_merge_across_partitions_select_final", "1")
             .with_setting(
@@ -616,15 +618,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_ask_clickhouse_to_stop_them_when_the_service_goes_away() {
-        use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let request = tokio::spawn(async move {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut head = vec![0; 64 << 10];
-            let n = conn.read(&mut head).await.unwrap();
-            String::from_utf8_lossy(&head[..n]).into_owned()
-        });
+        let (url, request) = crate::clickhouse::testing::first_request().await;
         let settings = AnalyticsSettings {
             max_range_days: 1,
             max_groups: 1,
@@ -645,10 +639,13 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
         let request = request.await.unwrap();
         let line = request.lines().next().unwrap();
-        assert!(
-            line.contains("cancel_http_readonly_queries_on_client_close=1"),
-            "{line}"
-        );
+        // ClickHouse cancels on a closed connection only statements that are read-only.
+        for setting in [
+            "cancel_http_readonly_queries_on_client_close=1",
+            "readonly=2",
+        ] {
+            assert!(line.contains(setting), "{setting}: {line}");
+        }
     }
 
     #[test]

@@ -848,6 +848,7 @@ impl AdminApi {
         let mut query = self
             .client
             .query(&sql)
+            .with_setting("readonly", "2")
             .with_setting("cancel_http_readonly_queries_on_client_close", "1")
             .with_setting(
                 "max_execution_time",

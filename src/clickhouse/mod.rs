@@ -7,9 +7,12 @@ pub mod schema;
 
 use crate::config::ClickHouseSettings;
 
-/// A client for the configured server and database.
+/// A client for the configured server and database. Inserts are LZ4-compressed, said
+/// explicitly: the crate's default is no compression when its test utilities are compiled in
+/// (as they are for this crate's tests), and the tests should send what production sends.
 pub fn client(url: &str, settings: &ClickHouseSettings) -> clickhouse::Client {
     clickhouse::Client::default()
+        .with_compression(clickhouse::Compression::Lz4)
         .with_url(url)
         .with_user(&settings.user)
         .with_password(&settings.password)
@@ -95,10 +98,53 @@ pub fn refused_what_was_sent(err: &clickhouse::error::Error) -> bool {
     error_code(err).is_some_and(|code| !NOT_NOW_CODES.contains(&code))
 }
 
+/// For unit tests of what the service sends ClickHouse.
+#[cfg(test)]
+pub mod testing {
+    use tokio::{io::AsyncReadExt, task::JoinHandle};
+
+    /// A URL where nothing answers, and the head of the first request sent there (once a
+    /// client sent one: give it a moment, then drop what it waits for).
+    pub async fn first_request() -> (String, JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let head = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = vec![0; 64 << 10];
+            let n = conn.read(&mut head).await.unwrap();
+            String::from_utf8_lossy(&head[..n]).into_owned()
+        });
+        (url, head)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clickhouse::error::Error;
+
+    #[tokio::test]
+    async fn inserts_are_compressed_as_in_production() {
+        let (url, head) = testing::first_request().await;
+        let settings = ClickHouseSettings {
+            target: crate::config::ClickHouseTarget::Url(url.clone()),
+            database: "db".into(),
+            user: "default".into(),
+            password: String::new(),
+            apply_schema: false,
+        };
+        let insert = async {
+            let mut insert =
+                client(&url, &settings).insert_formatted_with("INSERT INTO t FORMAT RowBinary");
+            insert.send(bytes::Bytes::from_static(b"row")).await?;
+            insert.end().await
+        };
+        // Nothing answers; the request is all this test wants.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), insert).await;
+        let head = head.await.unwrap();
+        let line = head.lines().next().unwrap();
+        assert!(line.contains("decompress=1"), "{line}");
+    }
 
     #[test]
     fn codes_are_read_from_the_exception_text() {
