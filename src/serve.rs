@@ -9,8 +9,8 @@
 //! 100-event batch). Work is not moved to another thread by itself, so what is long is moved
 //! explicitly: [`cpu_bound`] decompresses and parses large bodies off the request thread.
 //! Connections are long-lived behind a load balancer, so dealing them out in turn keeps the
-//! threads evenly loaded. A handler can cut its connection off ([`abort_connection`]): a
-//! streamed answer that fails midway must not end like a complete one.
+//! threads evenly loaded. A streamed answer that fails midway cuts its connection off
+//! ([`streamed_body`]): it must not end like a complete one.
 
 use std::{
     collections::HashMap,
@@ -27,10 +27,13 @@ use std::{
 };
 
 use anyhow::Context;
+use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
 use poem::{
+    http::Version,
     listener::Acceptor,
     web::{LocalAddr, RemoteAddr},
-    Addr, Endpoint, Server,
+    Addr, Body, Endpoint, Request, Server,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -86,7 +89,8 @@ pub async fn serve<E>(
 where
     E: Endpoint + 'static,
 {
-    let local = LocalAddr(listener.local_addr()?.into());
+    let local_socket = listener.local_addr()?;
+    let local = LocalAddr(local_socket.into());
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let routes = Arc::new(routes);
     let (stop, stop_rx) = watch::channel(false);
@@ -99,6 +103,7 @@ where
         let thread = RequestThread {
             acceptor: Handoff {
                 local: local.clone(),
+                local_socket,
                 connections,
             },
             routes: routes.clone(),
@@ -208,6 +213,8 @@ impl Drop for EndedGuard {
 /// The acceptor of one request thread: connections dealt to it by [`deal_out`].
 struct Handoff {
     local: LocalAddr,
+    /// The same address, as the key of a connection's abort switch.
+    local_socket: SocketAddr,
     connections: mpsc::UnboundedReceiver<Accepted>,
 }
 
@@ -225,7 +232,11 @@ impl Acceptor for Handoff {
         let Some((stream, remote)) = self.connections.recv().await else {
             return std::future::pending().await;
         };
-        let stream = Connection::new(TcpStream::from_std(stream)?, remote);
+        let id = ConnectionId {
+            local: self.local_socket,
+            remote,
+        };
+        let stream = Connection::new(TcpStream::from_std(stream)?, id);
         Ok((
             stream,
             self.local.clone(),
@@ -235,40 +246,76 @@ impl Acceptor for Handoff {
     }
 }
 
-/// Open connections by their client's address (unique among open connections), each with
-/// its [`abort_connection`] switch.
-static OPEN: LazyLock<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>> =
+/// The abort switch of each open connection (see [`streamed_body`]).
+static ABORT_SWITCHES: LazyLock<Mutex<HashMap<ConnectionId, Arc<AtomicBool>>>> =
     LazyLock::new(Default::default);
 
-/// Ends the connection of the request from `remote` where it is, without another byte: for a
-/// streamed answer whose body failed after its head went out. Returning an error from the
-/// body is not enough: poem polls a connection once more after it failed, and hyper then
-/// writes the chunked body's end marker, so the client would take a cut-off answer for a
-/// complete one. With this, the client sees a broken transfer.
-pub fn abort_connection(remote: &RemoteAddr) {
-    if let Addr::SocketAddr(addr) = &remote.0 {
-        if let Some(aborted) = OPEN.lock().unwrap_or_else(|e| e.into_inner()).get(addr) {
-            aborted.store(true, Ordering::Relaxed);
+/// A connection: the listener's address and the client's (unique among open connections of
+/// the process, though one client address may talk to several listeners).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnectionId {
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+impl ConnectionId {
+    /// The HTTP/1 connection `req` came on. `None` for HTTP/2, where a failing body resets
+    /// only its own stream (and cutting the connection off would fail the others).
+    fn of(req: &Request) -> Option<Self> {
+        if req.version() >= Version::HTTP_2 {
+            return None;
+        }
+        match (&req.local_addr().0, &req.remote_addr().0) {
+            (Addr::SocketAddr(local), Addr::SocketAddr(remote)) => Some(Self {
+                local: *local,
+                remote: *remote,
+            }),
+            _ => None,
+        }
+    }
+
+    /// From now on, every write to this connection fails: hyper gives up on it and it closes.
+    fn abort(&self) {
+        let switches = ABORT_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        match switches.get(self) {
+            Some(aborted) => aborted.store(true, Ordering::Relaxed),
+            None => tracing::debug!(connection = ?self, "no open connection to cut off"),
         }
     }
 }
 
-/// A served connection: its socket refuses every write once [`abort_connection`] was called
-/// for it.
+/// A streamed body for the answer to `req`: should `chunks` fail, the connection is cut off
+/// where it is, so that the client sees a broken transfer. An error from the body alone is
+/// not enough: poem polls a connection once more after it failed, and hyper then writes the
+/// chunked body's end marker, so the client would take the cut-off answer for a complete one.
+pub fn streamed_body<S>(req: &Request, chunks: S) -> Body
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + 'static,
+{
+    let connection = ConnectionId::of(req);
+    Body::from_bytes_stream(chunks.inspect_err(move |_| {
+        if let Some(connection) = &connection {
+            connection.abort();
+        }
+    }))
+}
+
+/// A served connection's socket, which refuses every write once its connection was cut off
+/// (see [`streamed_body`]).
 pub struct Connection {
     stream: TcpStream,
-    remote: SocketAddr,
+    id: ConnectionId,
     aborted: Arc<AtomicBool>,
 }
 
 impl Connection {
-    fn new(stream: TcpStream, remote: SocketAddr) -> Self {
+    fn new(stream: TcpStream, id: ConnectionId) -> Self {
         let aborted = Arc::new(AtomicBool::new(false));
-        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        open.insert(remote, aborted.clone());
+        let mut switches = ABORT_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        switches.insert(id, aborted.clone());
         Self {
             stream,
-            remote,
+            id,
             aborted,
         }
     }
@@ -285,12 +332,12 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        if open
-            .get(&self.remote)
+        let mut switches = ABORT_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        if switches
+            .get(&self.id)
             .is_some_and(|a| Arc::ptr_eq(a, &self.aborted))
         {
-            open.remove(&self.remote);
+            switches.remove(&self.id);
         }
     }
 }
@@ -416,30 +463,23 @@ mod tests {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let routes = poem::endpoint::make(|req: poem::Request| async move {
-            let remote = req.remote_addr().clone();
             let fails = req.uri().path() == "/fails";
-            let lines = futures_util::stream::unfold(0, move |n| {
-                let remote = remote.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    match n {
-                        0 => Some((Ok(bytes::Bytes::from("first line\n")), 1)),
-                        1 if fails => {
-                            abort_connection(&remote);
-                            Some((Err(io::Error::other("the source failed")), 2))
-                        }
-                        _ => None,
-                    }
+            let lines = futures_util::stream::unfold(0, move |n| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match n {
+                    0 => Some((Ok(Bytes::from("first line\n")), 1)),
+                    1 if fails => Some((Err(io::Error::other("the source failed")), 2)),
+                    _ => None,
                 }
             });
-            poem::Body::from_bytes_stream(lines)
+            streamed_body(&req, lines)
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, routes, 1, async {
             let _ = stopped.await;
         }));
 
-        // The answer, and the client's address (the key of its connection in `OPEN`).
+        // The answer, and the client's address (part of its connection's key).
         let answer = |path: &'static str| async move {
             let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
             let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
@@ -459,10 +499,20 @@ mod tests {
             !cut.ends_with("0\r\n\r\n"),
             "ended like a complete answer: {cut:?}"
         );
-        let remembered = OPEN.lock().unwrap().contains_key(&client);
+        let remembered = ABORT_SWITCHES
+            .lock()
+            .unwrap()
+            .keys()
+            .any(|id| id.remote == client);
         assert!(!remembered, "a closed connection is forgotten");
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn http2_connections_are_not_cut_off_for_one_answer() {
+        let request = |version| Request::builder().version(version).finish();
+        assert!(ConnectionId::of(&request(Version::HTTP_2)).is_none());
     }
 }

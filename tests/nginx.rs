@@ -3,7 +3,8 @@
 //! upstreams retried for POST too). Sustained ingest through nginx while one instance is killed
 //! with SIGKILL and restarted: every answer a client gets is a 202 (nginx retried what failed
 //! on the other instance), ClickHouse holds every acknowledged event exactly once, and nginx
-//! sends traffic to the restarted instance again.
+//! sends traffic to the restarted instance again. And an export the service cuts off midway
+//! reaches the client cut off too, not as a complete answer.
 //!
 //! Needs Debian's `nginx` (`scripts/install-deps` installs it); it runs as a child process with
 //! everything under a temporary prefix.
@@ -293,4 +294,30 @@ async fn an_instance_killed_behind_nginx_costs_clients_nothing_and_clickhouse_no
     drop(nginx);
     first.terminate();
     drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_the_service_cuts_off_reaches_the_client_cut_off_through_nginx() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (app, _) = app_whose_export_stalls("nginx_export").await;
+    let port: u16 = app.base.rsplit(':').next().unwrap().parse().unwrap();
+    let nginx_prefix = tmp.path().join("nginx");
+    fs::create_dir_all(&nginx_prefix).unwrap();
+    let nginx = Nginx::start(&nginx_prefix, [port, port]);
+
+    let response = app
+        .http
+        .get(format!("{}/v1/events/export", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the first row came");
+    let (received, end) = read_body(response).await;
+    assert!(!received.is_empty());
+    assert!(
+        end.is_err(),
+        "nginx passed the cut-off export on as complete:\n{}",
+        nginx.log()
+    );
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, FixedOffset, Utc};
-use poem::{web::RemoteAddr, Body, IntoResponse, Request};
+use poem::{Body, IntoResponse, Request};
 use poem_openapi::{
     param::{Path, Query},
     payload::{Json, Payload},
@@ -161,10 +161,10 @@ pub enum ExportResponse {
     /// after it. The stream covers events received up to `X-Export-Until` (events received
     /// later may still be on their way into ClickHouse); fewer lines than `limit` in a stream
     /// that ended properly means everything up to that instant was served. A stream the
-    /// service cannot finish (ClickHouse failed or stalled midway) is cut off without the
-    /// chunked body's end, so the client sees a broken transfer; then, or if the connection
-    /// breaks otherwise, resume with the last complete line's cursor: nothing is skipped or
-    /// repeated.
+    /// service cannot finish (ClickHouse failed or stalled midway, or it is still streaming
+    /// 5 s after its time limit) is cut off without the chunked body's end, so the client sees
+    /// a broken transfer; then, or if the connection breaks otherwise, resume with the last
+    /// complete line's cursor: nothing is skipped or repeated.
     #[oai(status = 200)]
     Ok(
         Ndjson,
@@ -351,8 +351,7 @@ impl RawEventsApi {
                 .answer(settings.export_max_execution_ms, rows.next())
                 .await?;
             let until = DateTime::from_timestamp_millis(until_ms).unwrap_or_default();
-            let remote = req.remote_addr().clone();
-            let body = stream(rows, first, deadline, remote);
+            let body = stream(req, rows, first, deadline);
             Ok::<_, AnalyticsError>((body, until.to_rfc3339()))
         };
         match run.await {
@@ -418,26 +417,24 @@ fn bounds(
 }
 
 /// `first`, then the rest of the rows, as NDJSON chunks read from ClickHouse as the client
-/// reads: at most one chunk is held in memory. An error mid-stream, or rows still coming at
-/// `deadline`, cut the connection to `client` off (it sees a broken transfer, not a clean
-/// end, and resumes from its last cursor).
+/// of `req` reads: at most one chunk is held in memory. An error mid-stream, or rows still
+/// coming at `deadline`, cut the connection off (the client sees a broken transfer, not a
+/// clean end, and resumes from its last complete line's cursor).
 fn stream(
+    req: &Request,
     rows: clickhouse::query::RowCursor<EventRow>,
     first: Option<EventRow>,
     deadline: tokio::time::Instant,
-    client: RemoteAddr,
 ) -> Body {
     struct State {
         rows: clickhouse::query::RowCursor<EventRow>,
         pending: Option<EventRow>,
         done: bool,
-        client: RemoteAddr,
     }
     let state = State {
         done: first.is_none(),
         rows,
         pending: first,
-        client,
     };
     let chunks = futures_util::stream::try_unfold(state, move |mut st| async move {
         let mut buf = Vec::with_capacity(CHUNK_BYTES + 1024);
@@ -451,7 +448,6 @@ fn stream(
                 Ok(None) => st.done = true,
                 Err(e) => {
                     tracing::warn!(error = %e, "export stream failed");
-                    crate::serve::abort_connection(&st.client);
                     return Err(std::io::Error::other(e));
                 }
             }
@@ -461,7 +457,7 @@ fn stream(
         }
         Ok(Some((Bytes::from(buf), st)))
     });
-    Body::from_bytes_stream(chunks)
+    crate::serve::streamed_body(req, chunks)
 }
 
 fn line(buf: &mut Vec<u8>, row: EventRow) -> std::io::Result<()> {

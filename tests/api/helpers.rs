@@ -608,11 +608,16 @@ pub async fn stalling_proxy(upstream: &str, marker: &'static str, pass: usize) -
                 let stall_this = stall.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0; 64 << 10];
+                    // The end of the bytes before, so that a marker split between reads counts.
+                    let mut seen = Vec::new();
                     while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                        let request = String::from_utf8_lossy(&buf[..n]);
-                        if request.contains(marker) && armed.swap(false, Ordering::SeqCst) {
+                        seen.extend_from_slice(&buf[..n]);
+                        if String::from_utf8_lossy(&seen).contains(marker)
+                            && armed.swap(false, Ordering::SeqCst)
+                        {
                             stall_this.store(true, Ordering::SeqCst);
                         }
+                        seen.drain(..seen.len().saturating_sub(marker.len()));
                         if to_server.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
@@ -630,7 +635,6 @@ pub async fn stalling_proxy(upstream: &str, marker: &'static str, pass: usize) -
                     held.extend_from_slice(&buf[..n]);
                     let cut = body_start(&held).map(|at| at + pass);
                     if let Some(end) = cut.filter(|&end| held.len() >= end) {
-                        eprintln!("END {end} of {}", held.len());
                         let _ = to_client.write_all(&held[..end]).await;
                         // The rest never comes; the connection stays open.
                         std::future::pending::<()>().await;
@@ -646,4 +650,42 @@ pub async fn stalling_proxy(upstream: &str, marker: &'static str, pass: usize) -
 fn body_start(response: &[u8]) -> Option<usize> {
     let head = response.windows(4).position(|w| w == b"\r\n\r\n")?;
     Some(head + 4)
+}
+
+/// An app with 10,000 events stored (about 1 MB of rows), whose ClickHouse sends the first
+/// 256 KB of the answer to an export (over 2,000 rows) and then nothing more; the export's
+/// limit is 1 s. The answer is not compressed: the service does not ask for that.
+pub async fn app_whose_export_stalls(test: &str) -> (TestApp, Vec<Value>) {
+    // The export is the only read that sets `max_bytes_before_external_sort`.
+    let marker = "max_bytes_before_external_sort";
+    let clickhouse = stalling_proxy(&local_clickhouse::shared_url(), marker, 256 << 10).await;
+    let limits = [
+        ("ADTRACK_EXPORT_MAX_EXECUTION_MS", "1000"),
+        ("ADTRACK_EXPORT_SETTLE_MS", "0"),
+    ];
+    let app = spawn_app_on(&clickhouse, test, TENANT, &limits).await;
+    let sent = events(10_000);
+    let stored = app
+        .post_and_wait(Value::Array(sent.clone()).to_string())
+        .await;
+    assert_eq!(stored.status, 200, "{}", stored.text);
+    (app, sent)
+}
+
+/// The body as far as it came, and how it ended: `Err` for a broken transfer. Fails the test
+/// if it has not ended within 30 s.
+pub async fn read_body(mut response: reqwest::Response) -> (Vec<u8>, reqwest::Result<()>) {
+    let mut received = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => received.extend_from_slice(&chunk),
+                Ok(None) => return Ok(()),
+                Err(err) => return Err(err),
+            }
+        }
+    })
+    .await
+    .expect("the body ends; it does not wait for ClickHouse forever");
+    (received, end)
 }
