@@ -479,7 +479,7 @@ mod tests {
             let _ = stopped.await;
         }));
 
-        // The answer, and the client's address (part of its connection's key).
+        // The answer, and the client's address (with `addr`, its connection's key).
         let answer = |path: &'static str| async move {
             let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
             let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
@@ -499,11 +499,11 @@ mod tests {
             !cut.ends_with("0\r\n\r\n"),
             "ended like a complete answer: {cut:?}"
         );
-        let remembered = ABORT_SWITCHES
-            .lock()
-            .unwrap()
-            .keys()
-            .any(|id| id.remote == client);
+        let id = ConnectionId {
+            local: addr,
+            remote: client,
+        };
+        let remembered = ABORT_SWITCHES.lock().unwrap().contains_key(&id);
         assert!(!remembered, "a closed connection is forgotten");
 
         stop.send(()).unwrap();
