@@ -306,14 +306,7 @@ async fn an_export_the_service_cuts_off_reaches_the_client_cut_off_through_nginx
     fs::create_dir_all(&nginx_prefix).unwrap();
     let nginx = Nginx::start(&nginx_prefix, [port, port]);
 
-    let response = app
-        .http
-        .get(format!("{}/v1/events/export", nginx.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "the first row came");
-    let (received, end) = read_body(response).await;
+    let (received, end) = export_as_far_as_it_comes(&app.http, &nginx.base).await;
     assert!(!received.is_empty());
     assert!(
         end.is_err(),

@@ -379,14 +379,7 @@ async fn a_clickhouse_that_never_answers_holds_up_no_start_readiness_read_or_sto
 async fn an_export_whose_clickhouse_stalls_midway_is_cut_off_at_its_deadline() {
     let (app, sent) = app_whose_export_stalls("export_stall").await;
     let started = std::time::Instant::now();
-    let response = app
-        .http
-        .get(format!("{}/v1/events/export", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "the first row came");
-    let (received, end) = read_body(response).await;
+    let (received, end) = export_as_far_as_it_comes(&app.http, &app.base).await;
     assert!(end.is_err(), "a broken transfer, not a clean end");
     // The limit (1 s) and 5 s, counted from the query.
     let took = started.elapsed();

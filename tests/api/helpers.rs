@@ -672,9 +672,16 @@ pub async fn app_whose_export_stalls(test: &str) -> (TestApp, Vec<Value>) {
     (app, sent)
 }
 
-/// The body as far as it came, and how it ended: `Err` for a broken transfer. Fails the test
-/// if it has not ended within 30 s.
-pub async fn read_body(mut response: reqwest::Response) -> (Vec<u8>, reqwest::Result<()>) {
+/// `GET /v1/events/export` at `base` (the app, or a proxy in front of it) with `http`: after
+/// checking the answer is a 200, its body as far as it came and how it ended (`Err` for a
+/// broken transfer). Fails the test if the body has not ended within 30 s.
+pub async fn export_as_far_as_it_comes(
+    http: &reqwest::Client,
+    base: &str,
+) -> (Vec<u8>, reqwest::Result<()>) {
+    let url = format!("{base}/v1/events/export");
+    let mut response = http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the first row came");
     let mut received = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
