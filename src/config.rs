@@ -136,6 +136,8 @@ pub struct Settings {
     pub rate_limits: crate::auth::RateLimits,
     /// Names this process in the usage log; unique per run.
     pub instance_id: String,
+    /// Origins whose pages may call the `/v1` API from a browser.
+    pub cors_origins: crate::api::cors::CorsOrigins,
     pub usage: UsageSettings,
     pub analytics: AnalyticsSettings,
     pub log_level: String,
@@ -293,6 +295,11 @@ impl Settings {
                     "ADTRACK_RATE_LIMIT_EVENTS_BURST",
                     parse("ADTRACK_RATE_LIMIT_EVENTS_BURST", "200000")?,
                 )?,
+            },
+            cors_origins: {
+                let raw = parse("ADTRACK_CORS_ORIGINS", "*")?;
+                crate::api::cors::CorsOrigins::parse(&raw)
+                    .map_err(|e| anyhow::anyhow!("ADTRACK_CORS_ORIGINS={raw:?}: {e}"))?
             },
             instance_id: match var("ADTRACK_INSTANCE_ID") {
                 Some(id) => id,
@@ -589,6 +596,16 @@ mod tests {
             let err = settings(&[("LOG_LEVEL", bad)]).unwrap_err();
             assert!(err.to_string().contains("LOG_LEVEL"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn cross_origin_access_defaults_to_any_origin_and_a_bad_origin_names_the_variable() {
+        use crate::api::cors::CorsOrigins;
+        assert_eq!(settings(&[]).unwrap().cors_origins, CorsOrigins::Any);
+        let off = settings(&[("ADTRACK_CORS_ORIGINS", "none")]).unwrap();
+        assert_eq!(off.cors_origins, CorsOrigins::Off);
+        let err = settings(&[("ADTRACK_CORS_ORIGINS", "shop.example")]).unwrap_err();
+        assert!(err.to_string().contains("ADTRACK_CORS_ORIGINS"), "{err}");
     }
 
     #[test]

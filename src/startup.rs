@@ -230,6 +230,7 @@ impl Application {
                 metrics,
                 auth,
                 usage: usage_log,
+                cors: Arc::new(settings.cors_origins.clone()),
             },
             settings.limits.max_body_bytes,
         );

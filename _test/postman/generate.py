@@ -477,6 +477,19 @@ def extras():
                     "    pm.expect(doc.paths).to.have.property('/v1/events');",
                     "});",
                 ], public=True),
+        request("Browser preflight (CORS)", "OPTIONS", "/v1/events", "What a browser asks "
+                "before a page on another origin posts events (no key). Allowed origins: "
+                "`ADTRACK_CORS_ORIGINS` (default any).", [
+                    "pm.test('status is 204', function () { pm.response.to.have.status(204); });",
+                    "pm.test('the page may post with its key', function () {",
+                    "    pm.expect(pm.response.headers.get('Access-Control-Allow-Origin')).to.eql('*');",
+                    "    pm.expect(pm.response.headers.get('Access-Control-Allow-Methods')).to.include('POST');",
+                    "    pm.expect(pm.response.headers.get('Access-Control-Allow-Headers')).to.include('authorization');",
+                    "});",
+                ], headers=[("Origin", "https://shop.example"),
+                            ("Access-Control-Request-Method", "POST"),
+                            ("Access-Control-Request-Headers", "authorization,content-type")],
+                public=True),
         request("Swagger UI", "GET", "/docs", "Interactive API documentation.", [
             "pm.test('status is 200', function () { pm.response.to.have.status(200); });",
             "pm.test('an HTML page', function () {",

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod cors;
 pub mod documented;
 pub mod events;
 pub mod guard;
@@ -71,7 +72,9 @@ pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Rou
          and has scopes: `ingest` (POST /v1/events), `read` (stats and raw events), `admin` \
          (its tenant's keys, usage, and user-data deletion). Missing or invalid key: 401; \
          wrong scope or tenant: 403; over the key's rate limit: 429 with `Retry-After` and \
-         `X-RateLimit-Limit/-Remaining/-Reset` (limits are per instance).",
+         `X-RateLimit-Limit/-Remaining/-Reset` (limits are per instance).\n\n\
+         Browsers: `/v1` answers preflights (`OPTIONS`, no key needed) and lets pages of the \
+         origins in `ADTRACK_CORS_ORIGINS` (default: any) read every answer, errors included.",
     );
     let spec = service.spec_endpoint();
     let docs = service.swagger_ui();

@@ -15,11 +15,15 @@ use http_body::{Body as _, Frame};
 use http_body_util::combinators::BoxBody;
 use poem::{
     error::{MethodNotAllowedError, NotFoundError},
-    http::{Method, StatusCode},
+    http::{header, Method, StatusCode},
     Body, Endpoint, IntoResponse, Request, Response, Result,
 };
 
-use super::{guard, types::ErrorBody};
+use super::{
+    cors::{self, CorsOrigins},
+    guard,
+    types::ErrorBody,
+};
 use crate::{
     auth::{Auth, Principal},
     metrics::Metrics,
@@ -38,6 +42,7 @@ pub struct Observer {
     pub metrics: Arc<Metrics>,
     pub auth: Arc<Auth>,
     pub usage: Arc<UsageLog>,
+    pub cors: Arc<CorsOrigins>,
 }
 
 /// Routes with a fixed path, reported as themselves; others by their template.
@@ -142,8 +147,25 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
     req.extensions_mut().insert(RequestId(id.clone()));
     req.extensions_mut().insert(usage.clone());
 
-    let access = guard::access(&method, route, req.uri().path());
-    let checked = guard::check(&observer.auth, &req, access).await;
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    // A cheap clone (shared bytes), for the message of a routing error and for the answer.
+    let uri = req.uri().clone();
+
+    // A browser's preflight carries no key: it is answered before the guard.
+    let checked = match cors::preflight(&observer.cors, &req) {
+        Some(answer) => guard::Checked {
+            principal: None,
+            outcome: Err(answer),
+        },
+        None => {
+            guard::check(
+                &observer.auth,
+                &req,
+                guard::access(&method, route, uri.path()),
+            )
+            .await
+        }
+    };
     let principal = checked.principal;
     let (mut resp, quota) = match checked.outcome {
         Err(resp) => (resp, None),
@@ -151,8 +173,6 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
             if let Some(p) = &principal {
                 req.extensions_mut().insert(p.clone());
             }
-            // A cheap clone (shared bytes), for the message of a routing error.
-            let uri = req.uri().clone();
             let resp = match repeated_parameter(&req) {
                 Some(refused) => refused,
                 None => match ep.call(req).await {
@@ -171,6 +191,7 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
     if let Ok(value) = id.parse() {
         resp.headers_mut().insert(REQUEST_ID, value);
     }
+    cors::allow_reading(&observer.cors, origin.as_ref(), uri.path(), &mut resp);
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
     observer

@@ -766,6 +766,14 @@ def test_nginx_refuses_bodies_over_the_service_limit_in_json(nginx_front):
     assert answer["error"] == "payload_too_large" and answer["limit"] == limit
     assert headers.get("x-request-id")
     assert not nginx_front["healthy"].posts() and not nginx_front["draining"].posts()
+    status, headers, _ = _request(
+        nginx_front["port"],
+        "POST",
+        "/v1/events",
+        b"x" * (limit + 1),
+        {"Content-Type": "application/json", "Origin": "https://shop.example"},
+    )
+    assert status == 413 and headers.get("access-control-allow-origin") == "*"
     # A body exactly at the limit goes through.
     status, _, _ = _request(
         nginx_front["port"], "POST", "/v1/events", b"x" * limit, {"Content-Type": "application/json"}
@@ -782,6 +790,18 @@ def test_nginx_answers_in_json_when_no_instance_is_up(nginx_front):
     assert status == 502
     assert json.loads(body)["error"] == "bad_gateway"
     assert headers.get("retry-after") == "1" and headers.get("x-request-id")
+    assert "access-control-allow-origin" not in headers
+    # A page on another origin can read it (and its Retry-After), as it can the service's.
+    status, headers, _ = _request(
+        nginx_front["port"],
+        "POST",
+        "/v1/events",
+        b"{}",
+        {"Content-Type": "application/json", "Origin": "https://shop.example"},
+    )
+    assert status == 502
+    assert headers.get("access-control-allow-origin") == "*"
+    assert "Retry-After" in headers.get("access-control-expose-headers", "")
 
 
 # --------------------------------------------------------------------------------------------
