@@ -128,8 +128,14 @@ async fn read(
         let expected = raw.len().saturating_mul(8);
         raw = crate::serve::cpu_bound(expected, move || gunzip(&raw, limit)).await?;
     }
+    // A UTF-8 byte-order mark, which some encoders write first (.NET, PowerShell): not JSON,
+    // but there is no doubt what was meant, and RFC 8259 lets a parser ignore it.
+    let bom = match raw.starts_with(b"\xEF\xBB\xBF") {
+        true => raw.drain(..3).len(),
+        false => 0,
+    };
     let text = String::from_utf8(raw).map_err(|e| ReadError::NotUtf8 {
-        offset: e.utf8_error().valid_up_to(),
+        offset: bom + e.utf8_error().valid_up_to(),
     })?;
     Ok((text, format))
 }

@@ -581,13 +581,33 @@ fn field_problem(name: &str, value: &str) -> Option<Option<String>> {
                 let text = json_error_text(&err);
                 match text.starts_with("has the key") {
                     true => text,
-                    false => "must be an object of string keys to string values".to_string(),
+                    false => value_not_a_string(value).unwrap_or_else(|| {
+                        "must be an object of string keys to string values".to_string()
+                    }),
                 }
             })
         }
         _ => return None,
     };
     Some(problem)
+}
+
+/// Which attribute has a value that is not a string, when the attributes are an object.
+fn value_not_a_string(attributes: &str) -> Option<String> {
+    use serde_json::Value;
+    let map: serde_json::Map<String, Value> = serde_json::from_str(attributes).ok()?;
+    let (key, value) = map.iter().find(|(_, value)| !value.is_string())?;
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+        Value::String(_) => return None,
+    };
+    Some(format!(
+        "value of {key:?} must be a string, not {kind} (attributes map string keys to string values)"
+    ))
 }
 
 /// serde_json's message without its " at line L column C" suffix (reported separately, or

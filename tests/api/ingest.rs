@@ -72,7 +72,32 @@ async fn an_array_ndjson_and_gzip_bodies_are_all_accepted() {
         .await;
     assert_eq!((r.status, r.json["accepted"].as_u64()), (202, Some(10)));
 
-    assert_eq!(app.wait_for_count(110).await, 110);
+    // A UTF-8 byte-order mark first (as .NET and PowerShell write): read as if it were not there.
+    const BOM: &str = "\u{feff}";
+    let r = app.post(format!("{BOM}{}", event()), JSON).await;
+    assert_eq!(
+        (r.status, r.json["accepted"].as_u64()),
+        (202, Some(1)),
+        "{}",
+        r.text
+    );
+    let r = app
+        .post(format!("{BOM}{}", ndjson(&events(2))), NDJSON)
+        .await;
+    assert_eq!(
+        (r.status, r.json["accepted"].as_u64()),
+        (202, Some(2)),
+        "{}",
+        r.text
+    );
+    // Only first: anywhere else it is what it is, malformed JSON.
+    let r = app
+        .post(format!("[{},{BOM}{}]", event(), event()), JSON)
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json["error"], "malformed_json");
+
+    assert_eq!(app.wait_for_count(113).await, 113);
 }
 
 #[tokio::test]
@@ -247,8 +272,10 @@ async fn every_wrong_field_is_named_and_only_objects_are_events() {
         event()
             .to_string()
             .replacen('{', r#"{"attributes":{"slot":"top","slot":"side"},"#, 1);
+    let mut numeric = event();
+    numeric["attributes"] = json!({"slot": "top", "position": 3});
     let body = format!(
-        "[{},{wrong},{rich},{},{repeated},{}]",
+        "[{},{wrong},{rich},{},{repeated},{numeric},{}]",
         good[0],
         Value::Array(fields),
         good[1]
@@ -290,10 +317,17 @@ async fn every_wrong_field_is_named_and_only_objects_are_events() {
             r#"has the key "slot" more than once"#.into()
         )]
     );
-    let indexes: Vec<u64> = (0..4)
+    assert_eq!(
+        errors(4),
+        [(
+            "attributes".into(),
+            r#"value of "position" must be a string, not a number (attributes map string keys to string values)"#.into()
+        )]
+    );
+    let indexes: Vec<u64> = (0..5)
         .map(|i| r.json["rejected"][i]["index"].as_u64().unwrap())
         .collect();
-    assert_eq!(indexes, [1, 2, 3, 4]);
+    assert_eq!(indexes, [1, 2, 3, 4, 5]);
 
     assert_only_these_stored(&app, &good).await;
 }
