@@ -127,7 +127,7 @@ pub fn parse_error_body(err: &poem::Error) -> QueryErrorBody {
             message: if missing {
                 format!("`{}` is required", e.name)
             } else {
-                format!("`{}`: {}", e.name, e.reason)
+                format!("`{}` {}", e.name, readable(&e.reason))
             },
             field: Some(e.name.to_string()),
             limit: None,
@@ -137,6 +137,58 @@ pub fn parse_error_body(err: &poem::Error) -> QueryErrorBody {
         return QueryErrorBody::new("invalid_body", e.reason.clone());
     }
     QueryErrorBody::new("invalid_request", err.to_string())
+}
+
+/// What a parameter the framework could not parse must be, for a person: the framework words
+/// it with its own type names (`failed to parse "integer(uint32)": invalid digit found in
+/// string (occurred while parsing "optional_integer(uint32)")`) and does not list the values
+/// of an enumeration.
+fn readable(reason: &str) -> String {
+    let reason = reason
+        .split_once(" (occurred while parsing")
+        .map_or(reason, |(own, _)| own);
+    let Some((type_name, detail)) = reason
+        .strip_prefix("failed to parse \"")
+        .and_then(|rest| rest.split_once("\": "))
+    else {
+        return format!("is not valid: {reason}");
+    };
+    if let Some(values) = enum_values(type_name) {
+        return format!("must be one of {}", values.join(", "));
+    }
+    let expected = match type_name {
+        t if t.contains("date-time") => {
+            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z"
+        }
+        t if t.starts_with("integer(uint") => "must be a whole number, 0 or more",
+        t if t.starts_with("integer") => "must be a whole number",
+        "boolean" => "must be `true` or `false`",
+        // Our own parameter types explain themselves.
+        _ => return format!("is not valid: {detail}"),
+    };
+    format!("{expected} ({detail})")
+}
+
+/// The values of an enumeration taken as a query parameter, by its name in the document.
+fn enum_values(type_name: &str) -> Option<Vec<String>> {
+    fn values<T: Type>(type_name: &str) -> Option<Vec<String>> {
+        if T::name() != type_name {
+            return None;
+        }
+        let mut registry = Registry::new();
+        T::register(&mut registry);
+        let schema = registry.schemas.get(type_name)?;
+        Some(
+            schema
+                .enum_items
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+        )
+    }
+    values::<Bucket>(type_name)
+        .or_else(|| values::<Metric>(type_name))
+        .or_else(|| values::<super::admin::StatusClass>(type_name))
 }
 
 /// How an error is answered.
@@ -836,6 +888,41 @@ impl StatsApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reason the framework gives when `raw` does not parse as a `T` parameter.
+    fn reason<T: ParseFromParameter>(raw: &str) -> String {
+        let err = T::parse_from_parameters([raw])
+            .err()
+            .expect("does not parse");
+        let reason = err.into_message();
+        assert!(reason.starts_with("failed to parse"), "{reason}");
+        readable(&reason)
+    }
+
+    #[test]
+    fn unparsable_parameters_say_what_they_must_be() {
+        assert_eq!(
+            reason::<Option<u32>>("-5"),
+            "must be a whole number, 0 or more (invalid digit found in string)"
+        );
+        assert_eq!(
+            reason::<Option<bool>>("maybe"),
+            "must be `true` or `false` (provided string was not `true` or `false`)"
+        );
+        assert!(reason::<DateTime<Utc>>("2026-12-01")
+            .starts_with("must be an RFC 3339 date-time with a zone, e.g."));
+        assert_eq!(
+            reason::<Bucket>("fortnight"),
+            "must be one of minute, hour, day, week, month"
+        );
+        assert!(reason::<Option<Metric>>("likes").starts_with("must be one of events, impressions"));
+        assert_eq!(
+            reason::<Option<super::super::admin::StatusClass>>("7xx"),
+            "must be one of 2xx, 3xx, 4xx, 5xx"
+        );
+        // Our own types word their errors already.
+        assert!(reason::<MetricList>("likes").starts_with("is not valid: unknown metric \"likes\""));
+    }
 
     #[test]
     fn metric_lists_take_commas_and_repeats() {

@@ -1099,8 +1099,31 @@ async fn bad_input_is_a_precise_400() {
         assert_eq!(status, 400, "{path} {params:?}: {body}");
         assert_eq!(body["error"], json!(error), "{path} {params:?}: {body}");
         assert_eq!(body["field"], json!(field), "{path} {params:?}: {body}");
-        assert!(!body["message"].as_str().unwrap().is_empty());
+        let message = body["message"].as_str().unwrap();
+        // Worded for a person, not in the framework's type names.
+        assert!(
+            !message.is_empty() && !message.contains("failed to parse"),
+            "{path} {params:?}: {body}"
+        );
     }
+    let (_, body) = get_query(&app, "/v1/stats/timeseries", &base(&[("bucket", "decade")])).await;
+    assert_eq!(
+        body["message"],
+        "`bucket` must be one of minute, hour, day, week, month"
+    );
+    let (_, body) = get_query(
+        &app,
+        "/v1/stats/summary",
+        &[("from", "yesterday".into()), to.clone()],
+    )
+    .await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("`from` must be an RFC 3339 date-time with a zone"),
+        "{body}"
+    );
 
     let ok = json!({"from": from.1, "to": to.1, "metrics": ["events"]});
     let with = |k: &str, v: Value| {
