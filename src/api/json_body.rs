@@ -129,7 +129,7 @@ fn fault(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidInput {
         return whole_body(e.into_inner().to_string());
     }
     let path = e.path().to_string();
-    let message = e.into_inner().to_string();
+    let message = plain(e.into_inner().to_string());
     // A missing field is reported at the object that lacks it; name the field itself.
     let missing = message
         .strip_prefix("missing field `")
@@ -143,6 +143,36 @@ fn fault(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidInput {
         (path, None) => path.to_string(),
     };
     InvalidInput::new("invalid_body", &field, message)
+}
+
+/// serde's and chrono's wording of a bad value, with what the value must be said plainly
+/// where their words are a Rust type (`expected u32`) or say nothing about the format (a time
+/// that chrono stopped reading: `premature end of input`).
+fn plain(message: String) -> String {
+    const TIME_FAULTS: [&str; 5] = [
+        "premature end of input",
+        "input contains invalid characters",
+        "trailing input",
+        "input is out of range",
+        "no possible date and time matching input",
+    ];
+    if TIME_FAULTS.iter().any(|fault| message.starts_with(fault)) {
+        return format!(
+            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z: {message}"
+        );
+    }
+    for (rust, plain) in [
+        ("u16", "a whole number from 0 to 65535"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u64", "a whole number, 0 or more"),
+    ] {
+        let rust = format!(", expected {rust} at ");
+        if let Some(at) = message.find(&rust) {
+            let (before, after) = message.split_at(at);
+            return format!("{before}, expected {plain} at {}", &after[rust.len()..]);
+        }
+    }
+    message
 }
 
 /// A fault of the body as a whole (no field to name).
@@ -205,6 +235,28 @@ mod tests {
         assert!(array.message.contains("not an array"), "{}", array.message);
         assert_eq!(field(r#"{"name": "a", "inner": [{}]}"#), "inner[0].n");
         assert!(parse::<Outer>(br#"{"name": "a"}"#).is_ok());
+    }
+
+    #[test]
+    fn bad_values_say_what_they_must_be() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Timed {
+            from: chrono::DateTime<chrono::Utc>,
+            #[serde(default)]
+            limit: u32,
+        }
+        let message = |s: &str| parse::<Timed>(s.as_bytes()).unwrap_err().message;
+        assert_eq!(
+            message(r#"{"from": "2026-12-01"}"#),
+            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z: \
+             premature end of input at line 1 column 21"
+        );
+        assert_eq!(
+            message(r#"{"from": "2026-12-01T00:00:00Z", "limit": -1}"#),
+            "invalid value: integer `-1`, expected a whole number from 0 to 4294967295 \
+             at line 1 column 44"
+        );
     }
 
     #[test]

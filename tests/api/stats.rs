@@ -1190,6 +1190,14 @@ async fn bad_input_is_a_precise_400() {
             "{body}: {got}"
         );
     }
+    let (_, got) = post_query(&app, &with("from", json!("2026-12-01"))).await;
+    assert!(
+        got["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("must be an RFC 3339 date-time with a zone"),
+        "{got}"
+    );
     // Broken JSON concerns the body as a whole (no field); a body not sent as JSON is a 415.
     let r = app
         .post_to("/v1/query", "{", &[("content-type", JSON)])
