@@ -479,7 +479,7 @@ def extras():
                 ], public=True),
         request("Browser preflight (CORS)", "OPTIONS", "/v1/events", "What a browser asks "
                 "before a page on another origin posts events (no key). Allowed origins: "
-                "`ADTRACK_CORS_ORIGINS` (default any).", [
+                "`ADTRACK_CORS_ORIGINS`; this check expects the default, any origin (`*`).", [
                     "pm.test('status is 204', function () { pm.response.to.have.status(204); });",
                     "pm.test('the page may post with its key', function () {",
                     "    pm.expect(pm.response.headers.get('Access-Control-Allow-Origin')).to.eql('*');",

@@ -130,10 +130,11 @@ async fn read(
     }
     // A UTF-8 byte-order mark, which some encoders write first (.NET, PowerShell): not JSON,
     // but there is no doubt what was meant, and RFC 8259 lets a parser ignore it.
-    let bom = match raw.starts_with(b"\xEF\xBB\xBF") {
-        true => raw.drain(..3).len(),
-        false => 0,
-    };
+    let mut bom = 0;
+    if raw.starts_with(b"\xEF\xBB\xBF") {
+        raw.drain(..3);
+        bom = 3;
+    }
     let text = String::from_utf8(raw).map_err(|e| ReadError::NotUtf8 {
         offset: bom + e.utf8_error().valid_up_to(),
     })?;

@@ -59,37 +59,83 @@ impl CorsOrigins {
         match self {
             Self::Any => Some(HeaderValue::from_static("*")),
             Self::List(list) => {
-                let origin = origin.to_str().ok()?;
-                list.iter()
-                    .any(|allowed| allowed.eq_ignore_ascii_case(origin))
-                    .then(|| HeaderValue::from_str(origin).ok())
-                    .flatten()
+                let listed =
+                    |allowed: &String| allowed.as_bytes().eq_ignore_ascii_case(origin.as_bytes());
+                list.iter().any(listed).then(|| origin.clone())
             }
             Self::Off => None,
         }
     }
 }
 
-/// One configured origin, checked and lowercased (a trailing `/` is dropped).
+/// One configured origin as browsers write it: `scheme://host[:port]`, lowercase, no default
+/// port (a browser on `https://shop.example:443` sends `Origin: https://shop.example`, so the
+/// port written out would never match) and no trailing `/`.
 fn origin(entry: &str) -> Result<String, String> {
+    let bad = |why: &str| {
+        format!(
+            "{entry:?} is not an origin ({why}): give `scheme://host[:port]`, http or https, \
+             e.g. `https://shop.example`"
+        )
+    };
     let lower = entry.to_ascii_lowercase();
-    let trimmed = lower.strip_suffix('/').unwrap_or(&lower);
-    let host = trimmed
-        .strip_prefix("https://")
-        .or_else(|| trimmed.strip_prefix("http://"));
-    let plain = |host: &str| {
+    let trimmed = match lower.strip_suffix('/') {
+        Some(trimmed) if trimmed.contains("://") => trimmed,
+        _ => &lower,
+    };
+    let (scheme, authority) = trimmed
+        .split_once("://")
+        .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
+        .ok_or_else(|| bad("no http:// or https://"))?;
+    // `[v6 address]:port` or `host:port`; the port is optional.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (address, rest) = v6.split_once(']').ok_or_else(|| bad("no `]`"))?;
+            let valid = !address.is_empty()
+                && address
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+            if !valid {
+                return Err(bad("not an IPv6 address in brackets"));
+            }
+            let port = match rest {
+                "" => None,
+                rest => Some(
+                    rest.strip_prefix(':')
+                        .ok_or_else(|| bad("a path or text after the host"))?,
+                ),
+            };
+            (&authority[..address.len() + 2], port)
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let plain_host = |host: &str| {
         !host.is_empty()
             && host
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
     };
-    match host {
-        Some(host) if plain(host) => Ok(trimmed.to_string()),
-        _ => Err(format!(
-            "{entry:?} is not an origin: give `scheme://host[:port]` (http or https, no path), \
-             e.g. `https://shop.example`"
-        )),
+    if !host.starts_with('[') && !plain_host(host) {
+        return Err(bad(
+            "a host has only letters, digits, `.` and `-`, and no path",
+        ));
     }
+    let port = match port {
+        None => None,
+        Some(port) => match port.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(bad("the port must be a number from 1 to 65535")),
+            Ok(443) if scheme == "https" => None,
+            Ok(80) if scheme == "http" => None,
+            Ok(port) => Some(port),
+        },
+    };
+    Ok(match port {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    })
 }
 
 /// Whether cross-origin access applies to `path`.
@@ -140,24 +186,22 @@ pub fn preflight(origins: &CorsOrigins, req: &Request) -> Option<Response> {
 }
 
 /// Lets the page that sent a cross-origin request read `resp` (whatever its status) when its
-/// origin is allowed.
+/// origin is allowed. Every `/v1` answer says it depends on `Origin`, so that a cache never
+/// hands one made for another origin (or for none) to a page.
 pub fn allow_reading(
     origins: &CorsOrigins,
     origin: Option<&HeaderValue>,
     path: &str,
     resp: &mut Response,
 ) {
-    let Some(origin) = origin else { return };
-    if !applies(path) {
+    if *origins == CorsOrigins::Off || !applies(path) {
         return;
     }
-    let Some(allowed) = origins.allow(origin) else {
+    let headers = resp.headers_mut();
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    let Some(allowed) = origin.and_then(|origin| origins.allow(origin)) else {
         return;
     };
-    let headers = resp.headers_mut();
-    if matches!(origins, CorsOrigins::List(_)) {
-        headers.append(header::VARY, HeaderValue::from_static("Origin"));
-    }
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
     headers.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
@@ -170,26 +214,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn origins_parse_and_bad_ones_are_explained() {
+    fn origins_parse_as_browsers_write_them_and_bad_ones_are_explained() {
         assert_eq!(CorsOrigins::parse("*"), Ok(CorsOrigins::Any));
         assert_eq!(CorsOrigins::parse(" none "), Ok(CorsOrigins::Off));
         assert_eq!(
-            CorsOrigins::parse("https://Shop.example/, http://localhost:3000"),
+            CorsOrigins::parse(
+                "https://Shop.example/, http://localhost:3000, https://a.example:443, \
+                 http://b.example:80, https://c.example:80, http://[::1]:8080"
+            ),
             Ok(CorsOrigins::List(vec![
                 "https://shop.example".into(),
-                "http://localhost:3000".into()
+                "http://localhost:3000".into(),
+                "https://a.example".into(),
+                "http://b.example".into(),
+                "https://c.example:80".into(),
+                "http://[::1]:8080".into(),
             ]))
         );
-        for bad in [
-            "shop.example",
-            "https://shop.example/path",
-            "ftp://x",
-            "https://",
-            ",",
+        for (bad, why) in [
+            ("shop.example", "no http:// or https://"),
+            ("ftp://x", "no http:// or https://"),
+            ("https://shop.example/path", "no path"),
+            ("https://", "a host has only"),
+            ("https://a:b:c", "the port must be a number"),
+            ("https://x:", "the port must be a number"),
+            ("https://x:0", "the port must be a number"),
+            ("http://[::1", "no `]`"),
+            ("http://[::1]/x", "a path or text after the host"),
         ] {
             let err = CorsOrigins::parse(bad).unwrap_err();
-            assert!(err.contains("origin"), "{bad}: {err}");
+            assert!(err.contains(why), "{bad}: {err}");
         }
+        let err = CorsOrigins::parse(" , ").unwrap_err();
+        assert!(err.starts_with("give `*`, `none`, or origins"), "{err}");
     }
 
     #[test]

@@ -147,7 +147,9 @@ fn fault(e: serde_path_to_error::Error<serde_json::Error>) -> InvalidInput {
 
 /// serde's and chrono's wording of a bad value, with what the value must be said plainly
 /// where their words are a Rust type (`expected u32`) or say nothing about the format (a time
-/// that chrono stopped reading: `premature end of input`).
+/// that chrono stopped reading: `premature end of input`). Written for the bodies' field types:
+/// times are `DateTime`s with a zone (a date-only field would need its own wording), whole
+/// numbers `u32` (limits, rate limits).
 fn plain(message: String) -> String {
     const TIME_FAULTS: [&str; 5] = [
         "premature end of input",
@@ -161,18 +163,15 @@ fn plain(message: String) -> String {
             "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z: {message}"
         );
     }
-    for (rust, plain) in [
-        ("u16", "a whole number from 0 to 65535"),
-        ("u32", "a whole number from 0 to 4294967295"),
-        ("u64", "a whole number, 0 or more"),
-    ] {
-        let rust = format!(", expected {rust} at ");
-        if let Some(at) = message.find(&rust) {
-            let (before, after) = message.split_at(at);
-            return format!("{before}, expected {plain} at {}", &after[rust.len()..]);
-        }
+    const RUST: &str = ", expected u32 at ";
+    match message.find(RUST) {
+        Some(at) => format!(
+            "{}, expected a whole number from 0 to 4294967295 at {}",
+            &message[..at],
+            &message[at + RUST.len()..]
+        ),
+        None => message,
     }
-    message
 }
 
 /// A fault of the body as a whole (no field to name).

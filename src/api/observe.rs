@@ -151,8 +151,11 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
     // A cheap clone (shared bytes), for the message of a routing error and for the answer.
     let uri = req.uri().clone();
 
-    // A browser's preflight carries no key: it is answered before the guard.
-    let checked = match cors::preflight(&observer.cors, &req) {
+    // A browser's preflight carries no key: it is answered before the guard (and has the
+    // headers it needs).
+    let preflight = cors::preflight(&observer.cors, &req);
+    let is_preflight = preflight.is_some();
+    let checked = match preflight {
         Some(answer) => guard::Checked {
             principal: None,
             outcome: Err(answer),
@@ -191,7 +194,9 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
     if let Ok(value) = id.parse() {
         resp.headers_mut().insert(REQUEST_ID, value);
     }
-    cors::allow_reading(&observer.cors, origin.as_ref(), uri.path(), &mut resp);
+    if !is_preflight {
+        cors::allow_reading(&observer.cors, origin.as_ref(), uri.path(), &mut resp);
+    }
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
     observer

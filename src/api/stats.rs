@@ -160,9 +160,16 @@ fn readable(reason: &str) -> String {
         t if t.contains("date-time") => {
             "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z"
         }
+        "integer(uint8)" => "must be a whole number from 0 to 255",
+        "integer(uint16)" => "must be a whole number from 0 to 65535",
+        "integer(uint32)" => "must be a whole number from 0 to 4294967295",
         t if t.starts_with("integer(uint") => "must be a whole number, 0 or more",
         t if t.starts_with("integer") => "must be a whole number",
         "boolean" => "must be `true` or `false`",
+        // An enumeration not in `enum_values`: the document lists its values.
+        _ if detail == "Expect a valid enumeration value." => {
+            return "is not one of its values (listed in /openapi.json)".to_string()
+        }
         // Our own parameter types explain themselves.
         _ => return format!("is not valid: {detail}"),
     };
@@ -903,8 +910,10 @@ mod tests {
     fn unparsable_parameters_say_what_they_must_be() {
         assert_eq!(
             reason::<Option<u32>>("-5"),
-            "must be a whole number, 0 or more (invalid digit found in string)"
+            "must be a whole number from 0 to 4294967295 (invalid digit found in string)"
         );
+        assert!(reason::<Option<u32>>("99999999999")
+            .starts_with("must be a whole number from 0 to 4294967295 (number too large"));
         assert_eq!(
             reason::<Option<bool>>("maybe"),
             "must be `true` or `false` (provided string was not `true` or `false`)"
@@ -919,6 +928,11 @@ mod tests {
         assert_eq!(
             reason::<Option<super::super::admin::StatusClass>>("7xx"),
             "must be one of 2xx, 3xx, 4xx, 5xx"
+        );
+        // An enumeration `enum_values` does not know.
+        assert_eq!(
+            reason::<super::super::types::DeviceDoc>("fridge"),
+            "is not one of its values (listed in /openapi.json)"
         );
         // Our own types word their errors already.
         assert!(reason::<MetricList>("likes").starts_with("is not valid: unknown metric \"likes\""));

@@ -592,18 +592,37 @@ fn field_problem(name: &str, value: &str) -> Option<Option<String>> {
     Some(problem)
 }
 
-/// Which attribute has a value that is not a string, when the attributes are an object.
+/// The first attribute (in the order sent) whose value is not a string, when the attributes
+/// are an object: "value of \"slot\" must be a string, not a number (…)".
 fn value_not_a_string(attributes: &str) -> Option<String> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
     use serde_json::Value;
-    let map: serde_json::Map<String, Value> = serde_json::from_str(attributes).ok()?;
-    let (key, value) = map.iter().find(|(_, value)| !value.is_string())?;
+
+    struct FirstNotString;
+    impl<'de> Visitor<'de> for FirstNotString {
+        type Value = Option<(String, Value)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut first = None;
+            // Read to the end: the parser checks that the object was read whole.
+            while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                if first.is_none() && !value.is_string() {
+                    first = Some((key, value));
+                }
+            }
+            Ok(first)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(attributes);
+    let (key, value) = de.deserialize_map(FirstNotString).ok()??;
     let kind = match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Number(_) => "a number",
         Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-        Value::String(_) => return None,
+        _ => "an object",
     };
     Some(format!(
         "value of {key:?} must be a string, not {kind} (attributes map string keys to string values)"
@@ -754,6 +773,24 @@ mod tests {
         assert_eq!(
             event_type.message,
             "must be one of impression, click, conversion"
+        );
+    }
+
+    #[test]
+    fn the_first_attribute_that_is_not_a_string_is_named() {
+        let message = |attributes: &str| {
+            let json = event_json(&format!(r#","attributes":{attributes}"#));
+            let errors = check(&json).unwrap_err();
+            assert_eq!(errors[0].field, "attributes");
+            errors[0].message.clone()
+        };
+        assert!(message(r#"{"slot":"top","zone":3,"area":true}"#)
+            .starts_with(r#"value of "zone" must be a string, not a number"#));
+        assert!(message(r#"{"zone":null,"zone":"x"}"#)
+            .starts_with(r#"value of "zone" must be a string, not null"#));
+        assert_eq!(
+            message(r#"["a"]"#),
+            "must be an object of string keys to string values"
         );
     }
 

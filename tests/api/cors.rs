@@ -50,6 +50,7 @@ async fn a_page_on_any_origin_can_send_events_and_read_every_answer() {
     let sent = post_from(&app, SHOP, event().to_string()).await;
     assert_eq!(sent.status, 202, "{}", sent.text);
     assert_eq!(header(&sent, "access-control-allow-origin"), "*");
+    assert_eq!(header(&sent, "vary"), "Origin");
     assert!(header(&sent, "access-control-expose-headers").contains("X-Request-Id"));
     assert_eq!(app.wait_for_count(1).await, 1);
 
@@ -119,12 +120,36 @@ async fn only_listed_origins_are_allowed_and_the_refusal_names_the_origin() {
     let other = post_from(&app, "https://evil.example", event().to_string()).await;
     assert_eq!(other.status, 202);
     assert_eq!(header(&other, "access-control-allow-origin"), "");
-    assert_eq!(app.wait_for_count(2).await, 2);
+    // That answer, and one to a request with no Origin at all, say they depend on it: a
+    // cache must not hand them to a page of a listed origin.
+    assert_eq!(header(&other, "vary"), "Origin");
+    let plain = app.post(event().to_string(), "application/json").await;
+    assert_eq!((plain.status, header(&plain, "vary")), (202, "Origin"));
+    assert_eq!(app.wait_for_count(3).await, 3);
+
+    // A preflight's answer has its own Vary, once.
+    let pre = preflight(&app, "/v1/events", SHOP, "POST").await;
+    let vary: Vec<_> = pre.headers.get_all("vary").iter().collect();
+    assert_eq!(vary.len(), 1, "{vary:?}");
+    assert!(pre.headers.get("access-control-expose-headers").is_none());
 }
 
 #[tokio::test]
 async fn nothing_outside_the_api_is_opened_to_other_origins_and_none_turns_it_off() {
     let app = spawn_app("cors_scope").await;
+    for path in ["/metrics", "/health/ready", "/openapi.json", "/docs"] {
+        let pre = preflight(&app, path, SHOP, "GET").await;
+        assert_ne!(pre.status, 204, "{path}: {}", pre.text);
+        assert_eq!(header(&pre, "access-control-allow-origin"), "", "{path}");
+    }
+    // An OPTIONS request that is not a preflight is one without a key like any other.
+    let options = reqwest::Client::new()
+        .request(Method::OPTIONS, format!("{}/v1/events", app.base))
+        .header("origin", SHOP)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(options.status(), 401);
     for path in ["/metrics", "/health/ready", "/openapi.json"] {
         let resp = reqwest::Client::new()
             .get(format!("{}{path}", app.base))

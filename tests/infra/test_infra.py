@@ -802,6 +802,9 @@ def test_nginx_answers_in_json_when_no_instance_is_up(nginx_front):
     assert status == 502
     assert headers.get("access-control-allow-origin") == "*"
     assert "Retry-After" in headers.get("access-control-expose-headers", "")
+    # Outside the API, as the service does, nothing is opened to other origins.
+    status, headers, _ = _request(nginx_front["port"], "GET", "/metrics", None, {"Origin": "https://shop.example"})
+    assert status == 502 and "access-control-allow-origin" not in headers
 
 
 # --------------------------------------------------------------------------------------------
