@@ -89,8 +89,7 @@ pub async fn serve<E>(
 where
     E: Endpoint + 'static,
 {
-    let local_socket = listener.local_addr()?;
-    let local = LocalAddr(local_socket.into());
+    let local = listener.local_addr()?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let routes = Arc::new(routes);
     let (stop, stop_rx) = watch::channel(false);
@@ -101,11 +100,7 @@ where
         let (queue, connections) = mpsc::unbounded_channel();
         queues.push(queue);
         let thread = RequestThread {
-            acceptor: Handoff {
-                local: local.clone(),
-                local_socket,
-                connections,
-            },
+            acceptor: Handoff { local, connections },
             routes: routes.clone(),
             stop: stop_rx.clone(),
             ended: EndedGuard(ended.clone()),
@@ -212,9 +207,7 @@ impl Drop for EndedGuard {
 
 /// The acceptor of one request thread: connections dealt to it by [`deal_out`].
 struct Handoff {
-    local: LocalAddr,
-    /// The same address, as the key of a connection's abort switch.
-    local_socket: SocketAddr,
+    local: SocketAddr,
     connections: mpsc::UnboundedReceiver<Accepted>,
 }
 
@@ -222,7 +215,7 @@ impl Acceptor for Handoff {
     type Io = Connection;
 
     fn local_addr(&self) -> Vec<LocalAddr> {
-        vec![self.local.clone()]
+        vec![LocalAddr(self.local.into())]
     }
 
     async fn accept(
@@ -233,13 +226,13 @@ impl Acceptor for Handoff {
             return std::future::pending().await;
         };
         let id = ConnectionId {
-            local: self.local_socket,
+            local: self.local,
             remote,
         };
         let stream = Connection::new(TcpStream::from_std(stream)?, id);
         Ok((
             stream,
-            self.local.clone(),
+            LocalAddr(self.local.into()),
             RemoteAddr(remote.into()),
             poem::http::uri::Scheme::HTTP,
         ))

@@ -216,23 +216,10 @@ async fn an_instance_killed_behind_nginx_costs_clients_nothing_and_clickhouse_no
     assert!(generated_id.len() >= 16, "{generated_id:?}");
 
     // A browser's preflight passes through to an instance, which answers it (no key needed).
-    let preflight = http
-        .request(
-            reqwest::Method::OPTIONS,
-            format!("{}/v1/events", nginx.base),
-        )
-        .header("origin", "https://shop.example")
-        .header("access-control-request-method", "POST")
-        .header(
-            "access-control-request-headers",
-            "authorization,content-type",
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(preflight.status(), 204);
+    let preflight = preflight(&nginx.base, "/v1/events", "https://shop.example", "POST").await;
+    assert_eq!(preflight.status, 204, "{}", preflight.text);
     let allowed: Vec<_> = preflight
-        .headers()
+        .headers
         .get_all("access-control-allow-origin")
         .iter()
         .collect();

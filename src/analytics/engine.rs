@@ -328,18 +328,11 @@ impl Analytics {
             .with_setting("result_overflow_mode", "throw")
     }
 
-    /// A statement with the dedup setting, a time limit and the memory limit, read-only, which
-    /// ClickHouse stops when the service goes away (its client went away, or it gave up
-    /// waiting): ClickHouse honours that only for read-only statements.
+    /// A bounded read ([`crate::clickhouse::bounded_read`]) with the dedup setting and the
+    /// memory limit.
     pub fn read(&self, sql: &Sql, max_execution_ms: u64) -> clickhouse::query::Query {
-        sql.query(&self.client)
-            .with_setting("readonly", "2")
-            .with_setting("cancel_http_readonly_queries_on_client_close", "1")
+        crate::clickhouse::bounded_read(sql.query(&self.client), max_execution_ms)
             .with_setting("do_not_merge_across_partitions_select_final", "1")
-            .with_setting(
-                "max_execution_time",
-                format!("{:.3}", max_execution_ms as f64 / 1000.0),
-            )
             .with_setting(
                 "max_memory_usage",
                 self.settings.max_memory_bytes.to_string(),
@@ -618,27 +611,25 @@ mod tests {
 
     #[tokio::test]
     async fn reads_ask_clickhouse_to_stop_them_when_the_service_goes_away() {
-        let (url, request) = crate::clickhouse::testing::first_request().await;
-        let settings = AnalyticsSettings {
-            max_range_days: 1,
-            max_groups: 1,
-            max_points: 1,
-            max_execution_ms: 1000,
-            max_memory_bytes: 1 << 30,
-            export_max_execution_ms: 1000,
-            export_settle_ms: 0,
-            rollup_refresh: Duration::ZERO,
-            rollup_cache_bytes: 0,
-        };
-        let client = clickhouse::Client::default().with_url(url);
-        let analytics = Analytics::new(client, settings, Arc::new(Metrics::default()));
-        let mut sql = Sql::new();
-        sql.push("SELECT 1");
-        // Nothing answers; the request is all this test wants.
-        let read = analytics.read(&sql, 1000).fetch_all::<u8>();
-        let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
-        let request = request.await.unwrap();
-        let line = request.lines().next().unwrap();
+        let line = crate::clickhouse::testing::first_request_line(|url| async move {
+            let settings = AnalyticsSettings {
+                max_range_days: 1,
+                max_groups: 1,
+                max_points: 1,
+                max_execution_ms: 1000,
+                max_memory_bytes: 1 << 30,
+                export_max_execution_ms: 1000,
+                export_settle_ms: 0,
+                rollup_refresh: Duration::ZERO,
+                rollup_cache_bytes: 0,
+            };
+            let client = clickhouse::Client::default().with_url(url);
+            let analytics = Analytics::new(client, settings, Arc::new(Metrics::default()));
+            let mut sql = Sql::new();
+            sql.push("SELECT 1");
+            analytics.read(&sql, 1000).fetch_all::<u8>().await
+        })
+        .await;
         // ClickHouse cancels on a closed connection only statements that are read-only.
         for setting in [
             "cancel_http_readonly_queries_on_client_close=1",

@@ -845,17 +845,10 @@ impl AdminApi {
             "{select} FROM usage_log FINAL \
              WHERE time >= toDateTime64(?, 6, 'UTC') AND time < toDateTime64(?, 6, 'UTC'){clause} {tail}"
         );
-        let mut query = self
-            .client
-            .query(&sql)
-            .with_setting("readonly", "2")
-            .with_setting("cancel_http_readonly_queries_on_client_close", "1")
-            .with_setting(
-                "max_execution_time",
-                format!("{:.3}", self.read_limit_ms as f64 / 1000.0),
-            )
-            .bind(format_time(filter.from))
-            .bind(format_time(filter.to));
+        let mut query =
+            crate::clickhouse::bounded_read(self.client.query(&sql), self.read_limit_ms)
+                .bind(format_time(filter.from))
+                .bind(format_time(filter.to));
         for value in [filter.tenant, filter.key_id].into_iter().flatten() {
             query = query.bind(value);
         }

@@ -15,7 +15,7 @@ use poem::{
     Request, Response,
 };
 
-use super::types::ErrorBody;
+use super::{guard::is_api, types::ErrorBody};
 
 /// Response headers a page may read besides the safelisted ones.
 const EXPOSED: &str = "Retry-After, X-Request-Id, X-RateLimit-Limit, X-RateLimit-Remaining, \
@@ -138,18 +138,13 @@ fn origin(entry: &str) -> Result<String, String> {
     })
 }
 
-/// Whether cross-origin access applies to `path`.
-fn applies(path: &str) -> bool {
-    path == "/v1" || path.starts_with("/v1/")
-}
-
 /// The answer to a browser's preflight, when `req` is one: `204` with what the page may send
 /// if its origin is allowed, `403` with an error body naming it otherwise (the browser then
 /// does not send the request). `None` for any other request, or with cross-origin access off.
 pub fn preflight(origins: &CorsOrigins, req: &Request) -> Option<Response> {
     if req.method() != Method::OPTIONS
         || *origins == CorsOrigins::Off
-        || !applies(req.uri().path())
+        || !is_api(req.uri().path())
         || !req
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
@@ -194,7 +189,7 @@ pub fn allow_reading(
     path: &str,
     resp: &mut Response,
 ) {
-    if *origins == CorsOrigins::Off || !applies(path) {
+    if *origins == CorsOrigins::Off || !is_api(path) {
         return;
     }
     let headers = resp.headers_mut();

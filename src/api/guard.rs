@@ -41,9 +41,14 @@ pub fn access(method: &Method, route: &str, path: &str) -> Access {
         r if r.starts_with("/v1/admin/") || r == "/v1/users/{user_id}/events" => {
             Access::Scope(Scope::Admin)
         }
-        _ if path == "/v1" || path.starts_with("/v1/") => Access::Authenticated,
+        _ if is_api(path) => Access::Authenticated,
         _ => Access::Public,
     }
+}
+
+/// Whether `path` is in the `/v1` API.
+pub fn is_api(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/")
 }
 
 /// The API key of a request, as the OpenAPI document declares it. The guard has checked it

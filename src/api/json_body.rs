@@ -11,6 +11,7 @@ use poem_openapi::{
 use serde::{de::DeserializeOwned, Deserialize};
 use tokio::io::AsyncReadExt;
 
+use super::types::{DATE_TIME_EXPECTED, U32_EXPECTED};
 use crate::analytics::InvalidInput;
 
 /// Largest JSON request body accepted.
@@ -159,14 +160,12 @@ fn plain(message: String) -> String {
         "no possible date and time matching input",
     ];
     if TIME_FAULTS.iter().any(|fault| message.starts_with(fault)) {
-        return format!(
-            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z: {message}"
-        );
+        return format!("{DATE_TIME_EXPECTED}: {message}");
     }
     const RUST: &str = ", expected u32 at ";
     match message.find(RUST) {
         Some(at) => format!(
-            "{}, expected a whole number from 0 to 4294967295 at {}",
+            "{}, expected {U32_EXPECTED} at {}",
             &message[..at],
             &message[at + RUST.len()..]
         ),

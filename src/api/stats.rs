@@ -25,6 +25,7 @@ use super::{
     documented::{unanswered, Documented},
     guard::ApiKey,
     json_body::{Fault, JsonBody},
+    types::{DATE_TIME_EXPECTED, U32_EXPECTED},
     ApiTags,
 };
 use crate::analytics::{
@@ -157,12 +158,10 @@ fn readable(reason: &str) -> String {
         return format!("must be one of {}", values.join(", "));
     }
     let expected = match type_name {
-        t if t.contains("date-time") => {
-            "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z"
-        }
+        t if t.contains("date-time") => DATE_TIME_EXPECTED,
         "integer(uint8)" => "must be a whole number from 0 to 255",
         "integer(uint16)" => "must be a whole number from 0 to 65535",
-        "integer(uint32)" => "must be a whole number from 0 to 4294967295",
+        "integer(uint32)" => &format!("must be {U32_EXPECTED}"),
         t if t.starts_with("integer(uint") => "must be a whole number, 0 or more",
         t if t.starts_with("integer") => "must be a whole number",
         "boolean" => "must be `true` or `false`",

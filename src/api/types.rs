@@ -8,6 +8,12 @@ use std::collections::HashMap;
 use poem::{http::StatusCode, IntoResponse, Response};
 use poem_openapi::{payload::Json, Enum, Object, Union};
 
+/// What a time the API reads must be, for messages about one that does not parse.
+pub const DATE_TIME_EXPECTED: &str =
+    "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z";
+/// What a `u32` the API reads must be (limits, rate limits).
+pub const U32_EXPECTED: &str = "a whole number from 0 to 4294967295";
+
 #[derive(Debug, Clone, Copy, Enum)]
 #[oai(rename_all = "lowercase")]
 pub enum EventTypeDoc {

@@ -19,6 +19,22 @@ pub fn client(url: &str, settings: &ClickHouseSettings) -> clickhouse::Client {
         .with_database(&settings.database)
 }
 
+/// `query` as a read that cannot write, stopped by ClickHouse after `max_execution_ms` and
+/// also when the service goes away (its client went away, or it gave up waiting): ClickHouse
+/// honours `cancel_http_readonly_queries_on_client_close` only for read-only statements.
+pub fn bounded_read(
+    query: clickhouse::query::Query,
+    max_execution_ms: u64,
+) -> clickhouse::query::Query {
+    query
+        .with_setting("readonly", "2")
+        .with_setting("cancel_http_readonly_queries_on_client_close", "1")
+        .with_setting(
+            "max_execution_time",
+            format!("{:.3}", max_execution_ms as f64 / 1000.0),
+        )
+}
+
 /// `INSERT INTO <table> (<column>, ...) FORMAT <format>`.
 pub fn insert_sql(table: &str, columns: &[(&str, &str)], format: &str) -> String {
     let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
@@ -101,11 +117,13 @@ pub fn refused_what_was_sent(err: &clickhouse::error::Error) -> bool {
 /// For unit tests of what the service sends ClickHouse.
 #[cfg(test)]
 pub mod testing {
-    use tokio::{io::AsyncReadExt, task::JoinHandle};
+    use std::{future::Future, time::Duration};
 
-    /// A URL where nothing answers, and the head of the first request sent there (once a
-    /// client sent one: give it a moment, then drop what it waits for).
-    pub async fn first_request() -> (String, JoinHandle<String>) {
+    use tokio::io::AsyncReadExt;
+
+    /// The request line of the first request `send` makes to the URL it is given, where
+    /// nothing answers (`send` is given a moment, then dropped).
+    pub async fn first_request_line<F: Future>(send: impl FnOnce(String) -> F) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let head = tokio::spawn(async move {
@@ -114,7 +132,9 @@ pub mod testing {
             let n = conn.read(&mut head).await.unwrap();
             String::from_utf8_lossy(&head[..n]).into_owned()
         });
-        (url, head)
+        let _ = tokio::time::timeout(Duration::from_millis(500), send(url)).await;
+        let head = head.await.unwrap();
+        head.lines().next().unwrap_or_default().to_string()
     }
 }
 
@@ -125,24 +145,20 @@ mod tests {
 
     #[tokio::test]
     async fn inserts_are_compressed_as_in_production() {
-        let (url, head) = testing::first_request().await;
-        let settings = ClickHouseSettings {
-            target: crate::config::ClickHouseTarget::Url(url.clone()),
-            database: "db".into(),
-            user: "default".into(),
-            password: String::new(),
-            apply_schema: false,
-        };
-        let insert = async {
+        let line = testing::first_request_line(|url| async move {
+            let settings = ClickHouseSettings {
+                target: crate::config::ClickHouseTarget::Url(url.clone()),
+                database: "db".into(),
+                user: "default".into(),
+                password: String::new(),
+                apply_schema: false,
+            };
             let mut insert =
                 client(&url, &settings).insert_formatted_with("INSERT INTO t FORMAT RowBinary");
             insert.send(bytes::Bytes::from_static(b"row")).await?;
             insert.end().await
-        };
-        // Nothing answers; the request is all this test wants.
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), insert).await;
-        let head = head.await.unwrap();
-        let line = head.lines().next().unwrap();
+        })
+        .await;
         assert!(line.contains("decompress=1"), "{line}");
     }
 

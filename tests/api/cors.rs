@@ -9,19 +9,6 @@ use crate::helpers::*;
 
 const SHOP: &str = "https://shop.example";
 
-/// A browser's preflight for `method` on `path`, as it sends it: no key.
-async fn preflight(app: &TestApp, path: &str, origin: &str, method: &str) -> Response {
-    let req = reqwest::Client::new()
-        .request(Method::OPTIONS, format!("{}{path}", app.base))
-        .header("origin", origin)
-        .header("access-control-request-method", method)
-        .header(
-            "access-control-request-headers",
-            "authorization,content-type,x-sdk-version",
-        );
-    Response::from(req.send().await.unwrap()).await
-}
-
 /// One event posted with the app's key by a page on `origin`.
 async fn post_from(app: &TestApp, origin: &str, body: String) -> Response {
     let headers = [("content-type", "application/json"), ("origin", origin)];
@@ -36,7 +23,7 @@ fn header<'a>(resp: &'a Response, name: &str) -> &'a str {
 async fn a_page_on_any_origin_can_send_events_and_read_every_answer() {
     let app = spawn_app("cors_any").await;
 
-    let pre = preflight(&app, "/v1/events", SHOP, "POST").await;
+    let pre = preflight(&app.base, "/v1/events", SHOP, "POST").await;
     assert_eq!(pre.status, 204, "{}", pre.text);
     assert_eq!(header(&pre, "access-control-allow-origin"), "*");
     assert!(header(&pre, "access-control-allow-methods").contains("POST"));
@@ -70,7 +57,7 @@ async fn a_page_on_any_origin_can_send_events_and_read_every_answer() {
     assert_eq!(no_key.headers()["access-control-allow-origin"], "*");
 
     // Reads from a dashboard on another origin as well.
-    let pre = preflight(&app, "/v1/stats/summary", SHOP, "GET").await;
+    let pre = preflight(&app.base, "/v1/stats/summary", SHOP, "GET").await;
     assert_eq!(pre.status, 204, "{}", pre.text);
 
     // Preflights are requests like any other: counted by route.
@@ -93,14 +80,14 @@ async fn only_listed_origins_are_allowed_and_the_refusal_names_the_origin() {
     )
     .await;
 
-    let pre = preflight(&app, "/v1/events", "http://localhost:3000", "POST").await;
+    let pre = preflight(&app.base, "/v1/events", "http://localhost:3000", "POST").await;
     assert_eq!(pre.status, 204, "{}", pre.text);
     assert_eq!(
         header(&pre, "access-control-allow-origin"),
         "http://localhost:3000"
     );
 
-    let refused = preflight(&app, "/v1/events", "https://evil.example", "POST").await;
+    let refused = preflight(&app.base, "/v1/events", "https://evil.example", "POST").await;
     assert_eq!(refused.status, 403, "{}", refused.text);
     assert_eq!(refused.json["error"], "origin_not_allowed");
     assert!(refused.json["message"]
@@ -128,7 +115,7 @@ async fn only_listed_origins_are_allowed_and_the_refusal_names_the_origin() {
     assert_eq!(app.wait_for_count(3).await, 3);
 
     // A preflight's answer has its own Vary, once.
-    let pre = preflight(&app, "/v1/events", SHOP, "POST").await;
+    let pre = preflight(&app.base, "/v1/events", SHOP, "POST").await;
     let vary: Vec<_> = pre.headers.get_all("vary").iter().collect();
     assert_eq!(vary.len(), 1, "{vary:?}");
     assert!(pre.headers.get("access-control-expose-headers").is_none());
@@ -138,7 +125,7 @@ async fn only_listed_origins_are_allowed_and_the_refusal_names_the_origin() {
 async fn nothing_outside_the_api_is_opened_to_other_origins_and_none_turns_it_off() {
     let app = spawn_app("cors_scope").await;
     for path in ["/metrics", "/health/ready", "/openapi.json", "/docs"] {
-        let pre = preflight(&app, path, SHOP, "GET").await;
+        let pre = preflight(&app.base, path, SHOP, "GET").await;
         assert_ne!(pre.status, 204, "{path}: {}", pre.text);
         assert_eq!(header(&pre, "access-control-allow-origin"), "", "{path}");
     }
@@ -166,7 +153,7 @@ async fn nothing_outside_the_api_is_opened_to_other_origins_and_none_turns_it_of
 
     let off = spawn_app_with("cors_off", &[("ADTRACK_CORS_ORIGINS", "none")]).await;
     // With no cross-origin access, a preflight is a request without a key like any other.
-    let pre = preflight(&off, "/v1/events", SHOP, "POST").await;
+    let pre = preflight(&off.base, "/v1/events", SHOP, "POST").await;
     assert_eq!(pre.status, 401, "{}", pre.text);
     assert_eq!(header(&pre, "access-control-allow-origin"), "");
     let sent = post_from(&off, SHOP, event().to_string()).await;

@@ -359,6 +359,20 @@ impl Response {
     }
 }
 
+/// A browser's preflight for `method` on `path` of the service at `base`, as it sends it: no
+/// key, and a header of its own besides the API's.
+pub async fn preflight(base: &str, path: &str, origin: &str, method: &str) -> Response {
+    let req = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, format!("{base}{path}"))
+        .header("origin", origin)
+        .header("access-control-request-method", method)
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,x-sdk-version",
+        );
+    Response::from(req.send().await.unwrap()).await
+}
+
 /// A valid event, happening now, with a fresh id.
 pub fn event() -> Value {
     event_with_id(Uuid::new_v4())
