@@ -30,7 +30,7 @@ pub enum IngestResponse {
     /// ClickHouse within about a second (should ClickHouse refuse a row, it goes to the
     /// service's dead-letter file and `adtrack_dead_lettered_events_total`). `rejected` lists
     /// the events that were not accepted; the others went in. With `wait=true`, 202 means the
-    /// wait timed out: the events are safe but not yet confirmed in ClickHouse.
+    /// events could not be confirmed in ClickHouse within the wait: they are safe all the same.
     #[oai(status = 202)]
     Accepted(Json<IngestResult>),
     /// The body cannot be read as events: malformed JSON (`line`/`column` say where), not an

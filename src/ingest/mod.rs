@@ -112,10 +112,11 @@ impl Ingest {
             .fetch_add(accepted as u64, std::sync::atomic::Ordering::Relaxed);
 
         let committed = wait && self.wait_for_commit(lsn).await;
-        let refused = if committed {
-            self.refusals.take(lsn)
-        } else {
-            0
+        // Whether some rows were refused may no longer be known: then the answer is the one
+        // without waiting (durable), never "committed".
+        let (committed, refused) = match committed.then(|| self.refusals.take(lsn)) {
+            Some(Some(refused)) => (true, refused),
+            _ => (false, 0),
         };
         Ok(Outcome {
             accepted,

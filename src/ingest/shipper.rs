@@ -25,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use bytes::Bytes;
 use tokio::sync::watch;
 
@@ -209,6 +210,9 @@ struct Batch {
     wal_bytes: u64,
     end: WalPos,
     started: Option<Instant>,
+    /// Parts of `rows` already written to the dead-letter file, so that a retry of the batch
+    /// (after a network error) does not write them again.
+    dead_lettered: Vec<std::ops::Range<usize>>,
 }
 
 impl<F: RowFormat> Shipper<F> {
@@ -221,6 +225,7 @@ impl<F: RowFormat> Shipper<F> {
             wal_bytes: 0,
             end: self.start,
             started: None,
+            dead_lettered: Vec::new(),
         };
         let statements = Statements::new(&self.format, self.settings.max_bytes);
         let mut drain_deadline: Option<Instant> = None;
@@ -322,6 +327,7 @@ impl<F: RowFormat> Shipper<F> {
     ) -> bool {
         let mut backoff = Duration::from_millis(100);
         let rows = Bytes::from(std::mem::take(&mut batch.rows));
+        let mut inserted = false;
         loop {
             let started = Instant::now();
             let drain_over = drain_over(
@@ -330,10 +336,20 @@ impl<F: RowFormat> Shipper<F> {
                 self.drain_timeout,
             );
             let attempt = async {
-                self.ensure_schema().await?;
-                self.insert_or_dead_letter(statements, rows.clone(), &batch.records)
-                    .await
-                    .map_err(anyhow::Error::from)
+                if !inserted {
+                    self.ensure_schema().await.map_err(Failure::ClickHouse)?;
+                    self.insert_or_dead_letter(
+                        statements,
+                        rows.clone(),
+                        &batch.records,
+                        &mut batch.dead_lettered,
+                    )
+                    .await?;
+                    inserted = true;
+                }
+                // Recorded before the commit is announced: a replay after a crash must never
+                // re-insert rows a user's data deletion (which waits for the commit) removed.
+                wal::checkpoint(&self.wal_dir, batch.end).map_err(Failure::Local)
             };
             let attempt = tokio::select! {
                 attempt = attempt => attempt,
@@ -360,11 +376,14 @@ impl<F: RowFormat> Shipper<F> {
                     }
                     return true;
                 }
-                Err(err) => {
+                Err(Failure::ClickHouse(err)) => {
                     self.metrics
                         .clickhouse_errors_retryable
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %format!("{err:#}"), rows = batch.count, retry_in = ?backoff, "insert into ClickHouse failed; retrying");
+                }
+                Err(Failure::Local(err)) => {
+                    tracing::error!(error = %format!("{err:#}"), rows = batch.count, retry_in = ?backoff, "a batch cannot be completed on this machine's disk; retrying");
                 }
             }
             if self
@@ -392,11 +411,9 @@ impl<F: RowFormat> Shipper<F> {
         Ok(())
     }
 
+    /// The batch is in ClickHouse (or the dead-letter file) and the checkpoint past it is
+    /// written: announces it and empties the batch.
     fn committed(&mut self, batch: &mut Batch) {
-        if let Err(err) = wal::checkpoint(&self.wal_dir, batch.end) {
-            // The rows are in ClickHouse; a stale checkpoint only means a harmless replay.
-            tracing::warn!(error = %format!("{err:#}"), "could not record the WAL checkpoint");
-        }
         self.shared
             .pending_bytes
             .fetch_sub(batch.wal_bytes, Ordering::Relaxed);
@@ -406,21 +423,28 @@ impl<F: RowFormat> Shipper<F> {
         batch.count = 0;
         batch.wal_bytes = 0;
         batch.started = None;
+        batch.dead_lettered.clear();
     }
 
     /// Inserts `rows` (the rows of `records`, see `Batch`). A data error splits them in halves
-    /// until the bad rows are isolated and written to the dead-letter file, and their records
-    /// noted as refused; the good rows still reach ClickHouse. Any other error is returned for
-    /// the caller to retry.
+    /// until the bad rows are isolated and written to the dead-letter file (the parts in
+    /// `dead_lettered` are there already), and their records noted as refused; the good rows
+    /// still reach ClickHouse. Any other error, or a dead-letter file that cannot be written,
+    /// is returned for the caller to retry.
     async fn insert_or_dead_letter(
         &self,
         statements: &Statements,
         rows: Bytes,
         records: &[(usize, u64)],
-    ) -> Result<(), clickhouse::error::Error> {
+        dead_lettered: &mut Vec<std::ops::Range<usize>>,
+    ) -> Result<(), Failure> {
         // (where in the batch the rows start, rows)
         let mut pending = vec![(0, rows)];
         while let Some((at, rows)) = pending.pop() {
+            let part = at..at + rows.len();
+            if dead_lettered.contains(&part) {
+                continue;
+            }
             match insert_rows(&self.client, &self.metrics, statements, rows.clone()).await {
                 Ok(()) => {}
                 Err(err) if is_data_error(&err) => {
@@ -432,22 +456,34 @@ impl<F: RowFormat> Shipper<F> {
                         let mid = bounds[bounds.len() / 2].start;
                         pending.push((at + mid, rows.slice(mid..)));
                         pending.push((at, rows.slice(..mid)));
-                    } else {
-                        let lsn = record_at(records, at);
-                        let count = self.dead_letter(&rows, &err, lsn);
-                        if let Some(refusals) = &self.refusals {
+                        continue;
+                    }
+                    // One row, or (never written so) rows that do not split: every record
+                    // they touch is reported refused to its waiting request.
+                    let lsns = records_within(records, part.clone());
+                    let count = self
+                        .dead_letter(&rows, &err, lsns[0])
+                        .map_err(Failure::Local)?;
+                    dead_lettered.push(part);
+                    if let Some(refusals) = &self.refusals {
+                        for lsn in lsns {
                             refusals.note(lsn, at, count);
                         }
                     }
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(Failure::ClickHouse(err.into())),
             }
         }
         Ok(())
     }
 
-    /// Writes refused rows of record `lsn` to the dead-letter file; returns how many.
-    fn dead_letter(&self, rows: &[u8], err: &clickhouse::error::Error, lsn: u64) -> u32 {
+    /// Writes refused rows of record `lsn` to the dead-letter file, synced; returns how many.
+    fn dead_letter(
+        &self,
+        rows: &[u8],
+        err: &clickhouse::error::Error,
+        lsn: u64,
+    ) -> anyhow::Result<u32> {
         let (field, described) = self.format.describe(rows);
         let count = described.as_array().map_or(0, Vec::len).max(1);
         let mut line = serde_json::json!({
@@ -477,25 +513,47 @@ impl<F: RowFormat> Shipper<F> {
                 writeln!(file, "{line}")?;
                 file.sync_data()
             });
-        match written {
-            Ok(()) => {
-                tracing::error!(rows = count, file = %path.display(), reason = %err, "ClickHouse refused rows; written to the dead-letter file")
-            }
-            Err(io) => {
-                tracing::error!(rows = count, error = %io, dead_letter = %line, "ClickHouse refused rows and the dead-letter file could not be written")
-            }
-        }
+        // Not written: the rows stay in the log and the batch is tried again.
+        written.with_context(|| {
+            format!(
+                "ClickHouse refused rows ({err}) and the dead-letter file {} could not be written",
+                path.display()
+            )
+        })?;
+        tracing::error!(rows = count, file = %path.display(), reason = %err, "ClickHouse refused rows; written to the dead-letter file");
         self.metrics
             .dead_lettered_events
             .fetch_add(count as u64, Ordering::Relaxed);
-        count as u32
+        Ok(count as u32)
     }
 }
 
-/// The sequence number of the record whose rows hold byte `at` of a batch.
-fn record_at(records: &[(usize, u64)], at: usize) -> u64 {
-    let i = records.partition_point(|&(end, _)| end <= at);
-    records.get(i).or(records.last()).map_or(0, |&(_, lsn)| lsn)
+/// Why a batch could not be completed (both are retried).
+enum Failure {
+    /// ClickHouse did not answer, or failed in a way that is not about the rows.
+    ClickHouse(anyhow::Error),
+    /// This machine's disk: the dead-letter file or the log's checkpoint.
+    Local(anyhow::Error),
+}
+
+/// The sequence numbers of the records whose rows lie in bytes `part` of a batch (at least
+/// one).
+fn records_within(records: &[(usize, u64)], part: std::ops::Range<usize>) -> Vec<u64> {
+    let first = records.partition_point(|&(end, _)| end <= part.start);
+    // A record starts where the one before it ends.
+    let mut lsns: Vec<u64> = records[first..]
+        .iter()
+        .scan(part.start, |start, &(end, lsn)| {
+            (*start < part.end).then(|| {
+                *start = end;
+                lsn
+            })
+        })
+        .collect();
+    if lsns.is_empty() {
+        lsns.extend(records.last().map(|&(_, lsn)| lsn));
+    }
+    lsns
 }
 
 /// The identities of the last two batches, to count re-sent events. Counting only: every
@@ -598,14 +656,16 @@ mod tests {
     use crate::usage::UsageRow;
 
     #[test]
-    fn a_row_is_traced_to_the_record_it_came_from() {
+    fn rows_are_traced_to_the_records_they_came_from() {
         // Records 5, 6, 7 hold bytes 0..100, 100..250, 250..300.
         let records = [(100, 5), (250, 6), (300, 7)];
-        assert_eq!(record_at(&records, 0), 5);
-        assert_eq!(record_at(&records, 99), 5);
-        assert_eq!(record_at(&records, 100), 6);
-        assert_eq!(record_at(&records, 249), 6);
-        assert_eq!(record_at(&records, 250), 7);
+        assert_eq!(records_within(&records, 0..10), [5]);
+        assert_eq!(records_within(&records, 90..100), [5]);
+        assert_eq!(records_within(&records, 100..120), [6]);
+        assert_eq!(records_within(&records, 240..250), [6]);
+        assert_eq!(records_within(&records, 250..300), [7]);
+        assert_eq!(records_within(&records, 90..260), [5, 6, 7]);
+        assert_eq!(records_within(&records, 0..300), [5, 6, 7]);
     }
 
     /// Two usage rows. The mock hands a request's body over as text, so every number is small
@@ -691,6 +751,80 @@ mod tests {
         send(&mock, &metrics, torn.clone()).await.unwrap();
         assert_eq!(sent.query().await.into_bytes(), torn.to_vec());
         assert_eq!(metrics.native_fallbacks.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_retried_after_a_network_error_writes_its_refused_rows_once() {
+        let mock = Mock::new();
+        let dir = tempfile::tempdir().unwrap();
+        let (_, durable) = watch::channel(WalPos::default());
+        let (stop, stopping) = watch::channel(false);
+        let shipper = Shipper {
+            format: UsageRows,
+            client: mock_client(&mock),
+            schema: None,
+            settings: FlushSettings {
+                max_rows: 100,
+                max_bytes: 1 << 20,
+                interval: Duration::from_secs(1),
+                max_backoff: Duration::from_millis(10),
+                dead_letter_dir: dir.path().to_path_buf(),
+            },
+            wal_dir: dir.path().to_path_buf(),
+            start: WalPos::default(),
+            durable,
+            committed: watch::channel(0).0,
+            refusals: Some(Refusals::default()),
+            shared: Default::default(),
+            metrics: Default::default(),
+            stopping,
+            drain_timeout: Duration::from_secs(1),
+        };
+        let statements = Statements::new(&UsageRows, usize::MAX);
+        let rows = usage_rows();
+        let bounds = UsageRows.row_bounds(&rows);
+        let records = [(bounds[0].end, 1), (bounds[1].end, 2)];
+        let mut dead_lettered = Vec::new();
+        // Both rows refused (as a Native block, then as RowBinary), the first alone too; the
+        // second is not taken for a moment.
+        let refused = || handlers::exception(53); // TYPE_MISMATCH
+        for _ in 0..4 {
+            mock.add(refused());
+        }
+        mock.add(handlers::failure(poem::http::StatusCode::BAD_GATEWAY));
+        let first = shipper
+            .insert_or_dead_letter(&statements, rows.clone(), &records, &mut dead_lettered)
+            .await;
+        assert!(matches!(first, Err(Failure::ClickHouse(_))));
+        // Tried again: both refused, the first is in the dead-letter file already, the second
+        // goes in.
+        mock.add(refused());
+        mock.add(refused());
+        let second_row = mock.add(handlers::record_ddl());
+        shipper
+            .insert_or_dead_letter(&statements, rows.clone(), &records, &mut dead_lettered)
+            .await
+            .map_err(|_| "the retry failed")
+            .unwrap();
+        let (_, layout) = statements.native.as_ref().unwrap();
+        assert_eq!(
+            second_row.query().await.into_bytes(),
+            layout.block(&rows[bounds[1].clone()]).unwrap()
+        );
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .find(|p| p.to_string_lossy().contains("usage_log"))
+            .unwrap();
+        let text = std::fs::read_to_string(file).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert_eq!(
+            shipper.metrics.dead_lettered_events.load(Ordering::Relaxed),
+            1
+        );
+        let refusals = shipper.refusals.as_ref().unwrap();
+        assert_eq!((refusals.take(1), refusals.take(2)), (Some(1), Some(0)));
+        drop(stop);
     }
 
     #[tokio::test]

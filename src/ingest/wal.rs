@@ -119,6 +119,7 @@ pub struct WalHandle {
 }
 
 /// State both sides of the log read.
+#[cfg_attr(test, derive(Default))]
 pub struct Shared {
     /// Bytes of records not yet committed to ClickHouse: the disk budget is checked on this.
     pub pending_bytes: AtomicU64,
@@ -261,8 +262,10 @@ pub fn open(
         },
     };
 
-    // New records always go to a fresh segment: recovered files are never appended to.
-    let active_id = segments.last().map_or(start.segment.max(1), |&s| s + 1);
+    // New records always go to a fresh segment: recovered files are never appended to. Never
+    // below where reading starts (segments may be missing after it, removed by hand), or the
+    // shipper would never read the new records.
+    let active_id = segments.last().map_or(1, |&s| s + 1).max(start.segment);
     let file = finish_segment(dir, active_id, new_segment(dir, active_id, segment_bytes)?)?;
     let initial = WalPos {
         segment: active_id,
@@ -527,39 +530,52 @@ enum ReadOutcome {
         rows: u32,
         len: usize,
     },
-    /// Clean end of data, or a torn/corrupt record (both mean: nothing more here).
+    /// Clean end of data: the file's end, or an end marker (a zeroed header).
     End,
+    /// A torn or corrupt record (bad length or CRC): nothing more can be read here either.
+    Broken,
 }
 
 /// Reads one record, appending its payload to `out` (left unchanged unless a whole, valid
-/// record was read). Appending avoids a zeroed temporary per record on the shipper's path.
+/// record was read, also on an error). Appending avoids a zeroed temporary per record on the
+/// shipper's path.
 fn read_record(reader: &mut impl Read, out: &mut Vec<u8>) -> io::Result<ReadOutcome> {
+    let start = out.len();
+    let read = read_one(reader, out);
+    if !matches!(read, Ok(ReadOutcome::Record { .. })) {
+        out.truncate(start);
+    }
+    read
+}
+
+fn read_one(reader: &mut impl Read, out: &mut Vec<u8>) -> io::Result<ReadOutcome> {
     let mut header = [0u8; HEADER_LEN];
     match reader.read_exact(&mut header) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(ReadOutcome::End),
         Err(e) => return Err(e),
     }
+    if header == [0; HEADER_LEN] {
+        return Ok(ReadOutcome::End);
+    }
     let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
     let lsn = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let rows = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
     if len > MAX_RECORD_LEN {
-        return Ok(ReadOutcome::End);
+        return Ok(ReadOutcome::Broken);
     }
     let start = out.len();
     // Not all at once: after a crash the length may be an old record's bytes.
     out.reserve(len.min(16 << 20));
     if reader.take(len as u64).read_to_end(out)? < len {
-        out.truncate(start);
-        return Ok(ReadOutcome::End);
+        return Ok(ReadOutcome::Broken);
     }
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&header[8..]);
     hasher.update(&out[start..]);
     if hasher.finalize() != crc {
-        out.truncate(start);
-        return Ok(ReadOutcome::End);
+        return Ok(ReadOutcome::Broken);
     }
     Ok(ReadOutcome::Record { lsn, rows, len })
 }
@@ -699,7 +715,12 @@ impl WalReader {
             }
             let reader = self.file.as_mut().expect("opened above");
             reader.get_mut().end = end;
-            match read_record(reader, out)? {
+            let read = read_record(reader, out).inspect_err(|_| {
+                // The buffered reader may have stopped inside a record: read it again from
+                // the position (still that of the last whole record) on the next call.
+                self.file = None;
+            });
+            match read? {
                 ReadOutcome::Record { lsn, rows, len } => {
                     self.pos.offset += (HEADER_LEN + len) as u64;
                     self.pos.lsn = lsn;
@@ -711,7 +732,17 @@ impl WalReader {
                     }));
                 }
                 ReadOutcome::End if self.pos.segment < durable.segment => self.next_segment(),
-                ReadOutcome::End => {
+                ReadOutcome::Broken if self.pos.segment < durable.segment => {
+                    // Written whole and synced once, so the disk changed it since: the
+                    // records after it cannot be found (their place follows from its length).
+                    tracing::error!(
+                        segment = self.pos.segment,
+                        offset = self.pos.offset,
+                        "a write-ahead log record is corrupt; the rest of its segment is skipped and its events are lost"
+                    );
+                    self.next_segment();
+                }
+                ReadOutcome::End | ReadOutcome::Broken => {
                     // Only possible if the file changed under us; re-open on the next call.
                     self.file = None;
                     return Ok(None);
@@ -1184,6 +1215,83 @@ mod tests {
         let records = read_all(dir.path(), wal.start, durable);
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].1, b"good");
+    }
+
+    #[test]
+    fn a_read_that_fails_inside_a_record_leaves_nothing_of_it() {
+        /// Yields `ok` bytes of `data`, then fails.
+        struct Failing<'a> {
+            data: &'a [u8],
+            ok: usize,
+        }
+        impl Read for Failing<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.ok == 0 {
+                    return Err(io::Error::other("injected read error"));
+                }
+                let n = buf.len().min(self.ok).min(self.data.len());
+                buf[..n].copy_from_slice(&self.data[..n]);
+                (self.data, self.ok) = (&self.data[n..], self.ok - n);
+                Ok(n)
+            }
+        }
+        let mut record = Vec::new();
+        encode_record(&mut record, 1, 1, &[7; 100]);
+        let mut out = b"earlier".to_vec();
+        let mut reader = Failing {
+            data: &record,
+            ok: HEADER_LEN + 40,
+        };
+        assert!(read_record(&mut reader, &mut out).is_err());
+        assert_eq!(out, b"earlier", "part of a record was kept");
+    }
+
+    #[tokio::test]
+    async fn a_reader_whose_read_failed_reads_the_record_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open_at(dir.path(), 1 << 20, u64::MAX);
+        wal.handle.append(b"one".to_vec(), 1).await.unwrap();
+        let durable = *wal.durable.borrow();
+        close(wal);
+        // The segment's file cannot be read for a while (a directory in its place: EISDIR).
+        let seg = segment_path(dir.path(), durable.segment);
+        let kept = dir.path().join("kept");
+        fs::rename(&seg, &kept).unwrap();
+        fs::create_dir(&seg).unwrap();
+        let mut reader = WalReader::new(
+            dir.path(),
+            WalPos {
+                segment: durable.segment,
+                offset: 0,
+                lsn: 0,
+            },
+        );
+        let mut out = Vec::new();
+        assert!(reader.next(durable, &mut out).is_err());
+        fs::remove_dir(&seg).unwrap();
+        fs::rename(&kept, &seg).unwrap();
+        let record = reader.next(durable, &mut out).unwrap();
+        assert_eq!(record.map(|r| r.lsn), Some(1));
+        assert_eq!(out, b"one");
+    }
+
+    #[tokio::test]
+    async fn new_records_go_where_reading_starts_when_segments_before_it_are_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = sixty_records(dir.path()).await;
+        let records = read_all(dir.path(), wal.start, *wal.durable.borrow());
+        let committed = records[59].0.end;
+        checkpoint(dir.path(), committed).unwrap();
+        close(wal);
+        // The checkpoint's segment is gone (removed by hand), an older one is back.
+        fs::remove_file(segment_path(dir.path(), committed.segment)).unwrap();
+        fs::write(segment_path(dir.path(), 1), vec![0; 4096]).unwrap();
+
+        let wal = open_at(dir.path(), 4096, u64::MAX);
+        wal.handle.append(b"after".to_vec(), 1).await.unwrap();
+        let records = read_all(dir.path(), wal.start, *wal.durable.borrow());
+        assert_eq!(records.len(), 1, "the new record is read");
+        assert_eq!(records[0].1, b"after");
     }
 
     fn writable(path: &Path) -> File {

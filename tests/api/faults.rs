@@ -162,6 +162,76 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
 }
 
 #[tokio::test]
+async fn refused_rows_stay_in_the_log_while_the_dead_letter_file_cannot_be_written() {
+    let app = spawn_app_with(
+        "dead_letter_blocked",
+        &[("ADTRACK_WAIT_TIMEOUT_MS", "1500")],
+    )
+    .await;
+    app.db
+        .query("ALTER TABLE events ADD CONSTRAINT no_poison CHECK campaign_id != 'poison'")
+        .execute()
+        .await
+        .unwrap();
+    // Something else stands where the dead-letter directory goes: it cannot be made.
+    let dead_letter = app.data.join("dead-letter");
+    let _ = std::fs::remove_dir_all(&dead_letter);
+    std::fs::write(&dead_letter, b"in the way").unwrap();
+
+    let mut batch = events(4);
+    let mut poison = event();
+    poison["campaign_id"] = json!("poison");
+    batch.insert(2, poison.clone());
+    let r = app.post_and_wait(Value::from(batch).to_string()).await;
+    // Neither committed nor known refused yet: durable, and still being worked on.
+    assert_eq!(r.status, 202, "{:?}", r.text);
+    assert_eq!(app.metric("adtrack_dead_lettered_events_total").await, 0.0);
+
+    // Once the file can be written, the refused row is kept there and the rest go in.
+    std::fs::remove_file(&dead_letter).unwrap();
+    assert_eq!(app.wait_for_count(4).await, 4);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_dir(&dead_letter)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|f| std::fs::read_to_string(f.unwrap().path()).ok());
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dead-letter file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["events"][0]["event_id"], poison["event_id"]);
+    assert_eq!(app.metric("adtrack_dead_lettered_events_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_commit_is_announced_only_once_its_checkpoint_is_written() {
+    let app = spawn_app_with("checkpoint_blocked", &[("ADTRACK_WAIT_TIMEOUT_MS", "1500")]).await;
+    // The log's checkpoint cannot be written (directories in place of its two slots).
+    let slots = ["checkpoint.0", "checkpoint.1"].map(|slot| app.data.join("wal").join(slot));
+    for slot in &slots {
+        std::fs::remove_file(slot).unwrap();
+        std::fs::create_dir(slot).unwrap();
+    }
+    // The rows reach ClickHouse, but a crash now would send them again after a deletion of
+    // the user's data (which waits for the commit): not committed yet.
+    let r = app.post_and_wait(Value::from(events(3)).to_string()).await;
+    assert_eq!(r.status, 202, "{:?}", r.text);
+    assert_eq!(app.wait_for_count(3).await, 3);
+
+    for slot in &slots {
+        std::fs::remove_dir(slot).unwrap();
+    }
+    let r = app.post_and_wait(Value::from(events(2)).to_string()).await;
+    assert_eq!(r.status, 200, "{:?}", r.text);
+    assert_eq!(app.count_final().await, 5);
+}
+
+#[tokio::test]
 async fn graceful_shutdown_drains_the_log_into_clickhouse() {
     let mut app = spawn_app_with("drain", &[("ADTRACK_FLUSH_INTERVAL_MS", "60000")]).await;
     let r = app.post(Value::from(events(100)).to_string(), JSON).await;
