@@ -1,8 +1,10 @@
 //! Raw events: one by id, newest-first pages, and the export in order of receipt.
 //!
-//! Both listings are keyset-paginated on `(received_at, event_id)` — the server's receive time
-//! with the id as tie-breaker (a batch shares one `received_at`). A cursor is the key of the
-//! last event served; the next read starts strictly after it, so no OFFSET scan happens and
+//! Both listings are keyset-paginated on the server's receive time, then the event's identity
+//! as tie-breaker (a batch shares one `received_at`, and one `event_id` sent with two types,
+//! campaigns or hours is two events): `(received_at, event_id, type, campaign_id, timestamp)`,
+//! where the timestamp stands for its hour (the table keeps one row per hour). A cursor is the
+//! key of the last event served; the next read starts strictly after it, so no OFFSET scan happens and
 //! inserts during paging neither repeat nor skip events already there: new events are received
 //! later than any cursor taken before, so they sort above a newest-first listing and after an
 //! export's cursor.
@@ -11,9 +13,11 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::domain::event::EventType;
+
 use super::{
     model::{Filter, TimeRange},
-    sql::{where_clause, Expr, Sql, FROM_EVENTS},
+    sql::{where_clause, Sql, FROM_EVENTS},
     InvalidInput,
 };
 
@@ -50,23 +54,45 @@ const COLUMNS: &str = "SELECT event_id, toString(event_type) AS kind, timestamp,
      device, os, browser, cost_micros, revenue_micros, attributes";
 
 /// Where a listing continues: strictly after this event in its order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub received_at_ms: i64,
     pub event_id: Uuid,
+    pub kind: EventType,
+    pub campaign_id: String,
+    pub timestamp_ms: i64,
 }
+
+/// The listings' order: the key a cursor holds.
+const KEY: &str = "(received_at, event_id, toString(event_type), campaign_id, timestamp)";
 
 impl Cursor {
     pub fn of(row: &EventRow) -> Self {
         Cursor {
             received_at_ms: row.received_at.timestamp_millis(),
             event_id: row.event_id,
+            // A type the table holds is one the service wrote.
+            kind: EventType::parse(&row.kind).unwrap_or(EventType::Impression),
+            campaign_id: row.campaign_id.clone(),
+            timestamp_ms: row.timestamp.timestamp_millis(),
         }
     }
 
-    /// Opaque to clients: `<received_at ms>_<event id hex>`.
+    /// Opaque to clients, and safe in a URL as it is:
+    /// `<received_at ms>_<event id hex>_<timestamp ms>_<type>_<campaign id hex>`.
     pub fn encode(&self) -> String {
-        format!("{}_{}", self.received_at_ms, self.event_id.simple())
+        let campaign: String = self
+            .campaign_id
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!(
+            "{}_{}_{}_{}_{campaign}",
+            self.received_at_ms,
+            self.event_id.simple(),
+            self.timestamp_ms,
+            self.kind.as_str(),
+        )
     }
 
     pub fn decode(text: &str, field: &str) -> Result<Self, InvalidInput> {
@@ -77,23 +103,59 @@ impl Cursor {
                 "not a cursor this API returned (pass `next_cursor` or an exported line's `cursor` as is)",
             )
         };
-        let (ms, id) = text.split_once('_').ok_or_else(invalid)?;
-        let received_at_ms: i64 = ms.parse().map_err(|_| invalid())?;
-        if !(0..=i64::from(i32::MAX) * 1000).contains(&received_at_ms) || id.len() != 32 {
+        let millis = |text: &str| {
+            text.parse::<i64>()
+                .ok()
+                .filter(|ms| (0..=i64::from(i32::MAX) * 1000).contains(ms))
+        };
+        let mut parts = text.split('_');
+        let mut next = || parts.next().ok_or_else(invalid);
+        let received_at_ms = millis(next()?).ok_or_else(invalid)?;
+        let id = next()?;
+        let timestamp_ms = millis(next()?).ok_or_else(invalid)?;
+        let kind = EventType::parse(next()?).ok_or_else(invalid)?;
+        let campaign = next()?;
+        if id.len() != 32 || campaign.len() % 2 != 0 || parts.next().is_some() {
             return Err(invalid());
         }
         let event_id = Uuid::try_parse(id).map_err(|_| invalid())?;
+        let campaign = (0..campaign.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(campaign.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(invalid)?;
         Ok(Cursor {
             received_at_ms,
             event_id,
+            kind,
+            campaign_id: campaign,
+            timestamp_ms,
         })
     }
 
-    fn bind(&self, sql: &mut Sql) -> (Expr, Expr) {
-        (
-            sql.bind_i64(self.received_at_ms),
-            sql.bind_uuid(&self.event_id),
-        )
+    /// `KEY <op> (the cursor's key)`.
+    fn after(&self, sql: &mut Sql, op: &'static str) {
+        let received_at = sql.bind_i64(self.received_at_ms);
+        let id = sql.bind_uuid(&self.event_id);
+        let kind = sql.bind_str(self.kind.as_str());
+        let campaign = sql.bind_str(&self.campaign_id);
+        let timestamp = sql.bind_i64(self.timestamp_ms);
+        sql.push(" AND ")
+            .push(KEY)
+            .push(" ")
+            .push(op)
+            .push(" (fromUnixTimestamp64Milli(")
+            .push_expr(&received_at)
+            .push(", 'UTC'), ")
+            .push_expr(&id)
+            .push(", ")
+            .push_expr(&kind)
+            .push(", ")
+            .push_expr(&campaign)
+            .push(", fromUnixTimestamp64Milli(")
+            .push_expr(&timestamp)
+            .push(", 'UTC'))");
     }
 }
 
@@ -148,15 +210,12 @@ pub fn page(
         .push(" WHERE ")
         .push_expr(&filter);
     if let Some(cursor) = after {
-        let (ms, id) = cursor.bind(&mut sql);
-        sql.push(" AND (received_at, event_id) < (fromUnixTimestamp64Milli(")
-            .push_expr(&ms)
-            .push(", 'UTC'), ")
-            .push_expr(&id)
-            .push(")");
+        cursor.after(&mut sql, "<");
     }
     let limit = sql.bind_u64(limit);
-    sql.push(" ORDER BY received_at DESC, event_id DESC LIMIT ")
+    sql.push(" ORDER BY ")
+        .push(KEY)
+        .push(" DESC LIMIT ")
         .push_expr(&limit);
     sql
 }
@@ -182,15 +241,12 @@ pub fn export(
         .push_expr(&until)
         .push(", 'UTC')");
     if let Some(cursor) = after {
-        let (ms, id) = cursor.bind(&mut sql);
-        sql.push(" AND (received_at, event_id) > (fromUnixTimestamp64Milli(")
-            .push_expr(&ms)
-            .push(", 'UTC'), ")
-            .push_expr(&id)
-            .push(")");
+        cursor.after(&mut sql, ">");
     }
     let limit = sql.bind_u64(limit);
-    sql.push(" ORDER BY received_at ASC, event_id ASC LIMIT ")
+    sql.push(" ORDER BY ")
+        .push(KEY)
+        .push(" ASC LIMIT ")
         .push_expr(&limit);
     sql
 }
@@ -199,56 +255,74 @@ pub fn export(
 mod tests {
     use super::*;
 
-    #[test]
-    fn cursors_round_trip_and_reject_anything_else() {
-        let c = Cursor {
+    fn cursor() -> Cursor {
+        Cursor {
             received_at_ms: 1_760_000_000_123,
             event_id: Uuid::new_v4(),
-        };
-        assert_eq!(Cursor::decode(&c.encode(), "cursor").unwrap(), c);
+            kind: EventType::Click,
+            campaign_id: "spring_sale/ü 1".into(),
+            timestamp_ms: 1_759_999_000_000,
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_anything_else() {
+        let c = cursor();
+        let text = c.encode();
+        assert!(
+            text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "{text}"
+        );
+        assert_eq!(Cursor::decode(&text, "cursor").unwrap(), c);
+        let id = c.event_id.simple();
         for bad in [
             "",
             "123",
             "abc_def",
-            "-1_00000000000000000000000000000000",
-            "1_' OR 1=1 --",
-            &format!("1_{}", Uuid::new_v4()), // hyphenated is not what we hand out
+            &format!("1_{id}"), // an older form: the event's identity is missing
+            &format!("-1_{id}_1_click_61"),
+            &format!("1_{id}_1_bogus_61"),
+            &format!("1_{id}_1_click_6"),
+            &format!("1_{id}_1_click_zz"),
+            &format!("1_{id}_1_click_ff"), // not UTF-8
+            &format!("1_{id}_1_click_61_"),
+            "1_' OR 1=1 --_1_click_61",
+            &format!("1_{}_1_click_61", Uuid::new_v4()), // hyphenated is not what we hand out
         ] {
             let err = Cursor::decode(bad, "cursor").unwrap_err();
-            assert_eq!((err.code, err.field.as_str()), ("invalid_cursor", "cursor"));
+            assert_eq!(
+                (err.code, err.field.as_str()),
+                ("invalid_cursor", "cursor"),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn listings_are_keyset_paginated_and_scoped() {
-        let cursor = Cursor {
-            received_at_ms: 5,
-            event_id: Uuid::nil(),
-        };
-        let sql = page("t'x", Bounds::default(), &[], Some(cursor), 100);
+        let sql = page("t'x", Bounds::default(), &[], Some(cursor()), 100);
         let text = sql.text();
         assert!(
             text.contains("FROM events FINAL WHERE tenant = {p0:String}"),
             "{text}"
         );
-        assert!(text.contains("(received_at, event_id) < ("), "{text}");
+        let key = "(received_at, event_id, toString(event_type), campaign_id, timestamp)";
+        assert!(text.contains(&format!("{key} < (")), "{text}");
         assert!(
-            text.contains("ORDER BY received_at DESC, event_id DESC LIMIT {p"),
+            text.contains(&format!("ORDER BY {key} DESC LIMIT {{p")),
             "{text}"
         );
         assert!(!text.contains("OFFSET"));
         assert!(!text.contains("t'x"));
+        assert!(!text.contains("spring_sale"));
 
-        let sql = export("t", Bounds::default(), &[], Some(cursor), 9, 10);
+        let sql = export("t", Bounds::default(), &[], Some(cursor()), 9, 10);
         let text = sql.text();
         assert!(
             text.contains("received_at <= fromUnixTimestamp64Milli("),
             "{text}"
         );
-        assert!(text.contains("(received_at, event_id) > ("), "{text}");
-        assert!(
-            text.contains("ORDER BY received_at ASC, event_id ASC"),
-            "{text}"
-        );
+        assert!(text.contains(&format!("{key} > (")), "{text}");
+        assert!(text.contains(&format!("ORDER BY {key} ASC")), "{text}");
     }
 }

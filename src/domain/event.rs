@@ -52,6 +52,13 @@ impl EventType {
         }
     }
 
+    /// The type named `name` (as `as_str` writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Impression, Self::Click, Self::Conversion]
+            .into_iter()
+            .find(|t| t.as_str() == name)
+    }
+
     pub fn from_code(code: i8) -> Option<Self> {
         match code {
             1 => Some(Self::Impression),

@@ -319,3 +319,73 @@ async fn an_id_sent_again_as_another_event_reads_as_the_last_one_received() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json["campaign_id"], "camp-2", "{}", r.text);
 }
+
+#[tokio::test]
+async fn events_sharing_an_id_and_a_receive_time_are_each_listed_and_exported_once() {
+    let app = spawn_app_with("raw_shared_id", &[("ADTRACK_EXPORT_SETTLE_MS", "0")]).await;
+    // One id for an impression and its click, in two campaigns and two hours: eight events
+    // received at the same moment (one request).
+    let base = event();
+    let hour_ago = (chrono::Utc::now() - chrono::Duration::minutes(61)).to_rfc3339();
+    let mut sent = vec![];
+    for kind in ["impression", "click"] {
+        for campaign in ["camp_a", "camp_b"] {
+            for timestamp in [base["timestamp"].clone(), json!(hour_ago)] {
+                let mut e = base.clone();
+                e["event_type"] = json!(kind);
+                e["campaign_id"] = json!(campaign);
+                e["timestamp"] = timestamp;
+                sent.push(e);
+            }
+        }
+    }
+    let r = app
+        .post_and_wait(Value::from(sent.clone()).to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let identity = |e: &Value| {
+        (
+            e["event_type"].as_str().unwrap().to_string(),
+            e["campaign_id"].as_str().unwrap().to_string(),
+            ms_of(&e["timestamp"]) / 3_600_000,
+        )
+    };
+    let expected: HashSet<_> = sent.iter().map(identity).collect();
+    assert_eq!(expected.len(), 8);
+
+    // One per page.
+    let mut listed = vec![];
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut params = vec![("limit", "1".to_string())];
+        params.extend(cursor.take().map(|c| ("cursor", c)));
+        let (status, page) = get_query(&app, "/v1/events", &params).await;
+        assert_eq!(status, 200, "{page}");
+        listed.extend(page["events"].as_array().unwrap().iter().map(identity));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+        assert!(listed.len() <= 8, "listed again: {listed:?}");
+    }
+    assert_eq!(listed.len(), 8, "{listed:?}");
+    assert_eq!(listed.iter().cloned().collect::<HashSet<_>>(), expected);
+
+    // One per export request, each resuming after the line before.
+    let mut exported = vec![];
+    let mut params = vec![("limit", "1".to_string())];
+    loop {
+        let part = export(&app, &params).await;
+        let Some(line) = part.lines.first() else {
+            break;
+        };
+        exported.push(identity(line));
+        params = vec![
+            ("limit", "1".to_string()),
+            ("cursor", line["cursor"].as_str().unwrap().to_string()),
+        ];
+        assert!(exported.len() <= 8, "exported again: {exported:?}");
+    }
+    assert_eq!(exported.len(), 8, "{exported:?}");
+    assert_eq!(exported.into_iter().collect::<HashSet<_>>(), expected);
+}
