@@ -231,6 +231,7 @@ impl Application {
                 auth,
                 usage: usage_log,
                 cors: Arc::new(settings.cors_origins.clone()),
+                params: Default::default(),
             },
             settings.limits.max_body_bytes,
         );

@@ -10,6 +10,7 @@ use poem_openapi::Enum;
 use serde::Deserialize;
 
 use super::InvalidInput;
+use crate::domain::country::is_country_code;
 
 /// A figure the API can compute. Counts and sums are exact integers; ratios are computed from
 /// them (`null` when the denominator is zero).
@@ -185,6 +186,7 @@ pub const MAX_ATTRIBUTE_KEY_CHARS: usize = 64;
 pub const ATTRIBUTE_PREFIX: &str = "attributes.";
 /// The values `event_type` can take (the table's Enum8).
 pub const EVENT_TYPES: [&str; 3] = ["impression", "click", "conversion"];
+pub const DEVICES: [&str; 5] = ["desktop", "mobile", "tablet", "ctv", "other"];
 
 impl Dimension {
     pub const FIXED: [Dimension; 9] = [
@@ -263,8 +265,9 @@ pub const MAX_FILTER_VALUES: usize = 100;
 pub const MAX_VALUE_CHARS: usize = 256;
 
 impl Filter {
-    /// Checks the values (count, length, and for `event_type` the three known types, since
-    /// any other value could never match).
+    /// Checks the values (count, length, and for `event_type`, `country` and `device` the
+    /// values an event can have, since any other could never match: a lower-case country
+    /// would silently count nothing).
     pub fn new(
         dimension: Dimension,
         negate: bool,
@@ -286,13 +289,25 @@ impl Filter {
                 v.chars().take(20).collect::<String>()
             )));
         }
-        if dimension == Dimension::EventType {
-            if let Some(v) = values.iter().find(|v| !EVENT_TYPES.contains(&v.as_str())) {
-                return Err(invalid(format!(
-                    "event_type {v:?} is not one of {}",
-                    EVENT_TYPES.join(", ")
-                )));
-            }
+        let never_matches = |v: &&String| match dimension {
+            Dimension::EventType => !EVENT_TYPES.contains(&v.as_str()),
+            // Empty: events sent without one.
+            Dimension::Country => !v.is_empty() && !is_country_code(v),
+            Dimension::Device => !v.is_empty() && !DEVICES.contains(&v.as_str()),
+            _ => false,
+        };
+        if let Some(v) = values.iter().find(never_matches) {
+            let expected = match dimension {
+                Dimension::EventType => format!("one of {}", EVENT_TYPES.join(", ")),
+                Dimension::Country => {
+                    "an ISO 3166-1 alpha-2 code in capitals (e.g. US), or empty for none".into()
+                }
+                _ => format!("one of {}, or empty for none", DEVICES.join(", ")),
+            };
+            return Err(invalid(format!(
+                "{} {v:?} never matches: it must be {expected}",
+                dimension.name()
+            )));
         }
         Ok(Filter {
             dimension,

@@ -60,6 +60,10 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// The body was not sent as `application/json` (`unsupported_media_type`).
     #[oai(status = 415)]
     UnsupportedMediaType(Json<QueryErrorBody>),
+    /// A read of the usage log took longer than the analytics time limit (`query_timeout`,
+    /// with `limit` in milliseconds): narrow the range, or give `key_id`.
+    #[oai(status = 422)]
+    TooExpensive(Json<QueryErrorBody>),
     /// ClickHouse is unavailable, or (deletion) events accepted earlier are still on their
     /// way to it; retry.
     #[oai(status = 503)]
@@ -72,22 +76,27 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
 type Answer<T, S> = Documented<AdminResponse<T>, S>;
 
 unanswered!(
-    /// `POST /v1/admin/tenants`: answers 201, not 200; looks nothing up (404).
-    CreatesTenant: 200, 404
+    /// `POST /v1/admin/tenants`: answers 201, not 200; looks nothing up (404); reads no
+    /// usage (422).
+    CreatesTenant: 200, 404, 422
 );
 unanswered!(
     /// `POST /v1/admin/keys`: answers 201, not 200; no tenant conflict (409).
-    CreatesKey: 200, 409
+    CreatesKey: 200, 409, 422
 );
 unanswered!(
     /// `DELETE /v1/admin/keys/{key_id}`: creates nothing (201, 409), no body (413, 415).
-    RevokesKey: 201, 409, 413, 415
+    RevokesKey: 201, 409, 413, 415, 422
 );
 unanswered!(
-    /// Operations driven by their parameters (lists, usage, deleting an end user's events):
-    /// create nothing (201, 409), no body (413, 415), nothing looked up that could be
-    /// missing (404; deleting a user without events deletes 0).
-    ByParams: 201, 404, 409, 413, 415
+    /// Operations driven by their parameters (lists, deleting an end user's events): create
+    /// nothing (201, 409), no body (413, 415), nothing looked up that could be missing (404;
+    /// deleting a user without events deletes 0), no usage read (422).
+    ByParams: 201, 404, 409, 413, 415, 422
+);
+unanswered!(
+    /// The usage reads: as [`ByParams`], but a read can take too long (422).
+    ReadsUsage: 201, 404, 409, 413, 415
 );
 
 /// A time range must end after it starts.
@@ -152,11 +161,15 @@ fn usage_read_failed<T: ToJSON + Send + Sync>(
         .and_then(crate::clickhouse::error_code)
         == Some(159);
     match timed_out {
-        true => AdminResponse::BadRequest(error(
-            "query_timeout",
-            format!("reading the usage log took longer than the {limit_ms} ms allowed; narrow from/to or give key_id"),
-            Some("from"),
-        )),
+        true => AdminResponse::TooExpensive(Json(QueryErrorBody {
+            limit: Some(limit_ms),
+            ..error(
+                "query_timeout",
+                format!("reading the usage log took longer than the {limit_ms} ms allowed; narrow from/to or give key_id"),
+                Some("from"),
+            )
+            .0
+        })),
         false => unavailable(err),
     }
 }
@@ -240,10 +253,11 @@ pub enum ScopeName {
     Admin,
 }
 
-/// Per-key rate limits; an omitted field takes the deployment default, 0 means unlimited.
-/// Unknown fields are refused.
+/// Per-key rate limits; an omitted (or `null`) field takes the deployment default, and a
+/// listed key shows it as `null`; 0 means unlimited. Unknown fields are refused.
 #[derive(Debug, Clone, Copy, Default, Object, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[oai(nullable_all)]
 pub struct RateLimitBody {
     pub requests_per_sec: Option<u32>,
     pub requests_burst: Option<u32>,
@@ -635,7 +649,7 @@ impl AdminApi {
     ///
     /// Requests as the usage log recorded them (every request, failures included), oldest
     /// first: by arrival time, then instance and per-instance sequence number. Rows reach the
-    /// log within about a second. A read longer than the analytics time limit is a 400
+    /// log within about a second. A read longer than the analytics time limit is a 422
     /// `query_timeout` (narrow the range).
     #[oai(path = "/admin/usage", method = "get", tag = "ApiTags::Admin")]
     #[allow(clippy::too_many_arguments)]
@@ -655,7 +669,7 @@ impl AdminApi {
         tenant_id: Query<Option<String>>,
         /// Most rows (default 1000, at most 10000).
         limit: Query<Option<u32>>,
-    ) -> Answer<UsagePage, ByParams> {
+    ) -> Answer<UsagePage, ReadsUsage> {
         async {
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
@@ -697,7 +711,7 @@ impl AdminApi {
     /// Usage per key per hour
     ///
     /// Requests, errors, rate-limited requests, accepted events and bytes of every key, by
-    /// hour (UTC). A read longer than the analytics time limit is a 400 `query_timeout`.
+    /// hour (UTC). A read longer than the analytics time limit is a 422 `query_timeout`.
     #[oai(path = "/admin/usage/hourly", method = "get", tag = "ApiTags::Admin")]
     async fn usage_hourly(
         &self,
@@ -710,7 +724,7 @@ impl AdminApi {
         key_id: Query<Option<String>>,
         /// The tenant (bootstrap admin key only).
         tenant_id: Query<Option<String>>,
-    ) -> Answer<UsageHours, ByParams> {
+    ) -> Answer<UsageHours, ReadsUsage> {
         async {
             let tenant = match acting_tenant(&auth.0, tenant_id.0.as_deref(), false) {
                 Ok(t) => t,
@@ -926,13 +940,14 @@ mod tests {
         let stopped = Error::BadResponse(
             "Code: 159. DB::Exception: Timeout exceeded: elapsed 1.2 seconds, maximum: 1. (TIMEOUT_EXCEEDED)".into(),
         );
-        let AdminResponse::BadRequest(body) = usage_read_failed::<UsagePage>(stopped.into(), 1000)
+        let AdminResponse::TooExpensive(body) =
+            usage_read_failed::<UsagePage>(stopped.into(), 1000)
         else {
-            panic!("ClickHouse's own time limit is not a 400");
+            panic!("ClickHouse's own time limit is not a 422");
         };
         assert_eq!(
-            (body.0.error.as_str(), body.0.field.as_deref()),
-            ("query_timeout", Some("from"))
+            (body.0.error.as_str(), body.0.field.as_deref(), body.0.limit),
+            ("query_timeout", Some("from"), Some(1000))
         );
         assert!(body.0.message.contains("1000 ms"), "{}", body.0.message);
         for other in [

@@ -48,8 +48,10 @@ pub enum IngestResponse {
     /// No event of the request was valid; `rejected` says why for each one.
     #[oai(status = 422)]
     Invalid(Json<IngestResult>),
-    /// The key is over its events-per-second limit (each valid event takes one token).
-    /// Nothing from this request was accepted; retry after `Retry-After` seconds.
+    /// The key is over a rate limit (`rate_limited`): its requests per second on this
+    /// instance, or its events per second (each valid event takes one token); the
+    /// `X-RateLimit-*` headers describe the limit that refused. Nothing from this request was
+    /// accepted; retry after `Retry-After` seconds.
     #[oai(status = 429)]
     EventsRateLimited(
         Json<ErrorBody>,

@@ -51,8 +51,10 @@ pub fn is_api(path: &str) -> bool {
     path == "/v1" || path.starts_with("/v1/")
 }
 
-/// The API key of a request, as the OpenAPI document declares it. The guard has checked it
-/// already; handlers take the caller from here.
+// The guard has checked the key already; handlers take the caller from here. The doc comment
+// is the scheme's description in the OpenAPI document.
+/// An API key, sent as `Authorization: Bearer adt_<id>_<secret>`. A key belongs to one tenant
+/// and has scopes: `ingest`, `read`, `admin`.
 #[derive(SecurityScheme)]
 #[oai(
     rename = "apiKey",

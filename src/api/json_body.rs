@@ -89,6 +89,17 @@ async fn read<T: DeserializeOwned>(
             format!("send the body as Content-Type: application/json (got {sent:?})"),
         ));
     }
+    // Only the ingest endpoint takes compressed bodies (they are small here).
+    if let Some(coding) = request
+        .header("content-encoding")
+        .filter(|c| !c.trim().eq_ignore_ascii_case("identity"))
+    {
+        return Err(InvalidInput::new(
+            UNSUPPORTED_MEDIA_TYPE,
+            "",
+            format!("send the body uncompressed: this endpoint takes no Content-Encoding (got {coding:?})"),
+        ));
+    }
     let mut raw = Vec::new();
     body.take()
         .map_err(|e| whole_body(e.to_string()))?

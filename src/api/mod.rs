@@ -50,7 +50,7 @@ pub struct Apis {
 }
 
 /// Builds every route of the service.
-pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Routes {
+pub fn routes(apis: Apis, mut observer: observe::Observer, body_limit: usize) -> Routes {
     let Apis {
         events,
         health,
@@ -76,6 +76,8 @@ pub fn routes(apis: Apis, observer: observe::Observer, body_limit: usize) -> Rou
          Browsers: `/v1` answers preflights (`OPTIONS`, no key needed) and lets pages of the \
          origins in `ADTRACK_CORS_ORIGINS` (default: any) read every answer, errors included.",
     );
+    let document = serde_json::from_str(&service.spec()).expect("the OpenAPI document is JSON");
+    observer.params = observe::KnownParams::from_document(&document);
     let spec = service.spec_endpoint();
     let docs = service.swagger_ui();
     let documented = Arc::new(service.into_endpoint().boxed());

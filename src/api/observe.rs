@@ -3,7 +3,7 @@
 //! latency histogram by route, and the request's row in the usage log.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     pin::Pin,
     sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
@@ -43,6 +43,49 @@ pub struct Observer {
     pub auth: Arc<Auth>,
     pub usage: Arc<UsageLog>,
     pub cors: Arc<CorsOrigins>,
+    /// Filled in by [`super::routes`] from the OpenAPI document.
+    pub params: KnownParams,
+}
+
+/// The operations of the OpenAPI document (route template → method → query parameter names):
+/// a `/v1` query parameter the operation does not take is refused before a handler runs,
+/// instead of being ignored (a mistyped `wait` would silently drop the wait), and a 405 says
+/// which methods the path takes.
+#[derive(Clone, Default)]
+pub struct KnownParams(Arc<HashMap<String, HashMap<Method, Vec<String>>>>);
+
+impl KnownParams {
+    pub fn from_document(spec: &serde_json::Value) -> Self {
+        let mut known: HashMap<String, HashMap<Method, Vec<String>>> = HashMap::new();
+        let paths = spec["paths"].as_object().into_iter().flatten();
+        for (path, operations) in paths {
+            for (method, operation) in operations.as_object().into_iter().flatten() {
+                let Ok(method) = Method::from_bytes(method.to_uppercase().as_bytes()) else {
+                    continue;
+                };
+                let names = operation["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "query")
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect();
+                known.entry(path.clone()).or_default().insert(method, names);
+            }
+        }
+        Self(Arc::new(known))
+    }
+
+    fn of(&self, method: &Method, route: &str) -> Option<&[String]> {
+        self.0.get(route)?.get(method).map(Vec::as_slice)
+    }
+
+    /// The methods `route` takes, for an `Allow` header: `GET, POST`.
+    fn methods(&self, route: &str) -> Option<String> {
+        let mut methods: Vec<&str> = self.0.get(route)?.keys().map(Method::as_str).collect();
+        methods.sort_unstable();
+        Some(methods.join(", "))
+    }
 }
 
 /// Routes with a fixed path, reported as themselves; others by their template.
@@ -109,25 +152,41 @@ impl<E: Endpoint> Endpoint for Observed<E> {
 /// The query parameters of `/v1` that may be given more than once.
 const REPEATABLE: [&str; 2] = ["metrics", "filter"];
 
-/// A `/v1` query parameter given twice (other than the [`REPEATABLE`] ones) is a 400 naming
-/// it, on every endpoint: the framework would take the first value and drop the rest unseen.
-fn repeated_parameter(req: &Request) -> Option<Response> {
-    // Only a query of two parameters or more can repeat one (the ingest path has none).
-    req.uri().query().filter(|q| q.contains('&'))?;
-    if !req.uri().path().starts_with("/v1/") {
+/// A `/v1` query parameter the operation does not take, or one given twice (other than the
+/// [`REPEATABLE`] ones: the framework would take the first value and drop the rest unseen),
+/// is a 400 naming it.
+fn query_refusal(req: &Request, route: &str, known: &KnownParams) -> Option<Response> {
+    req.uri().query().filter(|q| !q.is_empty())?;
+    if !guard::is_api(req.uri().path()) {
         return None;
     }
+    let known = known.of(req.method(), route)?;
     let pairs: Vec<(String, String)> = req.params().ok()?;
+    let refusal = |code: &str, name: &str, message: String| {
+        let mut body = ErrorBody::new(code, message);
+        body.field = Some(name.to_owned());
+        Some(body.with_status(StatusCode::BAD_REQUEST))
+    };
+    if let Some((name, _)) = pairs.iter().find(|(name, _)| !known.contains(name)) {
+        let takes = match known.is_empty() {
+            true => "no query parameters".to_owned(),
+            false => known.join(", "),
+        };
+        return refusal(
+            "unknown_parameter",
+            name,
+            format!("unknown query parameter {name:?}; this endpoint takes {takes}"),
+        );
+    }
     let mut seen = HashSet::new();
     let (name, _) = pairs
         .iter()
         .find(|(name, _)| !REPEATABLE.contains(&name.as_str()) && !seen.insert(name))?;
-    let mut body = ErrorBody::new(
+    refusal(
         "invalid_parameter",
+        name,
         format!("`{name}` is given more than once; give it once"),
-    );
-    body.field = Some(name.clone());
-    Some(body.with_status(StatusCode::BAD_REQUEST))
+    )
 }
 
 async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> Result<Response> {
@@ -176,11 +235,11 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
             if let Some(p) = &principal {
                 req.extensions_mut().insert(p.clone());
             }
-            let resp = match repeated_parameter(&req) {
+            let resp = match query_refusal(&req, route, &observer.params) {
                 Some(refused) => refused,
                 None => match ep.call(req).await {
                     Ok(resp) => resp.into_response(),
-                    Err(err) => error_response(err, &method, uri.path()),
+                    Err(err) => error_response(err, &method, uri.path(), &observer.params),
                 },
             };
             (resp, quota)
@@ -221,18 +280,29 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
 
 /// Errors that reach this layer as errors: poem's own routing answers (no such path, or not
 /// with this method) get the JSON error body every other error has; the rest keep theirs.
-fn error_response(err: poem::Error, method: &Method, path: &str) -> Response {
-    let (error, message) = if err.is::<NotFoundError>() {
-        ("not_found", format!("no such path: {path}"))
-    } else if err.is::<MethodNotAllowedError>() {
-        (
-            "method_not_allowed",
-            format!("{method} is not supported on {path}; the API is described at /openapi.json"),
-        )
-    } else {
+fn error_response(err: poem::Error, method: &Method, path: &str, known: &KnownParams) -> Response {
+    if err.is::<NotFoundError>() {
+        return ErrorBody::new("not_found", format!("no such path: {path}"))
+            .with_status(err.status());
+    }
+    if !err.is::<MethodNotAllowedError>() {
         return err.into_response();
-    };
-    ErrorBody::new(error, message).with_status(err.status())
+    }
+    let allowed = known.methods(route_of(path));
+    let takes = allowed
+        .as_deref()
+        .map_or(String::new(), |m| format!(" (it takes {m})"));
+    let mut resp = ErrorBody::new(
+        "method_not_allowed",
+        format!(
+            "{method} is not supported on {path}{takes}; the API is described at /openapi.json"
+        ),
+    )
+    .with_status(err.status());
+    if let Some(value) = allowed.and_then(|m| m.parse().ok()) {
+        resp.headers_mut().insert(header::ALLOW, value);
+    }
+    resp
 }
 
 /// A request's usage row, written once the size of its response is known.

@@ -22,8 +22,8 @@ use uuid::Uuid;
 use super::{
     guard::ApiKey,
     stats::{
-        error_body, only_params, parse_error_body, parse_filters, respond, Answer, ById, ByParams,
-        ErrorKind, QueryErrorBody,
+        error_body, parse_error_body, parse_filters, respond, Answer, ById, ByParams, ErrorKind,
+        QueryErrorBody,
     },
     ApiTags,
 };
@@ -233,7 +233,6 @@ impl RawEventsApi {
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
-        req: &Request,
         auth: ApiKey,
         /// Only events whose corrected event time is at or after this (RFC 3339).
         from: Query<Option<DateTime<FixedOffset>>>,
@@ -247,7 +246,6 @@ impl RawEventsApi {
         cursor: Query<Option<String>>,
     ) -> Answer<EventPage, ByParams> {
         let run = async {
-            only_params(req, &["from", "to", "filter", "limit", "cursor"])?;
             let filters = parse_filters(&filter.0.unwrap_or_default())?;
             let limit = page_size(limit.0)?;
             let after = cursor
@@ -306,7 +304,6 @@ impl RawEventsApi {
         limit: Query<Option<u64>>,
     ) -> ExportResponse {
         let run = async {
-            only_params(req, &["from", "to", "filter", "cursor", "limit"])?;
             let filters = parse_filters(&filter.0.unwrap_or_default())?;
             let limit = limit.0.unwrap_or(DEFAULT_EXPORT);
             if !(1..=MAX_EXPORT).contains(&limit) {

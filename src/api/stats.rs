@@ -10,7 +10,6 @@
 use std::{borrow::Cow, collections::BTreeMap};
 
 use chrono::{DateTime, FixedOffset, Utc};
-use poem::Request;
 use poem_openapi::{
     error::{ParseParamError, ParseRequestPayloadError},
     param::Query,
@@ -293,9 +292,11 @@ pub struct MetricValues {
     pub clicks: Option<u64>,
     #[oai(skip_serializing_if_is_none)]
     pub conversions: Option<u64>,
-    /// clicks / impressions.
+    /// clicks / impressions; `null` when there are no impressions.
+    #[oai(nullable)]
     pub ctr: MaybeUndefined<f64>,
-    /// conversions / clicks.
+    /// conversions / clicks; `null` when there are no clicks.
+    #[oai(nullable)]
     pub cvr: MaybeUndefined<f64>,
     /// Sum of `cost_micros`.
     #[oai(skip_serializing_if_is_none)]
@@ -303,7 +304,8 @@ pub struct MetricValues {
     /// Sum of `revenue_micros`.
     #[oai(skip_serializing_if_is_none)]
     pub revenue: Option<u64>,
-    /// revenue / spend.
+    /// revenue / spend; `null` when there is no spend.
+    #[oai(nullable)]
     pub roas: MaybeUndefined<f64>,
     /// Distinct non-empty `user_id`s, exact.
     #[oai(skip_serializing_if_is_none)]
@@ -536,25 +538,6 @@ impl ParseFromParameter for MetricList {
     }
 }
 
-/// Refuses query parameters the endpoint does not know.
-pub fn only_params(req: &Request, known: &[&str]) -> Result<(), InvalidInput> {
-    let pairs: Vec<(String, String)> = req.params().unwrap_or_default();
-    match pairs
-        .iter()
-        .find(|(name, _)| !known.contains(&name.as_str()))
-    {
-        None => Ok(()),
-        Some((name, _)) => Err(InvalidInput::new(
-            "unknown_parameter",
-            name,
-            format!(
-                "unknown query parameter {name:?}; this endpoint takes {}",
-                known.join(", ")
-            ),
-        )),
-    }
-}
-
 pub fn parse_filters(filters: &[String]) -> Result<Vec<Filter>, InvalidInput> {
     filters.iter().map(|f| Filter::parse(f, "filter")).collect()
 }
@@ -566,9 +549,6 @@ fn metrics_or_default(list: MetricList) -> Vec<Metric> {
         list.0
     }
 }
-
-/// The query parameters shared by the GET endpoints.
-const COMMON: [&str; 4] = ["from", "to", "metrics", "filter"];
 
 pub struct StatsApi {
     pub analytics: Analytics,
@@ -600,7 +580,6 @@ impl StatsApi {
     #[tracing::instrument(skip_all, name = "stats.summary")]
     async fn summary(
         &self,
-        req: &Request,
         auth: ApiKey,
         /// Start of the range on the corrected event time, inclusive (RFC 3339).
         from: Query<DateTime<FixedOffset>>,
@@ -615,7 +594,6 @@ impl StatsApi {
         filter: Query<Option<Vec<String>>>,
     ) -> Answer<SummaryResult, ByParams> {
         let run = async {
-            only_params(req, &COMMON)?;
             let q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
             let out = self.analytics.run(auth.tenant(), &q).await?;
             let totals = out
@@ -645,7 +623,6 @@ impl StatsApi {
     #[allow(clippy::too_many_arguments)]
     async fn timeseries(
         &self,
-        req: &Request,
         auth: ApiKey,
         /// Start of the range, inclusive (RFC 3339).
         from: Query<DateTime<FixedOffset>>,
@@ -661,7 +638,6 @@ impl StatsApi {
         filter: Query<Option<Vec<String>>>,
     ) -> Answer<TimeseriesResult, ByParams> {
         let run = async {
-            only_params(req, &[&COMMON[..], &["bucket", "time_zone"]].concat())?;
             let mut q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
             q.bucket = Some(bucket.0);
             if let Some(tz) = &time_zone.0 {
@@ -697,7 +673,6 @@ impl StatsApi {
     #[allow(clippy::too_many_arguments)]
     async fn breakdown(
         &self,
-        req: &Request,
         auth: ApiKey,
         /// Start of the range, inclusive (RFC 3339).
         from: Query<DateTime<FixedOffset>>,
@@ -718,10 +693,6 @@ impl StatsApi {
         filter: Query<Option<Vec<String>>>,
     ) -> Answer<BreakdownResult, ByParams> {
         let run = async {
-            only_params(
-                req,
-                &[&COMMON[..], &["group_by", "order_by", "limit", "other"]].concat(),
-            )?;
             let mut q = self.base_query(from.0, to.0, metrics.0, filter.0)?;
             let dimension = Dimension::parse(&group_by.0, "group_by")?;
             q.group_by = vec![dimension.clone()];

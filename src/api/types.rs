@@ -6,7 +6,12 @@
 use std::collections::HashMap;
 
 use poem::{http::StatusCode, IntoResponse, Response};
-use poem_openapi::{payload::Json, Enum, Object, Union};
+use poem_openapi::{
+    payload::Json,
+    registry::{MetaSchema, MetaSchemaRef, Registry},
+    types::Type,
+    Enum, Object,
+};
 
 /// What a time the API reads must be, for messages about one that does not parse.
 pub const DATE_TIME_EXPECTED: &str =
@@ -85,12 +90,31 @@ pub struct EventDoc {
     pub attributes: Option<HashMap<String, String>>,
 }
 
-/// One event, or an array of events.
-#[derive(Debug, Clone, Union)]
-#[oai(rename = "EventOrBatch")]
-pub enum EventOrBatchDoc {
-    One(Box<EventDoc>),
-    Many(Vec<EventDoc>),
+/// The JSON body of `POST /v1/events`: one event, or an array of events. Written out by hand:
+/// a derived union would be typed `object`, which no array matches.
+pub struct EventOrBatchDoc;
+
+impl EventOrBatchDoc {
+    const NAME: &'static str = "EventOrBatch";
+
+    pub fn register(registry: &mut Registry) {
+        EventDoc::register(registry);
+        registry.create_schema::<Self, _>(Self::NAME.into(), |_| MetaSchema {
+            description: Some("One event, or an array of events."),
+            any_of: vec![
+                EventDoc::schema_ref(),
+                MetaSchemaRef::Inline(Box::new(MetaSchema {
+                    items: Some(Box::new(EventDoc::schema_ref())),
+                    ..MetaSchema::new("array")
+                })),
+            ],
+            ..MetaSchema::ANY
+        });
+    }
+
+    pub fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Reference(Self::NAME.into())
+    }
 }
 
 /// What is wrong with one field.

@@ -430,17 +430,25 @@ async fn every_endpoint_checks_the_scope_and_the_tenant_of_its_key() {
             .status,
         401
     );
-    // With a key: 404, and 405 for a method a path does not have, as JSON like every error.
-    for (method, path, status, error) in [
-        (Method::GET, "/v1/nothing", 404, "not_found"),
+    // With a key: 404, and 405 for a method a path does not have (with `Allow`, as HTTP
+    // asks), as JSON like every error.
+    for (method, path, status, error, allow) in [
+        (Method::GET, "/v1/nothing", 404, "not_found", None),
         (
             Method::DELETE,
             "/v1/stats/summary",
             405,
             "method_not_allowed",
+            Some("GET"),
         ),
         // Only POST /v1/events takes the ingest path's shortcut; other methods are routed.
-        (Method::DELETE, "/v1/events", 405, "method_not_allowed"),
+        (
+            Method::DELETE,
+            "/v1/events",
+            405,
+            "method_not_allowed",
+            Some("GET, POST"),
+        ),
     ] {
         let r = send(&app, Some(&read), method, path, None).await;
         assert_eq!(
@@ -449,6 +457,11 @@ async fn every_endpoint_checks_the_scope_and_the_tenant_of_its_key() {
             "{}",
             r.text
         );
+        let allowed = r.headers.get("allow").map(|v| v.to_str().unwrap());
+        assert_eq!(allowed, allow, "{path}");
+        if let Some(allow) = allow {
+            assert!(r.text.contains(&format!("it takes {allow}")), "{}", r.text);
+        }
     }
     for path in ["/health/live", "/metrics", "/openapi.json"] {
         assert_eq!(

@@ -610,11 +610,12 @@ async fn the_direct_route_answers_and_logs_as_the_documented_operation() {
     let mut compared = 0;
     for (name, body, headers) in &cases {
         for wait in ["", "?wait=false", "?wait=true"] {
-            let documented = if wait.is_empty() {
-                "?via=documented".to_string()
-            } else {
-                format!("{wait}&via=documented")
-            };
+            // The same parameter, spelled so that only the documented route takes it.
+            let documented = match wait {
+                "?wait=true" => "?wai%74=true",
+                _ => "?wai%74=false",
+            }
+            .to_string();
             let mut answers = Vec::new();
             for (path, id) in [
                 (wait.to_string(), format!("direct-{compared}")),
@@ -825,4 +826,67 @@ async fn a_varied_batch_is_stored_exactly_as_sent() {
     // It went in as a Native block, not as RowBinary after a refused one.
     assert_eq!(app.metric("adtrack_native_fallbacks_total").await, 0.0);
     assert!(app.metric("adtrack_flushes_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_query_parameter_no_endpoint_takes_is_refused_not_ignored() {
+    let app = spawn_app("unknown_params").await;
+    // A mistyped `wait` would otherwise answer 202 without waiting for the commit.
+    let r = app
+        .post_to(
+            "/v1/events?wiat=true",
+            event().to_string(),
+            &[("content-type", JSON)],
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json["error"], "unknown_parameter");
+    assert_eq!(r.json["field"], "wiat");
+    assert!(
+        r.json["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("this endpoint takes wait"),
+        "{}",
+        r.text
+    );
+    let r = app
+        .post_to(
+            "/v1/query?debug=1",
+            "{}".to_string(),
+            &[("content-type", JSON)],
+        )
+        .await;
+    assert_eq!((r.status, r.json["field"].as_str()), (400, Some("debug")));
+    assert!(
+        r.json["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("takes no query parameters"),
+        "{}",
+        r.text
+    );
+    let id = uuid::Uuid::new_v4();
+    for (method, path) in [
+        ("GET", format!("/v1/events/{id}?foo=1")),
+        ("GET", "/v1/admin/usage?stauts=5xx".to_string()),
+        ("GET", "/v1/admin/keys?tenantid=x".to_string()),
+        ("DELETE", "/v1/users/someone/events?foo=1".to_string()),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = app
+            .http
+            .request(method.clone(), format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        let r = Response::from(resp).await;
+        assert_eq!(r.status, 400, "{method} {path}: {}", r.text);
+        assert_eq!(r.json["error"], "unknown_parameter", "{path}");
+    }
+
+    // What the endpoints take still works, and nothing was stored above.
+    let r = app.post_and_wait(event().to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(app.count_final().await, 1);
 }

@@ -996,6 +996,19 @@ async fn bad_input_is_a_precise_400() {
             "invalid_filter",
             "filter",
         ),
+        // Values no event can have would silently count nothing.
+        (
+            "/v1/stats/summary",
+            base(&[("filter", "country==us")]),
+            "invalid_filter",
+            "filter",
+        ),
+        (
+            "/v1/stats/summary",
+            base(&[("filter", "device!=phone")]),
+            "invalid_filter",
+            "filter",
+        ),
         (
             "/v1/stats/summary",
             base(&[("filter", "region==EU")]),
@@ -1218,6 +1231,25 @@ async fn bad_input_is_a_precise_400() {
     assert_eq!(
         (r.status, r.json["error"].as_str(), r.json.get("field")),
         (415, Some("unsupported_media_type"), None),
+        "{}",
+        r.text
+    );
+    // Compressed: only the ingest endpoint takes that.
+    let r = app
+        .post_to(
+            "/v1/query",
+            gzip(ok.to_string().as_bytes()),
+            &[("content-type", JSON), ("content-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (415, Some("unsupported_media_type")),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.json["message"].as_str().unwrap().contains("gzip"),
         "{}",
         r.text
     );
@@ -1499,6 +1531,111 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// Where `value` breaks `schema` (of `doc`) as OpenAPI 3.0 reads it: types, `nullable`,
+/// `required`, `properties`, `items`, `anyOf`, `allOf`, `$ref`.
+fn mismatch(doc: &Value, schema: &Value, value: &Value, at: &str) -> Option<String> {
+    if let Some(name) = schema["$ref"].as_str().and_then(|r| r.rsplit('/').next()) {
+        return mismatch(doc, &doc["components"]["schemas"][name], value, at);
+    }
+    if value.is_null() {
+        return (schema["nullable"] != true).then(|| format!("{at}: null, not allowed"));
+    }
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        if let Some(found) = mismatch(doc, part, value, at) {
+            return Some(found);
+        }
+    }
+    if let Some(any) = schema["anyOf"].as_array() {
+        if any.iter().all(|s| mismatch(doc, s, value, at).is_some()) {
+            return Some(format!("{at}: matches none of anyOf"));
+        }
+    }
+    let typed = match schema["type"].as_str() {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    if !typed {
+        return Some(format!("{at}: {value} is not a {}", schema["type"]));
+    }
+    if let Some(object) = value.as_object() {
+        for name in schema["required"].as_array().into_iter().flatten() {
+            if !object.contains_key(name.as_str().unwrap()) {
+                return Some(format!("{at}: {name} is missing"));
+            }
+        }
+        for (name, v) in object {
+            let property = match schema["properties"].get(name) {
+                Some(property) => property,
+                None if schema["additionalProperties"].is_object() => {
+                    &schema["additionalProperties"]
+                }
+                None if schema["properties"].is_object() => {
+                    return Some(format!("{at}.{name} is not in the document"));
+                }
+                None => continue,
+            };
+            if let Some(found) = mismatch(doc, property, v, &format!("{at}.{name}")) {
+                return Some(found);
+            }
+        }
+    }
+    for (i, v) in value.as_array().into_iter().flatten().enumerate() {
+        if let Some(found) = mismatch(doc, &schema["items"], v, &format!("{at}[{i}]")) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn requests_and_answers_match_the_document() {
+    let app = spawn_app("stats_document_shapes").await;
+    let doc = app.get("/openapi.json").await.json;
+    let json_schema = |op: &Value| {
+        let content = op["content"].as_object().unwrap();
+        let (_, media) = content
+            .iter()
+            .find(|(media, _)| media.starts_with("application/json"))
+            .unwrap();
+        media["schema"].clone()
+    };
+    let answer =
+        |path: &str, method: &str| json_schema(&doc["paths"][path][method]["responses"]["200"]);
+
+    // The ingest body: an event, or an array of them.
+    let body = json_schema(&doc["paths"]["/v1/events"]["post"]["requestBody"]);
+    for sent in [event(), json!([event(), event()])] {
+        assert_eq!(mismatch(&doc, &body, &sent, "body"), None, "{sent}");
+    }
+    assert!(mismatch(&doc, &body, &json!(42), "body").is_some());
+
+    // Ratios without a denominator are null.
+    let [from, to] = now_window();
+    let (status, summary) = get_query(
+        &app,
+        "/v1/stats/summary",
+        &[from, to, ("metrics", "clicks,ctr,cvr,roas".into())],
+    )
+    .await;
+    assert_eq!(status, 200, "{summary}");
+    assert!(summary["metrics"]["ctr"].is_null(), "{summary}");
+    let schema = answer("/v1/stats/summary", "get");
+    assert_eq!(mismatch(&doc, &schema, &summary, "summary"), None);
+
+    // A key created without limits lists them as null (the deployment's defaults).
+    create_key(&app.base, &app.tenant, &["read"], json!({})).await;
+    let r = app.get("/v1/admin/keys").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.text.contains("\"events_per_sec\":null"), "{}", r.text);
+    let schema = answer("/v1/admin/keys", "get");
+    assert_eq!(mismatch(&doc, &schema, &r.json, "keys"), None);
+}
+
 #[tokio::test]
 async fn the_openapi_document_types_every_analytics_operation() {
     let app = spawn_app("stats_openapi").await;
@@ -1561,34 +1698,44 @@ async fn no_operation_documents_a_status_it_never_answers() {
             "/v1/admin/tenants",
             "post",
             "201 403 409 413 415",
-            "200 404",
+            "200 404 422",
         ),
-        ("/v1/admin/tenants", "get", "200 403", "201 404 409 413 415"),
-        ("/v1/admin/keys", "post", "201 404 413 415", "200 409"),
+        (
+            "/v1/admin/tenants",
+            "get",
+            "200 403",
+            "201 404 409 413 415 422",
+        ),
+        ("/v1/admin/keys", "post", "201 404 413 415", "200 409 422"),
         (
             "/v1/admin/keys",
             "get",
             "200 400 403",
-            "201 404 409 413 415",
+            "201 404 409 413 415 422",
         ),
         (
             "/v1/admin/keys/{key_id}",
             "delete",
             "200 404",
-            "201 409 413 415",
+            "201 409 413 415 422",
         ),
-        ("/v1/admin/usage", "get", "200 400", "201 404 409 413 415"),
+        (
+            "/v1/admin/usage",
+            "get",
+            "200 400 422",
+            "201 404 409 413 415",
+        ),
         (
             "/v1/admin/usage/hourly",
             "get",
-            "200 400",
+            "200 400 422",
             "201 404 409 413 415",
         ),
         (
             "/v1/users/{user_id}/events",
             "delete",
             "200 503",
-            "201 404 409 413 415",
+            "201 404 409 413 415 422",
         ),
     ];
     for (path, method, documented, never) in table {

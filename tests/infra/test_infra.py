@@ -1347,3 +1347,18 @@ def test_the_cluster_schema_job_mounts_every_cluster_sql_file():
     mounted = {v.split(":")[0].removeprefix("./") for v in schema.get("volumes", [])}
     files = {p.name for p in CLUSTER.glob("*.sql")}
     assert files <= mounted, f"not mounted into the schema job: {sorted(files - mounted)}"
+
+
+def test_dev_key_explains_itself_and_refuses_unknown_options():
+    # `--help` once created a tenant named `--help` and printed a key.
+    env = {**os.environ, "ADTRACK_URL": "http://127.0.0.1:9", "ADTRACK_ADMIN_KEY": "x" * 64}
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "dev-key"), "--help"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )
+    assert shown.returncode == 0 and "Creates a tenant" in shown.stdout, shown
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "dev-key"), "--tenant", "acme"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )
+    assert refused.returncode != 0 and "unknown option '--tenant'" in refused.stderr, refused
