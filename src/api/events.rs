@@ -1,6 +1,9 @@
 //! `POST /v1/events`: thin handler over `ingest::Ingest`.
 
-use std::sync::{atomic::Ordering, Arc};
+use std::{
+    collections::HashSet,
+    sync::{atomic::Ordering, Arc},
+};
 
 use poem::{endpoint::BoxEndpoint, http::Method, web::Data, Endpoint, IntoResponse, Request};
 use poem_openapi::{param::Query, payload::Json, ApiResponse, OpenApi};
@@ -8,12 +11,12 @@ use poem_openapi::{param::Query, payload::Json, ApiResponse, OpenApi};
 use super::{
     body::{self, EventsBody, ReadError, JSON, NDJSON},
     guard::ApiKey,
-    types::{ErrorBody, FieldErrorBody, IngestResult, RejectedEvent},
+    types::{ErrorBody, FieldErrorBody, IngestResult, RefusedEvent, RefusedResult, RejectedEvent},
     ApiTags,
 };
 use crate::{
     auth::{rate_limit::Exceeded, Principal},
-    ingest::{AppendError, BodyError, Ingest, IngestError, Outcome},
+    ingest::{AppendError, BodyError, Ingest, IngestError, Outcome, RefusedRows},
     usage::RequestUsage,
 };
 
@@ -66,11 +69,12 @@ pub enum IngestResponse {
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// Only with `wait=true`: ClickHouse refused some of the accepted events (`refused_by_clickhouse`;
-    /// for example a constraint an operator added to the table). Those events are in the
-    /// service's dead-letter file for an operator, not in the table; the others are committed.
-    /// Re-sending the request is safe (committed events are not counted twice).
+    /// for example a constraint an operator added to the table). `refused` lists them (index in
+    /// the request, event id): they are in the service's dead-letter file for an operator, not
+    /// in the table; the other accepted events are committed. Re-sending the request is safe
+    /// (committed events are not counted twice), but the refused events would be refused again.
     #[oai(status = 500)]
-    Refused(Json<ErrorBody>),
+    Refused(Json<RefusedResult>),
 }
 
 pub struct EventsApi {
@@ -239,18 +243,47 @@ fn outcome_response(outcome: Outcome, wait: bool) -> IngestResponse {
     };
     if outcome.accepted == 0 {
         IngestResponse::Invalid(Json(result))
-    } else if outcome.refused > 0 {
-        IngestResponse::Refused(Json(ErrorBody::new(
-            "refused_by_clickhouse",
-            format!(
-                "ClickHouse refused {} of the {} accepted events; they are kept in the service's dead-letter file, not in the table, and the others are committed",
-                outcome.refused, result.accepted
-            ),
-        )))
+    } else if !outcome.refused.is_empty() {
+        IngestResponse::Refused(Json(refused_result(result, &outcome.refused)))
     } else if wait && outcome.committed {
         IngestResponse::Committed(Json(result))
     } else {
         IngestResponse::Accepted(Json(result))
+    }
+}
+
+/// The answer naming the accepted events ClickHouse refused: their rows are numbered among the
+/// accepted events, which are the request's events less the rejected ones, in order.
+fn refused_result(result: IngestResult, refused: &[RefusedRows]) -> RefusedResult {
+    let count: u32 = refused.iter().map(|r| r.count).sum();
+    let rejected: HashSet<u32> = result.rejected.iter().map(|r| r.index).collect();
+    let mut accepted_indexes = (0..).filter(|i| !rejected.contains(i));
+    let mut rows: Vec<(u32, &str)> = refused
+        .iter()
+        .filter_map(|r| r.row.as_ref().map(|(row, id)| (*row, id.as_str())))
+        .collect();
+    rows.sort_unstable();
+    let mut next = 0;
+    let events = rows
+        .into_iter()
+        .filter_map(|(row, id)| {
+            let index = accepted_indexes.nth((row - next) as usize)?;
+            next = row + 1;
+            Some(RefusedEvent {
+                index,
+                event_id: id.to_owned(),
+            })
+        })
+        .collect();
+    RefusedResult {
+        error: "refused_by_clickhouse".into(),
+        message: format!(
+            "ClickHouse refused {count} of the {} accepted events (listed in `refused`); they are kept in the service's dead-letter file, not in the table, and the others are committed",
+            result.accepted
+        ),
+        accepted: result.accepted,
+        rejected: result.rejected,
+        refused: events,
     }
 }
 

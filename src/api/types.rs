@@ -146,6 +146,28 @@ pub struct IngestResult {
     pub rejected: Vec<RejectedEvent>,
 }
 
+/// An accepted event ClickHouse refused.
+#[derive(Debug, Clone, Object)]
+pub struct RefusedEvent {
+    /// Position of the event in the request (0-based; for NDJSON, among non-blank lines).
+    pub index: u32,
+    pub event_id: String,
+}
+
+/// The answer when ClickHouse refused some accepted events (`wait=true` only).
+#[derive(Debug, Clone, Object)]
+pub struct RefusedResult {
+    /// `refused_by_clickhouse`.
+    pub error: String,
+    pub message: String,
+    /// Events accepted: the refused ones included, the others committed.
+    pub accepted: u32,
+    /// Events not accepted, as in a 202.
+    pub rejected: Vec<RejectedEvent>,
+    /// The accepted events ClickHouse refused, in the request's order.
+    pub refused: Vec<RefusedEvent>,
+}
+
 /// An error about the request as a whole.
 #[derive(Debug, Clone, Object)]
 pub struct ErrorBody {

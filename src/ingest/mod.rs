@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
 };
 pub use parse::{BodyError, BodyFormat, Rejection};
-pub use refused::Refusals;
+pub use refused::{Refusals, RefusedRows};
 pub use wal::AppendError;
 
 /// What one ingest request achieved.
@@ -34,8 +34,8 @@ pub struct Outcome {
     /// True when the caller asked to wait and ClickHouse has committed the events.
     pub committed: bool,
     /// Accepted events ClickHouse refused, found while waiting (they are in the dead-letter
-    /// file, not in the table); 0 when not waiting.
-    pub refused: u32,
+    /// file, not in the table); none when not waiting.
+    pub refused: Vec<RefusedRows>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ impl Ingest {
                 accepted,
                 rejected: sorted.rejected,
                 committed: false,
-                refused: 0,
+                refused: Vec::new(),
             });
         }
 
@@ -116,7 +116,7 @@ impl Ingest {
         // without waiting (durable), never "committed".
         let (committed, refused) = match committed.then(|| self.refusals.take(lsn)) {
             Some(Some(refused)) => (true, refused),
-            _ => (false, 0),
+            _ => (false, Vec::new()),
         };
         Ok(Outcome {
             accepted,

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::{
+    refused::RefusedRows,
     wal::{self, Shared, WalPos, WalReader},
     Refusals,
 };
@@ -438,6 +439,7 @@ impl<F: RowFormat> Shipper<F> {
         records: &[(usize, u64)],
         dead_lettered: &mut Vec<std::ops::Range<usize>>,
     ) -> Result<(), Failure> {
+        let batch = rows.clone();
         // (where in the batch the rows start, rows)
         let mut pending = vec![(0, rows)];
         while let Some((at, rows)) = pending.pop() {
@@ -466,8 +468,13 @@ impl<F: RowFormat> Shipper<F> {
                         .map_err(Failure::Local)?;
                     dead_lettered.push(part);
                     if let Some(refusals) = &self.refusals {
+                        let row = match (lsns.len(), bounds.len()) {
+                            (1, 1) => self.identify(&batch, records, at, &rows),
+                            _ => None,
+                        };
                         for lsn in lsns {
-                            refusals.note(lsn, at, count);
+                            let row = row.clone();
+                            refusals.note(lsn, at, RefusedRows { count, row });
                         }
                     }
                 }
@@ -475,6 +482,23 @@ impl<F: RowFormat> Shipper<F> {
             }
         }
         Ok(())
+    }
+
+    /// The refused row at byte `at` of `batch`: its position among the rows of its record,
+    /// and its event id.
+    fn identify(
+        &self,
+        batch: &[u8],
+        records: &[(usize, u64)],
+        at: usize,
+        row: &[u8],
+    ) -> Option<(u32, String)> {
+        let record = records.partition_point(|&(end, _)| end <= at);
+        let start = record.checked_sub(1).map_or(0, |before| records[before].0);
+        let position = self.format.row_bounds(batch.get(start..at)?).len();
+        let (_, described) = self.format.describe(row);
+        let id = described[0]["event_id"].as_str()?.to_owned();
+        Some((position as u32, id))
     }
 
     /// Writes refused rows of record `lsn` to the dead-letter file, synced; returns how many.
@@ -823,7 +847,9 @@ mod tests {
             1
         );
         let refusals = shipper.refusals.as_ref().unwrap();
-        assert_eq!((refusals.take(1), refusals.take(2)), (Some(1), Some(0)));
+        let first = refusals.take(1).unwrap();
+        assert_eq!(first.iter().map(|r| r.count).sum::<u32>(), 1);
+        assert_eq!(refusals.take(2), Some(vec![]));
         drop(stop);
     }
 

@@ -128,8 +128,16 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
         e["campaign_id"] = json!("poison");
         e
     };
+    // It names them by their place in the request, counted past the ones not accepted.
+    let sent = vec![
+        json!({"event_id": "not-an-event"}),
+        event(),
+        refused(),
+        event(),
+        refused(),
+    ];
     let r = app
-        .post_and_wait(Value::from(vec![event(), refused(), event(), refused()]).to_string())
+        .post_and_wait(Value::from(sent.clone()).to_string())
         .await;
     assert_eq!(r.status, 500, "{:?}", r.text);
     assert_eq!(r.json["error"], "refused_by_clickhouse");
@@ -141,6 +149,23 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
         "{:?}",
         r.text
     );
+    assert_eq!(r.json["accepted"], 4, "{}", r.text);
+    assert_eq!(r.json["rejected"][0]["index"], 0, "{}", r.text);
+    let named: Vec<(u64, &str)> = r.json["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["event_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, &str)> = [2, 4]
+        .map(|i| (i as u64, sent[i]["event_id"].as_str().unwrap()))
+        .to_vec();
+    assert_eq!(named, expected, "{}", r.text);
     let (clean, waited) = tokio::join!(
         app.post_and_wait(Value::from(events(5)).to_string()),
         app.post_and_wait(Value::from(vec![poison]).to_string()),
