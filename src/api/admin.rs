@@ -20,6 +20,7 @@ use super::{
     guard::ApiKey,
     json_body::{null_as_default, Fault, JsonBody},
     stats::{parse_error_body, QueryErrorBody},
+    types::RETRY_AFTER_SECS,
     ApiTags,
 };
 use crate::{
@@ -67,7 +68,7 @@ pub enum AdminResponse<T: ToJSON + Send + Sync> {
     /// ClickHouse is unavailable, or (deletion) events accepted earlier are still on their
     /// way to it; retry.
     #[oai(status = 503)]
-    Unavailable(Json<QueryErrorBody>),
+    Unavailable(Json<QueryErrorBody>, #[oai(header = "Retry-After")] u32),
 }
 
 /// An operation's answer, documented with the statuses it can give (see [`Documented`]).
@@ -176,11 +177,14 @@ fn usage_read_failed<T: ToJSON + Send + Sync>(
 
 fn unavailable<T: ToJSON + Send + Sync>(err: anyhow::Error) -> AdminResponse<T> {
     tracing::warn!(error = %format!("{err:#}"), "admin request failed");
-    AdminResponse::Unavailable(error(
-        "clickhouse_unavailable",
-        "ClickHouse did not answer; retry",
-        None,
-    ))
+    AdminResponse::Unavailable(
+        error(
+            "clickhouse_unavailable",
+            "ClickHouse did not answer; retry",
+            None,
+        ),
+        RETRY_AFTER_SECS,
+    )
 }
 
 /// The tenant a request acts on: the key's own (a `tenant_id` naming another is refused), or
@@ -800,11 +804,14 @@ impl AdminApi {
                     .await
                     .is_ok_and(|r| r.is_ok());
             if !caught_up {
-                return AdminResponse::Unavailable(error(
-                    "events_in_flight",
-                    "events accepted earlier are not in ClickHouse yet; nothing was deleted, retry",
-                    None,
-                ));
+                return AdminResponse::Unavailable(
+                    error(
+                        "events_in_flight",
+                        "events accepted earlier are not in ClickHouse yet; nothing was deleted, retry",
+                        None,
+                    ),
+                    RETRY_AFTER_SECS,
+                );
             }
             let _one_at_a_time = self.deletions.lock().await;
             // Twice: the second pass, after other instances' flush interval, removes events they
@@ -956,7 +963,7 @@ mod tests {
         ] {
             assert!(matches!(
                 usage_read_failed::<UsagePage>(other, 1000),
-                AdminResponse::Unavailable(_)
+                AdminResponse::Unavailable(..)
             ));
         }
     }

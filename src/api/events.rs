@@ -11,7 +11,10 @@ use poem_openapi::{param::Query, payload::Json, ApiResponse, OpenApi};
 use super::{
     body::{self, EventsBody, ReadError, JSON, NDJSON},
     guard::ApiKey,
-    types::{ErrorBody, FieldErrorBody, IngestResult, RefusedEvent, RefusedResult, RejectedEvent},
+    types::{
+        ErrorBody, FieldErrorBody, IngestResult, RefusedEvent, RefusedResult, RejectedEvent,
+        RETRY_AFTER_SECS,
+    },
     ApiTags,
 };
 use crate::{
@@ -19,9 +22,6 @@ use crate::{
     ingest::{AppendError, BodyError, Ingest, IngestError, Outcome, RefusedRows},
     usage::RequestUsage,
 };
-
-/// Seconds a client should wait before retrying when the service cannot take events now.
-const RETRY_AFTER_SECS: u32 = 5;
 
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "bad_parameter")]

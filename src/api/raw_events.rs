@@ -25,6 +25,7 @@ use super::{
         error_body, parse_error_body, parse_filters, respond, Answer, ById, ByParams, ErrorKind,
         QueryErrorBody,
     },
+    types::RETRY_AFTER_SECS,
     ApiTags,
 };
 use crate::analytics::{
@@ -181,7 +182,7 @@ pub enum ExportResponse {
     /// ClickHouse is unreachable or overloaded, or did not answer within the time limit and
     /// 5 s (`clickhouse_unavailable`); retry later.
     #[oai(status = 503)]
-    Unavailable(Json<QueryErrorBody>),
+    Unavailable(Json<QueryErrorBody>, #[oai(header = "Retry-After")] u32),
     /// An unexpected failure; the service log has the cause.
     #[oai(status = 500)]
     Internal(Json<QueryErrorBody>),
@@ -202,7 +203,7 @@ impl From<AnalyticsError> for ExportResponse {
             | ErrorKind::PayloadTooLarge
             | ErrorKind::UnsupportedMediaType => ExportResponse::BadRequest(body),
             ErrorKind::TooExpensive => ExportResponse::TooExpensive(body),
-            ErrorKind::Unavailable => ExportResponse::Unavailable(body),
+            ErrorKind::Unavailable => ExportResponse::Unavailable(body, RETRY_AFTER_SECS),
             ErrorKind::Internal => ExportResponse::Internal(body),
         }
     }

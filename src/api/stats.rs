@@ -24,7 +24,7 @@ use super::{
     documented::{unanswered, Documented},
     guard::ApiKey,
     json_body::{Fault, JsonBody},
-    types::{DATE_TIME_EXPECTED, U32_EXPECTED},
+    types::{DATE_TIME_EXPECTED, RETRY_AFTER_SECS, U32_EXPECTED},
     ApiTags,
 };
 use crate::analytics::{
@@ -103,7 +103,7 @@ pub enum AnalyticsResponse<T: ToJSON + Send + Sync> {
     /// ClickHouse is unreachable or overloaded, or did not answer within the time limit and
     /// 5 s (`clickhouse_unavailable`); retry later.
     #[oai(status = 503)]
-    Unavailable(Json<QueryErrorBody>),
+    Unavailable(Json<QueryErrorBody>, #[oai(header = "Retry-After")] u32),
     /// An unexpected failure; the service log has the cause.
     #[oai(status = 500)]
     Internal(Json<QueryErrorBody>),
@@ -266,7 +266,7 @@ impl<T: ToJSON + Send + Sync> From<AnalyticsError> for AnalyticsResponse<T> {
             ErrorKind::UnsupportedMediaType => AnalyticsResponse::UnsupportedMediaType(body),
             ErrorKind::NotFound => AnalyticsResponse::NotFound(body),
             ErrorKind::TooExpensive => AnalyticsResponse::TooExpensive(body),
-            ErrorKind::Unavailable => AnalyticsResponse::Unavailable(body),
+            ErrorKind::Unavailable => AnalyticsResponse::Unavailable(body, RETRY_AFTER_SECS),
             ErrorKind::Internal => AnalyticsResponse::Internal(body),
         }
     }

@@ -13,6 +13,10 @@ use poem_openapi::{
     Enum, Object,
 };
 
+/// Seconds a client should wait before retrying when the service or ClickHouse cannot answer
+/// now (every 503's `Retry-After`).
+pub const RETRY_AFTER_SECS: u32 = 5;
+
 /// What a time the API reads must be, for messages about one that does not parse.
 pub const DATE_TIME_EXPECTED: &str =
     "must be an RFC 3339 date-time with a zone, e.g. 2026-01-31T00:00:00Z";

@@ -127,7 +127,7 @@ pub struct WireEvent<'a> {
     #[garde(inner(custom(id_chars)))]
     #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub advertiser_id: Option<Cow<'a, str>>,
-    #[garde(inner(length(chars, min = 1, max = 128)))]
+    #[garde(inner(custom(chars_within(1, 128))))]
     #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub user_id: Option<Cow<'a, str>>,
     #[garde(inner(custom(country_code)))]
@@ -136,10 +136,10 @@ pub struct WireEvent<'a> {
     #[garde(skip)]
     #[serde(default)]
     pub device: Option<Device>,
-    #[garde(inner(length(chars, max = 32)))]
+    #[garde(inner(custom(chars_within(0, 32))))]
     #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub os: Option<Cow<'a, str>>,
-    #[garde(inner(length(chars, max = 32)))]
+    #[garde(inner(custom(chars_within(0, 32))))]
     #[serde(borrow, default, deserialize_with = "borrowed::optional")]
     pub browser: Option<Cow<'a, str>>,
     #[garde(inner(custom(amount_fits)))]
@@ -165,6 +165,24 @@ fn id_chars(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
         Err(garde::Error::new(
             "must be 1-64 characters of A-Z a-z 0-9 _ . : -",
         ))
+    }
+}
+
+/// Text of `min` to `max` characters, worded like the other rules (garde's own says "length
+/// is lower than 1").
+fn chars_within(min: usize, max: usize) -> impl FnOnce(&Cow<'_, str>, &()) -> garde::Result {
+    move |value, _ctx| {
+        let chars = value.chars().count();
+        if (min..=max).contains(&chars) {
+            return Ok(());
+        }
+        let allowed = match min {
+            0 => format!("at most {max} characters"),
+            _ => format!("{min}-{max} characters"),
+        };
+        Err(garde::Error::new(format!(
+            "has {chars} characters; must be {allowed}"
+        )))
     }
 }
 
@@ -720,6 +738,29 @@ mod tests {
         }
         assert_eq!(event.browser.as_deref(), Some("Safari"));
         assert_eq!(attributes["say"], r#""hi""#);
+    }
+
+    #[test]
+    fn text_lengths_are_explained_like_every_other_rule() {
+        let json = event_json(&format!(r#","user_id":"","os":"{}""#, "x".repeat(33)));
+        let errors: Vec<(String, String)> = check(&json)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| (e.field, e.message))
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                (
+                    "os".into(),
+                    "has 33 characters; must be at most 32 characters".into()
+                ),
+                (
+                    "user_id".into(),
+                    "has 0 characters; must be 1-128 characters".into()
+                ),
+            ]
+        );
     }
 
     #[test]

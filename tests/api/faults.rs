@@ -443,11 +443,13 @@ async fn a_clickhouse_that_never_answers_holds_up_no_start_readiness_read_or_sto
                 .await
                 .unwrap_or_else(|_| panic!("{path} waited for ClickHouse without limit"))
                 .unwrap();
-            (path, r.status(), r.text().await.unwrap())
+            let retry_after = r.headers().get("retry-after").cloned();
+            (path, r.status(), retry_after, r.text().await.unwrap())
         }
     });
-    for (path, status, body) in futures_util::future::join_all(reads).await {
+    for (path, status, retry_after, body) in futures_util::future::join_all(reads).await {
         assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(retry_after.unwrap(), "5", "{path}: when to retry");
         let body: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["error"], "clickhouse_unavailable", "{path}");
     }
