@@ -10,7 +10,10 @@ use poem_openapi::Enum;
 use serde::Deserialize;
 
 use super::InvalidInput;
-use crate::domain::country::is_country_code;
+use crate::domain::{
+    country::is_country_code,
+    event::{Device, EventType},
+};
 
 /// A figure the API can compute. Counts and sums are exact integers; ratios are computed from
 /// them (`null` when the denominator is zero).
@@ -186,7 +189,6 @@ pub const MAX_ATTRIBUTE_KEY_CHARS: usize = 64;
 pub const ATTRIBUTE_PREFIX: &str = "attributes.";
 /// The values `event_type` can take (the table's Enum8).
 pub const EVENT_TYPES: [&str; 3] = ["impression", "click", "conversion"];
-pub const DEVICES: [&str; 5] = ["desktop", "mobile", "tablet", "ctv", "other"];
 
 impl Dimension {
     pub const FIXED: [Dimension; 9] = [
@@ -289,21 +291,26 @@ impl Filter {
                 v.chars().take(20).collect::<String>()
             )));
         }
-        let never_matches = |v: &&String| match dimension {
-            Dimension::EventType => !EVENT_TYPES.contains(&v.as_str()),
-            // Empty: events sent without one.
-            Dimension::Country => !v.is_empty() && !is_country_code(v),
-            Dimension::Device => !v.is_empty() && !DEVICES.contains(&v.as_str()),
-            _ => false,
+        // What a value must be for an event to have it (empty: sent without one).
+        let (can_match, expected): (fn(&str) -> bool, _) = match dimension {
+            Dimension::EventType => (
+                |v| EventType::parse(v).is_some(),
+                format!("one of {}", EVENT_TYPES.join(", ")),
+            ),
+            Dimension::Country => (
+                |v| v.is_empty() || is_country_code(v),
+                "an ISO 3166-1 alpha-2 code in capitals (e.g. US), or empty for none".into(),
+            ),
+            Dimension::Device => (
+                |v| v.is_empty() || Device::ALL.iter().any(|d| d.as_str() == v),
+                format!(
+                    "one of {}, or empty for none",
+                    Device::ALL.map(Device::as_str).join(", ")
+                ),
+            ),
+            _ => (|_| true, String::new()),
         };
-        if let Some(v) = values.iter().find(never_matches) {
-            let expected = match dimension {
-                Dimension::EventType => format!("one of {}", EVENT_TYPES.join(", ")),
-                Dimension::Country => {
-                    "an ISO 3166-1 alpha-2 code in capitals (e.g. US), or empty for none".into()
-                }
-                _ => format!("one of {}, or empty for none", DEVICES.join(", ")),
-            };
+        if let Some(v) = values.iter().find(|v| !can_match(v)) {
             return Err(invalid(format!(
                 "{} {v:?} never matches: it must be {expected}",
                 dimension.name()

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::domain::event::EventType;
+use crate::domain::event::{is_plain_id, EventType};
 
 use super::{
     model::{Filter, TimeRange},
@@ -58,6 +58,15 @@ const COLUMNS: &str = "SELECT event_id, toString(event_type) AS kind, timestamp,
 pub struct Cursor {
     pub received_at_ms: i64,
     pub event_id: Uuid,
+    /// The rest of the event's identity. `None` in the two-part cursors of versions before it
+    /// (`<received_at ms>_<event id hex>`), still taken: they resume with every event of that
+    /// receive time and id, so at worst a few events come again, none is skipped.
+    pub identity: Option<Identity>,
+}
+
+/// What tells apart events that share a receive time and an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
     pub kind: EventType,
     pub campaign_id: String,
     pub timestamp_ms: i64,
@@ -71,28 +80,24 @@ impl Cursor {
         Cursor {
             received_at_ms: row.received_at.timestamp_millis(),
             event_id: row.event_id,
-            // A type the table holds is one the service wrote.
-            kind: EventType::parse(&row.kind).unwrap_or(EventType::Impression),
-            campaign_id: row.campaign_id.clone(),
-            timestamp_ms: row.timestamp.timestamp_millis(),
+            identity: Some(Identity {
+                // A type the table holds is one the service wrote.
+                kind: EventType::parse(&row.kind).unwrap_or(EventType::Impression),
+                campaign_id: row.campaign_id.clone(),
+                timestamp_ms: row.timestamp.timestamp_millis(),
+            }),
         }
     }
 
-    /// Opaque to clients, and safe in a URL as it is:
-    /// `<received_at ms>_<event id hex>_<timestamp ms>_<type>_<campaign id hex>`.
+    /// Opaque to clients, and safe in a URL as it is (campaign ids are plain ids):
+    /// `<received_at ms>_<event id hex>_<timestamp ms>_<type>_<campaign id>`.
     pub fn encode(&self) -> String {
-        let campaign: String = self
-            .campaign_id
-            .bytes()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!(
-            "{}_{}_{}_{}_{campaign}",
-            self.received_at_ms,
-            self.event_id.simple(),
-            self.timestamp_ms,
-            self.kind.as_str(),
-        )
+        let mut text = format!("{}_{}", self.received_at_ms, self.event_id.simple());
+        if let Some(i) = &self.identity {
+            let kind = i.kind.as_str();
+            text.push_str(&format!("_{}_{kind}_{}", i.timestamp_ms, i.campaign_id));
+        }
+        text
     }
 
     pub fn decode(text: &str, field: &str) -> Result<Self, InvalidInput> {
@@ -108,39 +113,52 @@ impl Cursor {
                 .ok()
                 .filter(|ms| (0..=i64::from(i32::MAX) * 1000).contains(ms))
         };
-        let mut parts = text.split('_');
-        let mut next = || parts.next().ok_or_else(invalid);
-        let received_at_ms = millis(next()?).ok_or_else(invalid)?;
-        let id = next()?;
-        let timestamp_ms = millis(next()?).ok_or_else(invalid)?;
-        let kind = EventType::parse(next()?).ok_or_else(invalid)?;
-        let campaign = next()?;
-        if id.len() != 32 || campaign.len() % 2 != 0 || parts.next().is_some() {
+        // The campaign id comes last: it may hold `_` itself.
+        let parts: Vec<&str> = text.splitn(5, '_').collect();
+        let (received_at, id, rest) = match parts[..] {
+            [received_at, id] => (received_at, id, None),
+            [received_at, id, timestamp, kind, campaign] => {
+                (received_at, id, Some((timestamp, kind, campaign)))
+            }
+            _ => return Err(invalid()),
+        };
+        let received_at_ms = millis(received_at).ok_or_else(invalid)?;
+        if id.len() != 32 {
             return Err(invalid());
         }
         let event_id = Uuid::try_parse(id).map_err(|_| invalid())?;
-        let campaign = (0..campaign.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(campaign.get(i..i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .ok_or_else(invalid)?;
+        let identity = match rest {
+            None => None,
+            Some((timestamp, kind, campaign)) => Some(Identity {
+                kind: EventType::parse(kind).ok_or_else(invalid)?,
+                campaign_id: Some(campaign)
+                    .filter(|c| is_plain_id(c))
+                    .ok_or_else(invalid)?
+                    .to_owned(),
+                timestamp_ms: millis(timestamp).ok_or_else(invalid)?,
+            }),
+        };
         Ok(Cursor {
             received_at_ms,
             event_id,
-            kind,
-            campaign_id: campaign,
-            timestamp_ms,
+            identity,
         })
     }
 
     /// `KEY <op> (the cursor's key)`.
     fn after(&self, sql: &mut Sql, op: &'static str) {
+        let (kind, campaign, timestamp_ms) = match &self.identity {
+            Some(i) => (i.kind.as_str(), i.campaign_id.as_str(), i.timestamp_ms),
+            // A two-part cursor: below every key of its receive time and id when reading on
+            // upwards, above all of them when reading on downwards (`~` sorts after every type).
+            None if op == ">" => ("", "", 0),
+            None => ("~", "", 0),
+        };
         let received_at = sql.bind_i64(self.received_at_ms);
         let id = sql.bind_uuid(&self.event_id);
-        let kind = sql.bind_str(self.kind.as_str());
-        let campaign = sql.bind_str(&self.campaign_id);
-        let timestamp = sql.bind_i64(self.timestamp_ms);
+        let kind = sql.bind_str(kind);
+        let campaign = sql.bind_str(campaign);
+        let timestamp = sql.bind_i64(timestamp_ms);
         sql.push(" AND ")
             .push(KEY)
             .push(" ")
@@ -254,14 +272,17 @@ pub fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::analytics::sql::Param;
 
     fn cursor() -> Cursor {
         Cursor {
             received_at_ms: 1_760_000_000_123,
             event_id: Uuid::new_v4(),
-            kind: EventType::Click,
-            campaign_id: "spring_sale/ü 1".into(),
-            timestamp_ms: 1_759_999_000_000,
+            identity: Some(Identity {
+                kind: EventType::Click,
+                campaign_id: "spring_sale:2026-04.b".into(),
+                timestamp_ms: 1_759_999_000_000,
+            }),
         }
     }
 
@@ -269,25 +290,24 @@ mod tests {
     fn cursors_round_trip_and_reject_anything_else() {
         let c = cursor();
         let text = c.encode();
-        assert!(
-            text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
-            "{text}"
-        );
         assert_eq!(Cursor::decode(&text, "cursor").unwrap(), c);
+        // Two-part cursors of earlier versions are still taken.
         let id = c.event_id.simple();
+        let old = Cursor::decode(&format!("5_{id}"), "cursor").unwrap();
+        assert_eq!((old.received_at_ms, old.identity), (5, None));
         for bad in [
             "",
             "123",
             "abc_def",
-            &format!("1_{id}"), // an older form: the event's identity is missing
-            &format!("-1_{id}_1_click_61"),
-            &format!("1_{id}_1_bogus_61"),
-            &format!("1_{id}_1_click_6"),
-            &format!("1_{id}_1_click_zz"),
-            &format!("1_{id}_1_click_ff"), // not UTF-8
-            &format!("1_{id}_1_click_61_"),
-            "1_' OR 1=1 --_1_click_61",
-            &format!("1_{}_1_click_61", Uuid::new_v4()), // hyphenated is not what we hand out
+            &format!("-1_{id}"),
+            &format!("1_{id}_1_click"),
+            &format!("-1_{id}_1_click_c1"),
+            &format!("1_{id}_1_bogus_c1"),
+            &format!("1_{id}_x_click_c1"),
+            &format!("1_{id}_1_click_"),
+            &format!("1_{id}_1_click_a b"),
+            "1_' OR 1=1 --_1_click_c1",
+            &format!("1_{}_1_click_c1", Uuid::new_v4()), // hyphenated is not what we hand out
         ] {
             let err = Cursor::decode(bad, "cursor").unwrap_err();
             assert_eq!(
@@ -296,6 +316,28 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_two_part_cursor_resumes_with_every_event_of_its_time_and_id() {
+        let old = Cursor {
+            identity: None,
+            ..cursor()
+        };
+        let kinds = |sql: &Sql| -> Vec<String> {
+            sql.params()
+                .iter()
+                .filter_map(|(_, v)| match v {
+                    Param::Str(s) if s.is_empty() || s == "~" => Some(s.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        // (kind, campaign): above every type reading downwards, below all reading upwards.
+        let page = page("t", Bounds::default(), &[], Some(old.clone()), 10);
+        assert_eq!(kinds(&page), ["~", ""]);
+        let export = export("t", Bounds::default(), &[], Some(old), 9, 10);
+        assert_eq!(kinds(&export), ["", ""]);
     }
 
     #[test]

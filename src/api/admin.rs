@@ -82,7 +82,8 @@ unanswered!(
     CreatesTenant: 200, 404, 422
 );
 unanswered!(
-    /// `POST /v1/admin/keys`: answers 201, not 200; no tenant conflict (409).
+    /// `POST /v1/admin/keys`: answers 201, not 200; no tenant conflict (409); reads no usage
+    /// (422).
     CreatesKey: 200, 409, 422
 );
 unanswered!(

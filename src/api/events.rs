@@ -38,7 +38,8 @@ pub enum IngestResponse {
     Accepted(Json<IngestResult>),
     /// The body cannot be read as events: malformed JSON (`line`/`column` say where), not an
     /// object or array, empty, not UTF-8, or broken gzip; or a query parameter is not valid
-    /// (`invalid_parameter`, `field` names it; e.g. `wait` must be `true` or `false`, given once).
+    /// (`invalid_parameter`, `field` names it; e.g. `wait` must be `true` or `false`, given
+    /// once) or not one this endpoint takes (`unknown_parameter`). Nothing was accepted.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// Body (after decompression) or event count over the limit (`limit`).
@@ -267,7 +268,7 @@ fn refused_result(result: IngestResult, refused: &[RefusedRows]) -> RefusedResul
     let events = rows
         .into_iter()
         .filter_map(|(row, id)| {
-            let index = accepted_indexes.nth((row - next) as usize)?;
+            let index = accepted_indexes.nth(row.checked_sub(next)? as usize)?;
             next = row + 1;
             Some(RefusedEvent {
                 index,

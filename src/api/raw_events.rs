@@ -227,8 +227,9 @@ impl RawEventsApi {
     /// List events
     ///
     /// Events newest received first, with the stats filters, one page at a time. Pages are
-    /// keyset-paginated on (received_at, event_id): events arriving while you page appear
-    /// above the first page and never shift or repeat later pages.
+    /// keyset-paginated on the receive time and the event's identity (id, type, campaign,
+    /// hour): events arriving while you page appear above the first page and never shift or
+    /// repeat later pages.
     #[oai(path = "/v1/events", method = "get", tag = "ApiTags::Events")]
     #[tracing::instrument(skip_all, name = "events.list")]
     #[allow(clippy::too_many_arguments)]

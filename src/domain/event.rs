@@ -52,11 +52,11 @@ impl EventType {
         }
     }
 
+    pub const ALL: [EventType; 3] = [Self::Impression, Self::Click, Self::Conversion];
+
     /// The type named `name` (as `as_str` writes it).
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::Impression, Self::Click, Self::Conversion]
-            .into_iter()
-            .find(|t| t.as_str() == name)
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
     }
 
     pub fn from_code(code: i8) -> Option<Self> {
@@ -80,6 +80,14 @@ pub enum Device {
 }
 
 impl Device {
+    pub const ALL: [Device; 5] = [
+        Device::Desktop,
+        Device::Mobile,
+        Device::Tablet,
+        Device::Ctv,
+        Device::Other,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Device::Desktop => "desktop",
@@ -153,13 +161,18 @@ pub struct WireEvent<'a> {
     pub attributes: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
 }
 
+/// An id as events carry them (campaign, ad, publisher, advertiser): 1–64 characters of
+/// `A-Z a-z 0-9 _ . : -`.
+pub fn is_plain_id(value: &str) -> bool {
+    (1..=64).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
 #[allow(clippy::ptr_arg)] // garde hands custom rules the field's own type
 fn id_chars(value: &Cow<'_, str>, _ctx: &()) -> garde::Result {
-    let ok_len = (1..=64).contains(&value.len());
-    let ok_chars = value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-    if ok_len && ok_chars {
+    if is_plain_id(value) {
         Ok(())
     } else {
         Err(garde::Error::new(

@@ -758,8 +758,9 @@ impl WalReader {
     }
 }
 
-/// Records that ClickHouse has committed everything before `pos`, then retires the segments
-/// wholly before it (kept as spares, or deleted).
+/// Records that ClickHouse has committed everything before `pos` (an error only when that
+/// record is not durable), then retires the segments wholly before it (kept as spares, or
+/// deleted; a failure there is logged and left to the next checkpoint).
 ///
 /// The checkpoint lives in two slots written in turn, in place ([`SLOTS`]): a write needs no
 /// new disk block, so a disk the log itself filled while ClickHouse was away can still take
@@ -783,6 +784,16 @@ pub fn checkpoint(dir: &Path, pos: WalPos) -> anyhow::Result<()> {
             file.sync_data()
         })
         .context("writing WAL checkpoint")?;
+    // Tidying up only: what it leaves is tried again at the next checkpoint.
+    if let Err(err) = retire_before(dir, pos) {
+        tracing::warn!(error = %format!("{err:#}"), "could not retire committed WAL segments");
+    }
+    Ok(())
+}
+
+/// Retires the segments wholly before `pos` (kept as spares, or deleted), and spares unused
+/// for too long.
+fn retire_before(dir: &Path, pos: WalPos) -> anyhow::Result<()> {
     // A checkpoint of an older version of the service, superseded now.
     let _ = fs::remove_file(dir.join(OLD_CHECKPOINT));
     remove_spares_older_than(dir, SPARE_MAX_AGE)?;
@@ -1464,6 +1475,26 @@ mod tests {
             wal.shared.pending_bytes.load(Ordering::Relaxed),
             20 * (200 + HEADER_LEN as u64)
         );
+    }
+
+    #[test]
+    fn a_checkpoint_counts_once_written_even_if_old_segments_cannot_be_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        for id in 100..100 + MAX_SPARES as u64 {
+            fs::write(spare_path(dir.path(), id), b"").unwrap();
+        }
+        // A committed segment that cannot be kept (spares are full) nor deleted.
+        let stuck = segment_path(dir.path(), 1);
+        fs::create_dir(&stuck).unwrap();
+        fs::write(stuck.join("x"), b"x").unwrap();
+        let pos = WalPos {
+            segment: 5,
+            offset: 0,
+            lsn: 9,
+        };
+        checkpoint(dir.path(), pos).unwrap();
+        assert_eq!(read_checkpoint(dir.path()), Some(pos));
+        assert!(stuck.exists());
     }
 
     #[tokio::test]

@@ -371,6 +371,16 @@ async fn events_sharing_an_id_and_a_receive_time_are_each_listed_and_exported_on
     assert_eq!(listed.len(), 8, "{listed:?}");
     assert_eq!(listed.iter().cloned().collect::<HashSet<_>>(), expected);
 
+    // A two-part cursor of an earlier version resumes with every event of its receive time
+    // and id: the first one listed comes again, rather than the rest being skipped.
+    let (_, first) = get_query(&app, "/v1/events", &[("limit", "1".into())]).await;
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let old: Vec<&str> = cursor.splitn(3, '_').take(2).collect();
+    let params = [("limit", "1".into()), ("cursor", old.join("_"))];
+    let (status, again) = get_query(&app, "/v1/events", &params).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(identity(&again["events"][0]), identity(&first["events"][0]));
+
     // One per export request, each resuming after the line before.
     let mut exported = vec![];
     let mut params = vec![("limit", "1".to_string())];
