@@ -733,8 +733,8 @@ impl WalReader {
                 }
                 ReadOutcome::End if self.pos.segment < durable.segment => self.next_segment(),
                 ReadOutcome::Broken if self.pos.segment < durable.segment => {
-                    // Written whole and synced once, so the disk changed it since: the
-                    // records after it cannot be found (their place follows from its length).
+                    // Written whole and synced once, so the disk changed it since; where the
+                    // records after it start depends on its length, which cannot be trusted.
                     tracing::error!(
                         segment = self.pos.segment,
                         offset = self.pos.offset,
