@@ -295,7 +295,10 @@ impl Filter {
         let (can_match, expected): (fn(&str) -> bool, _) = match dimension {
             Dimension::EventType => (
                 |v| EventType::parse(v).is_some(),
-                format!("one of {}", EVENT_TYPES.join(", ")),
+                format!(
+                    "one of {}",
+                    EventType::ALL.map(EventType::as_str).join(", ")
+                ),
             ),
             Dimension::Country => (
                 |v| v.is_empty() || is_country_code(v),

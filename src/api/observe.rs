@@ -239,7 +239,7 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
                 Some(refused) => refused,
                 None => match ep.call(req).await {
                     Ok(resp) => resp.into_response(),
-                    Err(err) => error_response(err, &method, uri.path(), &observer.params),
+                    Err(err) => error_response(err, &method, uri.path(), route, &observer.params),
                 },
             };
             (resp, quota)
@@ -280,7 +280,13 @@ async fn observe<E: Endpoint>(ep: &E, mut req: Request, observer: &Observer) -> 
 
 /// Errors that reach this layer as errors: poem's own routing answers (no such path, or not
 /// with this method) get the JSON error body every other error has; the rest keep theirs.
-fn error_response(err: poem::Error, method: &Method, path: &str, known: &KnownParams) -> Response {
+fn error_response(
+    err: poem::Error,
+    method: &Method,
+    path: &str,
+    route: &str,
+    known: &KnownParams,
+) -> Response {
     if err.is::<NotFoundError>() {
         return ErrorBody::new("not_found", format!("no such path: {path}"))
             .with_status(err.status());
@@ -288,7 +294,7 @@ fn error_response(err: poem::Error, method: &Method, path: &str, known: &KnownPa
     if !err.is::<MethodNotAllowedError>() {
         return err.into_response();
     }
-    let allowed = known.methods(route_of(path));
+    let allowed = known.methods(route);
     let takes = allowed
         .as_deref()
         .map_or(String::new(), |m| format!(" (it takes {m})"));

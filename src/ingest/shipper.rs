@@ -463,13 +463,17 @@ impl<F: RowFormat> Shipper<F> {
                     // One row, or (never written so) rows that do not split: every record
                     // they touch is reported refused to its waiting request.
                     let lsns = records_within(records, part.clone());
+                    let described = self.format.describe(&rows);
+                    let event_id = described.1[0]["event_id"].as_str().map(str::to_owned);
                     let count = self
-                        .dead_letter(&rows, &err, lsns[0])
+                        .dead_letter(&rows, described, &err, lsns[0])
                         .map_err(Failure::Local)?;
                     dead_lettered.push(part);
                     if let Some(refusals) = &self.refusals {
-                        let row = match (lsns.len(), bounds.len()) {
-                            (1, 1) => self.identify(&batch, records, at, &rows),
+                        let row = match (lsns.len(), bounds.len(), event_id) {
+                            (1, 1, Some(id)) => self
+                                .position_in_record(&batch, records, at)
+                                .map(|position| (position, id)),
                             _ => None,
                         };
                         for lsn in lsns {
@@ -484,31 +488,22 @@ impl<F: RowFormat> Shipper<F> {
         Ok(())
     }
 
-    /// The refused row at byte `at` of `batch`: its position among the rows of its record,
-    /// and its event id.
-    fn identify(
-        &self,
-        batch: &[u8],
-        records: &[(usize, u64)],
-        at: usize,
-        row: &[u8],
-    ) -> Option<(u32, String)> {
+    /// The position of the row at byte `at` of `batch` among the rows of its record.
+    fn position_in_record(&self, batch: &[u8], records: &[(usize, u64)], at: usize) -> Option<u32> {
         let record = records.partition_point(|&(end, _)| end <= at);
         let start = record.checked_sub(1).map_or(0, |before| records[before].0);
-        let position = self.format.row_bounds(batch.get(start..at)?).len();
-        let (_, described) = self.format.describe(row);
-        let id = described[0]["event_id"].as_str()?.to_owned();
-        Some((position as u32, id))
+        Some(self.format.row_bounds(batch.get(start..at)?).len() as u32)
     }
 
-    /// Writes refused rows of record `lsn` to the dead-letter file, synced; returns how many.
+    /// Writes refused rows of record `lsn` (and `describe`'s reading of them) to the dead-letter
+    /// file, synced; returns how many.
     fn dead_letter(
         &self,
         rows: &[u8],
+        (field, described): (&'static str, serde_json::Value),
         err: &clickhouse::error::Error,
         lsn: u64,
     ) -> anyhow::Result<u32> {
-        let (field, described) = self.format.describe(rows);
         let count = described.as_array().map_or(0, Vec::len).max(1);
         let mut line = serde_json::json!({
             "at": chrono::Utc::now().to_rfc3339(),

@@ -85,6 +85,22 @@ async fn clickhouse_down_under_load_loses_nothing_and_clients_see_202_or_503() {
     assert_all_stored_once(&db, &acked).await;
 }
 
+/// The dead-letter file of `app` once it has a line (within 10 s).
+async fn dead_letter_text(app: &TestApp) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_dir(app.data.join("dead-letter"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|f| std::fs::read_to_string(f.unwrap().path()).ok());
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dead-letter file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in() {
     let app = spawn_app("dead_letter").await;
@@ -102,18 +118,7 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_file_and_the_rest_go_in()
     assert_eq!(r.status, 202);
     assert_eq!(app.wait_for_count(9).await, 9);
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let text = std::fs::read_dir(app.data.join("dead-letter"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|f| std::fs::read_to_string(f.unwrap().path()).ok());
-        if let Some(text) = text {
-            break text;
-        }
-        assert!(std::time::Instant::now() < deadline, "no dead-letter file");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let text = dead_letter_text(&app).await;
     let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(line["events"][0]["event_id"], poison["event_id"]);
     assert_eq!(line["code"], 469, "{line}");
@@ -215,18 +220,7 @@ async fn refused_rows_stay_in_the_log_while_the_dead_letter_file_cannot_be_writt
     // Once the file can be written, the refused row is kept there and the rest go in.
     std::fs::remove_file(&dead_letter).unwrap();
     assert_eq!(app.wait_for_count(4).await, 4);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let text = std::fs::read_dir(&dead_letter)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|f| std::fs::read_to_string(f.unwrap().path()).ok());
-        if let Some(text) = text.filter(|t| !t.is_empty()) {
-            break text;
-        }
-        assert!(std::time::Instant::now() < deadline, "no dead-letter file");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let text = dead_letter_text(&app).await;
     assert_eq!(text.lines().count(), 1, "{text}");
     let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(line["events"][0]["event_id"], poison["event_id"]);
