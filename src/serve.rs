@@ -217,8 +217,9 @@ impl<E: Endpoint + 'static> RequestThread<E> {
 /// poem's own server loop does the same through several layers made for its general case (a
 /// boxed connection split into two locked halves, HTTP/1-or-2 detection, cancellation tokens
 /// polled at every wake-up, a boxed future per request); serving the routes with hyper
-/// directly is about 8 % less CPU per single-event request (BENCHMARKS.md). Requests and answers
-/// are converted exactly as poem's loop converts them.
+/// directly is about 8 % less CPU per single-event request (BENCHMARKS.md). Requests and
+/// answers are converted exactly as poem's loop converts them. The service speaks HTTP/1.1
+/// only (nginx talks to it in HTTP/1.1).
 async fn serve_connection<E: Endpoint + 'static>(
     accepted: AcceptedConnection,
     routes: Arc<E>,
@@ -310,8 +311,9 @@ struct ConnectionId {
 }
 
 impl ConnectionId {
-    /// The HTTP/1 connection `req` came on. `None` for HTTP/2, where a failing body resets
-    /// only its own stream (and cutting the connection off would fail the others).
+    /// The HTTP/1 connection `req` came on. `None` for HTTP/2 (not served today), where a
+    /// failing body resets only its own stream and cutting the connection off would fail the
+    /// others.
     fn of(req: &Request) -> Option<Self> {
         if req.version() >= Version::HTTP_2 {
             return None;
