@@ -179,7 +179,7 @@ impl<E: Endpoint + 'static> RequestThread<E> {
             .max_blocking_threads(BLOCKING_THREADS)
             .build()
             .context("starting a request thread's runtime")?;
-        runtime.block_on(async {
+        runtime.block_on(async move {
             let open = TaskTracker::new();
             let mut stopping = stop.clone();
             loop {
@@ -195,6 +195,9 @@ impl<E: Endpoint + 'static> RequestThread<E> {
                     Err(err) => tracing::warn!(error = %err, "could not take a connection"),
                 }
             }
+            // Connections dealt to this thread but not taken yet are closed now, not after
+            // the grace period: their clients (nginx) can try another instance at once.
+            drop(acceptor);
             open.close();
             if tokio::time::timeout(GRACE, open.wait()).await.is_err() {
                 tracing::warn!(
@@ -205,14 +208,14 @@ impl<E: Endpoint + 'static> RequestThread<E> {
         });
         // Connections still open after the grace period are closed with the runtime.
         drop(runtime);
-        drop(routes);
         drop(ended);
         Ok(())
     }
 }
 
 /// Serves one connection's requests (HTTP/1.1, keep-alive) until the client closes it, or,
-/// once `stop` is set, until its request in progress is answered.
+/// once `stop` is set, until its request in progress is answered (hyper closes an idle
+/// connection, or one that has not sent anything yet, at once).
 ///
 /// poem's own server loop does the same through several layers made for its general case (a
 /// boxed connection split into two locked halves, HTTP/1-or-2 detection, cancellation tokens
@@ -339,8 +342,10 @@ impl ConnectionId {
 
 /// A streamed body for the answer to `req`: should `chunks` fail, the connection is cut off
 /// where it is, so that the client sees a broken transfer. An error from the body alone is
-/// not enough: poem polls a connection once more after it failed, and hyper then writes the
-/// chunked body's end marker, so the client would take the cut-off answer for a complete one.
+/// not always enough: a connection polled once more after its body failed (as poem's server
+/// loop did) has hyper write the chunked body's end marker, and the client would take the
+/// cut-off answer for a complete one. [`serve_connection`] stops at the error; the switch keeps
+/// the answer cut off whatever drives the connection.
 pub fn streamed_body<S>(req: &Request, chunks: S) -> Body
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
@@ -507,6 +512,32 @@ mod tests {
         );
         let fresh = reqwest::Client::new();
         assert!(get(&fresh, addr).await.is_err(), "still accepting");
+    }
+
+    #[tokio::test]
+    async fn idle_and_silent_connections_do_not_hold_up_the_stop() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = poem::endpoint::make_sync(|_| "ok");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, routes, 1, async {
+            let _ = stopped.await;
+        }));
+        // A client that connects and says nothing (a TCP probe, a browser's preconnect), and
+        // one that has been served and keeps its connection open.
+        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let client = reqwest::Client::new();
+        assert_eq!(get(&client, addr).await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        stop.send(()).unwrap();
+        let ended = tokio::time::timeout(GRACE / 2, server).await;
+        assert!(
+            ended.is_ok(),
+            "the stop waited for an idle or a silent connection"
+        );
+        drop(silent);
     }
 
     #[tokio::test]
