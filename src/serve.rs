@@ -168,7 +168,7 @@ impl<E: Endpoint + 'static> RequestThread<E> {
         let Self {
             mut acceptor,
             routes,
-            stop,
+            mut stop,
             ended,
         } = self;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -181,10 +181,9 @@ impl<E: Endpoint + 'static> RequestThread<E> {
             .context("starting a request thread's runtime")?;
         runtime.block_on(async move {
             let open = TaskTracker::new();
-            let mut stopping = stop.clone();
             loop {
                 let accepted = tokio::select! {
-                    _ = stopping.wait_for(|stop| *stop) => break,
+                    _ = stop.wait_for(|stop| *stop) => break,
                     accepted = acceptor.accept() => accepted,
                 };
                 match accepted {

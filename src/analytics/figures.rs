@@ -7,8 +7,9 @@ use std::{cmp::Ordering, collections::HashMap, mem::size_of, sync::Arc};
 
 use super::{
     engine::{AggRow, Aggregates, MetricValue},
-    model::{Agg, AnalyticsQuery, Dimension, Metric, EVENT_TYPES},
+    model::{Agg, AnalyticsQuery, Dimension, Metric},
 };
+use crate::domain::event::EventType;
 
 /// The events of one (hour or day, campaign, event type): a summary row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,20 +18,16 @@ pub struct Figure {
     pub time: i64,
     /// Empty in summaries without the campaign.
     pub campaign: Arc<str>,
-    /// 1-based index into [`EVENT_TYPES`] (the table's Enum8 values).
+    /// The event type's value in the table's `Enum8` ([`EventType::from_code`]).
     pub event_type: u8,
     pub events: u64,
     pub cost: u64,
     pub revenue: u64,
 }
 
-impl Figure {
-    fn type_name(&self) -> &'static str {
-        EVENT_TYPES
-            .get(usize::from(self.event_type).wrapping_sub(1))
-            .copied()
-            .unwrap_or("")
-    }
+/// The name of the event type with `Enum8` value `code` ("" for none).
+fn type_name(code: u8) -> &'static str {
+    EventType::from_code(code as i8).map_or("", EventType::as_str)
 }
 
 /// Campaign names of one read, each allocated once.
@@ -132,7 +129,7 @@ impl<'q, 'f> Fold<'q, 'f> {
         self.q.filters.iter().all(|filter| {
             let value: &str = match filter.dimension {
                 Dimension::CampaignId => &f.campaign,
-                Dimension::EventType => f.type_name(),
+                Dimension::EventType => type_name(f.event_type),
                 // Never reached: summaries answer only these filters (`rollup::hours_for`).
                 _ => return false,
             };
@@ -177,10 +174,7 @@ impl<'q, 'f> Fold<'q, 'f> {
                     .get(campaign as usize)
                     .map_or("", |n| n)
                     .to_string(),
-                Dimension::EventType => EVENT_TYPES
-                    .get(usize::from(event_type).wrapping_sub(1))
-                    .unwrap_or(&"")
-                    .to_string(),
+                Dimension::EventType => type_name(event_type).to_string(),
                 _ => String::new(),
             })
             .collect()
@@ -263,11 +257,11 @@ impl<'q, 'f> Fold<'q, 'f> {
 /// Adds the events of `f` to `sum`.
 fn sum_into(sum: &mut Aggregates, f: &Figure) {
     sum.events += f.events;
-    match f.event_type {
-        1 => sum.impressions += f.events,
-        2 => sum.clicks += f.events,
-        3 => sum.conversions += f.events,
-        _ => {}
+    match EventType::from_code(f.event_type as i8) {
+        Some(EventType::Impression) => sum.impressions += f.events,
+        Some(EventType::Click) => sum.clicks += f.events,
+        Some(EventType::Conversion) => sum.conversions += f.events,
+        None => {}
     }
     sum.spend += f.cost;
     sum.revenue += f.revenue;

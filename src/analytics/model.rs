@@ -187,8 +187,6 @@ pub enum Dimension {
 /// Attribute keys are 1–64 characters at ingest; the same rule applies to queries.
 pub const MAX_ATTRIBUTE_KEY_CHARS: usize = 64;
 pub const ATTRIBUTE_PREFIX: &str = "attributes.";
-/// The values `event_type` can take (the table's Enum8).
-pub const EVENT_TYPES: [&str; 3] = ["impression", "click", "conversion"];
 
 impl Dimension {
     pub const FIXED: [Dimension; 9] = [

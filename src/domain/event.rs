@@ -59,6 +59,7 @@ impl EventType {
         Self::ALL.into_iter().find(|t| t.as_str() == name)
     }
 
+    /// The type whose value in the table's `Enum8` is `code`.
     pub fn from_code(code: i8) -> Option<Self> {
         match code {
             1 => Some(Self::Impression),
